@@ -1,0 +1,38 @@
+"""Shared test fixtures: tiny μ-RegPro-layout folders written with nibabel."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+MR_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+US_AFFINE = np.array([[0.0, -2.5, 0.0, 40.0], [2.5, 0.0, 0.0, -10.0], [0.0, 0.0, 2.5, 5.0], [0, 0, 0, 1.0]])
+
+
+def write_case(root, split, case, channels=6, mr_shape=(12, 14, 10), us_shape=(10, 12, 9), seed=0):
+    """Write one case (two images, two channel-last labels with a non-empty gland) and return its MR/TRUS paths."""
+    rng = np.random.default_rng(seed)
+    paths = {}
+    for mod, shape, affine in (("mr", mr_shape, MR_AFFINE), ("us", us_shape, US_AFFINE)):
+        image = rng.random(shape).astype(np.float32)
+        label = np.zeros((*shape, channels), np.uint8)
+        label[2:-2, 2:-2, 2:-2, 0] = 1
+        for kind, data in (("images", image), ("labels", label)):
+            path = Path(root) / split / f"{mod}_{kind}" / f"{case}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, affine), str(path))
+            paths[f"{mod}_{kind[:-1]}"] = path
+    return paths
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """A factory: ``tiny_dataset(n_cases=2, channels=6, split="train")`` -> dataset root with that many cases."""
+
+    def make(n_cases=2, channels=6, split="train"):
+        for i in range(n_cases):
+            write_case(tmp_path, split, f"case{i:06d}", channels=channels, seed=i)
+        return tmp_path
+
+    return make
