@@ -1,0 +1,269 @@
+"""Building blocks of the registration network (shapes: N batch, C channels, H x W x D voxels).
+
+Depth is the LAST spatial axis (inferior -> superior after RAS orientation). Everything here works on
+the network grid; fields are in voxels of that grid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+__all__ = [
+    "conv_block",
+    "chunk_bounds",
+    "chunk_matrix",
+    "MSFA",
+    "DCA",
+    "CrossModalGate",
+    "ECMCA",
+    "FuseConv",
+    "PaperLSTMRefiner",
+    "CompactLSTMRefiner",
+    "TaskMaskNet",
+]
+
+
+def conv_block(in_channels: int, out_channels: int, kernel_size: int = 3, negative_slope: float = 0.2) -> nn.Module:
+    """Conv (same padding) + LeakyReLU, no normalisation: (N, in, H, W, D) -> (N, out, H, W, D)."""
+    return Convolution(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        act=("leakyrelu", {"negative_slope": negative_slope}),
+        norm=None,
+    )
+
+
+def chunk_bounds(depth: int, chunks: int) -> list[tuple[int, int]]:
+    """Split ``depth`` slices into ``chunks`` contiguous, non-empty chunks of near-equal size.
+
+    Chunk t covers slices ``floor(t*depth/chunks) .. floor((t+1)*depth/chunks) - 1``: equal chunks when
+    ``chunks`` divides ``depth`` (120 / 10 = 12 on the paper grid), otherwise sizes differ by one slice
+    (no padding, so no chunk is partly or wholly artificial). Requires ``depth >= chunks``.
+    """
+    if depth < chunks:
+        raise ValueError(f"depth {depth} is smaller than the number of depth chunks {chunks}")
+    return [(t * depth // chunks, (t + 1) * depth // chunks) for t in range(chunks)]
+
+
+def chunk_matrix(depth: int, chunks: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(depth, chunks) averaging matrix: column t is 1/size_t on chunk t's slices, 0 elsewhere.
+
+    ``x @ chunk_matrix(D, T)`` turns a (..., D) tensor into its per-chunk means (..., T).
+    """
+    mat = torch.zeros(depth, chunks, device=device, dtype=dtype)
+    for t, (start, stop) in enumerate(chunk_bounds(depth, chunks)):
+        mat[start:stop, t] = 1.0 / (stop - start)
+    return mat
+
+
+class MSFA(nn.Module):
+    """Multi-scale feature aggregation (one modality): (N, C, H, W, D) -> (N, C, H, W, D).
+
+    Parallel C -> C convolutions, one per kernel size k; each branch gets one scalar score per sample,
+    s_k = GAP + GMP over all channels and voxels; softmax over the branches gives the weights of the sum.
+    ``mode="paper"`` uses k^3 kernels; ``mode="dilated"`` uses 3^3 kernels with dilation (k-1)/2, which
+    covers the same field of view at a fraction of the cost.
+    """
+
+    def __init__(self, channels: int, kernels: Sequence[int] = (3, 5, 7), mode: str = "paper"):
+        super().__init__()
+        if mode not in ("paper", "dilated"):
+            raise ValueError(f"msfa_mode must be 'paper' or 'dilated', got {mode!r}")
+        if any(k % 2 == 0 for k in kernels):
+            raise ValueError(f"MSFA kernel sizes must be odd, got {tuple(kernels)}")
+        branches = []
+        for k in kernels:
+            size, dilation = (k, 1) if mode == "paper" else (3, (k - 1) // 2)
+            branches.append(
+                Convolution(3, channels, channels, kernel_size=size, dilation=dilation, conv_only=True)
+            )
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # (N, K, C, H, W, D)
+        flat = feats.flatten(2)
+        weights = torch.softmax(flat.mean(dim=2) + flat.amax(dim=2), dim=1)  # (N, K)
+        return (feats * weights[:, :, None, None, None, None]).sum(dim=1)
+
+
+class DCA(nn.Module):
+    """Dynamic channel attention: GAP -> 1-D conv along channels -> sigmoid -> channel scaling.
+
+    (N, C, H, W, D) -> (N, C, H, W, D); ``kernel_size`` is the (odd) width of the 1-D channel conv.
+    """
+
+    def __init__(self, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"dca_kernel must be odd, got {kernel_size}")
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3, 4)).unsqueeze(1)  # (N, 1, C)
+        weights = torch.sigmoid(self.conv(pooled)).squeeze(1)  # (N, C)
+        return x * weights[:, :, None, None, None]
+
+
+class CrossModalGate(nn.Module):
+    """Cross-modal spatial gate: att = sigmoid(W3 relu(W1 x + W2 other + b12) + b3); returns att * x.
+
+    x, other: (N, C, H, W, D) -> (N, C, H, W, D); W1, W2 are 1x1x1 convs C -> C/reduction, W3 -> 1 channel.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.w_self = nn.Conv3d(channels, hidden, 1, bias=False)
+        self.w_other = nn.Conv3d(channels, hidden, 1, bias=True)  # its bias is b12
+        self.w_out = nn.Conv3d(hidden, 1, 1, bias=True)  # its bias is b3
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        att = torch.sigmoid(self.w_out(torch.relu(self.w_self(x) + self.w_other(other))))
+        return x * att
+
+
+class ECMCA(nn.Module):
+    """Enhanced cross-modal channel attention at one encoder level, symmetric in the two modalities.
+
+    (moving, fixed) each (N, C, H, W, D) -> (moving', fixed'), same shapes. Per modality MSFA then DCA
+    (each switchable, own weights), then two cross-modal gates, each fed by both modalities:
+    moving' = gate_m(moving, fixed), fixed' = gate_f(fixed, moving). With everything off it is the identity.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        msfa: bool = True,
+        msfa_kernels: Sequence[int] = (3, 5, 7),
+        msfa_mode: str = "paper",
+        dca: bool = True,
+        dca_kernel: int = 3,
+        attention: bool = True,
+        attention_reduction: int = 2,
+    ):
+        super().__init__()
+
+        def per_modality(enabled: bool, make):
+            return nn.ModuleList([make() if enabled else nn.Identity() for _ in range(2)])
+
+        self.msfa = per_modality(msfa, lambda: MSFA(channels, msfa_kernels, msfa_mode))
+        self.dca = per_modality(dca, lambda: DCA(dca_kernel))
+        self.attention = attention
+        self.gates = nn.ModuleList(
+            [CrossModalGate(channels, attention_reduction) for _ in range(2)] if attention else []
+        )
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moving = self.dca[0](self.msfa[0](moving))
+        fixed = self.dca[1](self.msfa[1](fixed))
+        if self.attention:
+            moving, fixed = self.gates[0](moving, fixed), self.gates[1](fixed, moving)
+        return moving, fixed
+
+
+class FuseConv(nn.Module):
+    """1x1x1 conv + LeakyReLU on the concatenated streams: (N, C_m + C_f, ...) -> (N, out, ...)."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.2):
+        super().__init__()
+        self.conv = conv_block(in_channels, out_channels, kernel_size=1, negative_slope=negative_slope)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([moving, fixed], dim=1))
+
+
+class PaperLSTMRefiner(nn.Module):
+    """The paper's LSTM over depth chunks, exact sizes: v (N, 3, H, W, D) -> v + delta, same shape.
+
+    Each of the T chunks (D/T slices) is flattened (3*H*W*D/T values, 589,824 on 128x128x120), a
+    ``layers``-layer LSTM with ``hidden`` units runs over the T chunks, and a linear layer maps each hidden
+    state back to a chunk. Tied to one grid: ``spatial_size`` is fixed at construction and D must be a
+    multiple of T. The output layer starts at zero, so delta = 0 at initialisation.
+    """
+
+    def __init__(self, spatial_size: Sequence[int], chunks: int = 10, hidden: int = 128, layers: int = 2):
+        super().__init__()
+        h, w, d = (int(s) for s in spatial_size)
+        if d % chunks:
+            raise ValueError(f"lstm='paper' needs the depth {d} to be a multiple of chunks={chunks}")
+        self.spatial_size = (h, w, d)
+        self.chunks = chunks
+        self.chunk_depth = d // chunks
+        features = 3 * h * w * self.chunk_depth
+        self.lstm = nn.LSTM(features, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, features)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if tuple(v.shape[2:]) != self.spatial_size:
+            raise ValueError(f"lstm='paper' is built for grid {self.spatial_size}, got {tuple(v.shape[2:])}")
+        n, h, w = v.shape[0], self.spatial_size[0], self.spatial_size[1]
+        # (N, 3, H, W, T, d) -> (N, T, 3, H, W, d) -> (N, T, 3*H*W*d)
+        seq = v.reshape(n, 3, h, w, self.chunks, self.chunk_depth).permute(0, 4, 1, 2, 3, 5).reshape(n, self.chunks, -1)
+        out, _ = self.lstm(seq)
+        delta = self.fc(out).reshape(n, self.chunks, 3, h, w, self.chunk_depth).permute(0, 2, 3, 4, 1, 5)
+        return v + delta.reshape(v.shape)
+
+
+class CompactLSTMRefiner(nn.Module):
+    """LSTM over a small per-chunk code of the velocity, any grid: v (N, 3, H, W, D) -> v + delta.
+
+    v is average-pooled to a (gx, gy, T*gz) grid (``code`` = (gx, gy, gz) cells per depth chunk; the
+    depth bins start at the chunk boundaries of :func:`chunk_bounds`), each chunk's 3*gx*gy*gz code is one
+    LSTM step, a linear layer maps each hidden state back to a code, and the codes are upsampled
+    trilinearly to (H, W, D), so delta is smooth across chunk borders. The output layer starts at zero.
+    """
+
+    def __init__(self, chunks: int = 10, code: Sequence[int] = (16, 16, 2), hidden: int = 128, layers: int = 2):
+        super().__init__()
+        self.chunks = chunks
+        self.code = tuple(int(c) for c in code)
+        features = 3 * self.code[0] * self.code[1] * self.code[2]
+        self.lstm = nn.LSTM(features, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, features)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        n = v.shape[0]
+        gx, gy, gz = self.code
+        pooled = F.adaptive_avg_pool3d(v, (gx, gy, self.chunks * gz))  # (N, 3, gx, gy, T*gz)
+        seq = pooled.reshape(n, 3, gx, gy, self.chunks, gz).permute(0, 4, 1, 2, 3, 5).reshape(n, self.chunks, -1)
+        out, _ = self.lstm(seq)
+        code = self.fc(out).reshape(n, self.chunks, 3, gx, gy, gz).permute(0, 2, 3, 4, 1, 5)
+        code = code.reshape(n, 3, gx, gy, self.chunks * gz)
+        return v + F.interpolate(code, size=v.shape[2:], mode="trilinear", align_corners=False)
+
+
+class TaskMaskNet(nn.Module):
+    """Task-mask subnet ("WeightStitching"): features (N, C, H, W, D) -> mask (N, T, 2), softmax over 2.
+
+    Per depth chunk global average pooling gives (N, T, C); two parallel branches (registration,
+    smoothness), each Linear(C, hidden) -> ReLU -> Linear(hidden, 1), give two logits per chunk; softmax.
+    The last layers start at zero, so the mask starts at 0.5 / 0.5. Computed in fp32.
+    """
+
+    def __init__(self, in_channels: int, chunks: int = 10, hidden: int = 256):
+        super().__init__()
+        self.chunks = chunks
+        self.branches = nn.ModuleList(
+            [nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, 1)) for _ in range(2)]
+        )
+        for branch in self.branches:
+            nn.init.zeros_(branch[2].weight)
+            nn.init.zeros_(branch[2].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        per_slice = features.mean(dim=(2, 3))  # (N, C, D)
+        pooled = (per_slice @ chunk_matrix(features.shape[-1], self.chunks, features.device)).transpose(1, 2)
+        logits = torch.cat([branch(pooled) for branch in self.branches], dim=-1)  # (N, T, 2)
+        return torch.softmax(logits, dim=-1)

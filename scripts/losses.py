@@ -1,0 +1,171 @@
+"""Registration loss: 0.4 * gradient + 1.0 * Dice + 1.0 * masked mutual information, per depth chunk.
+
+All terms are computed in fp32 on the network grid. Per-chunk values use the T depth chunks of
+:func:`scripts.blocks.chunk_bounds` (balanced, no padding) along the LAST spatial axis.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, DiffusionLoss
+from monai.losses.deform import spatial_gradient
+from monai.networks.blocks import Warp
+from torch import nn
+
+from scripts.blocks import chunk_bounds, chunk_matrix
+
+__all__ = ["masked_mutual_information", "RegistrationLoss", "composite_loss"]
+
+
+def masked_mutual_information(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor,
+    num_bins: int = 23,
+    sigma_ratio: float = 0.5,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Parzen-window mutual information of a and b over the voxels where ``mask`` > 0, per sample.
+
+    Hand-written because MONAI's ``GlobalMutualInformationLoss`` takes no mask, and in ROI images the
+    zeroed background would dominate its joint histogram.
+
+    Args:
+        a, b: intensities in [0, 1], shape (N, 1, ...) (any spatial shape).
+        mask: voxel weights (N, 1, ...) (0/1; treated as constants).
+        num_bins: Gaussian kernel centres, evenly spaced on [0, 1].
+        sigma_ratio: kernel std as a fraction of the bin spacing.
+
+    Returns:
+        MI in nats, shape (N,), fp32; exactly 0 (with finite gradients) where the mask is empty.
+    """
+    a, b, mask = a.float().flatten(1), b.float().flatten(1), mask.float().detach().flatten(1)
+    centres = torch.linspace(0.0, 1.0, num_bins, device=a.device)
+    sigma = sigma_ratio / (num_bins - 1)
+
+    def kernel(x):  # (N, V) -> (N, V, B), each voxel's weights sum to one
+        w = torch.exp(-((x[..., None] - centres) ** 2) / (2 * sigma**2))
+        return w / w.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+    ka, kb = kernel(a) * mask[..., None], kernel(b)
+    count = mask.sum(dim=1)
+    joint = torch.bmm(ka.transpose(1, 2), kb) / count.clamp_min(1.0)[:, None, None]  # (N, B, B)
+    pa, pb = joint.sum(dim=2, keepdim=True), joint.sum(dim=1, keepdim=True)
+    mi = (joint * (torch.log(joint + eps) - torch.log(pa * pb + eps))).sum(dim=(1, 2))
+    return mi * (count > 0)
+
+
+class RegistrationLoss(nn.Module):
+    """Warp the moving image and labels with a ddf and score the result per depth chunk.
+
+    Args:
+        grad_weight, dice_weight, mi_weight: the paper's alpha = 0.4, beta = 1.0, gamma = 1.0.
+        chunks: number T of depth chunks.
+        num_bins, sigma_ratio: Parzen window of the masked MI.
+        mask_dilation: the MI region is the union of the warped and fixed gland (channel 0, > 0.5),
+            dilated by this many voxels (a (2r+1)^3 max filter).
+        smooth: numerator/denominator smoothing of MONAI's Dice (an empty chunk in both labels scores 0).
+    """
+
+    def __init__(
+        self,
+        grad_weight: float = 0.4,
+        dice_weight: float = 1.0,
+        mi_weight: float = 1.0,
+        chunks: int = 10,
+        num_bins: int = 23,
+        sigma_ratio: float = 0.5,
+        mask_dilation: int = 2,
+        smooth: float = 1e-5,
+    ):
+        super().__init__()
+        self.grad_weight, self.dice_weight, self.mi_weight = grad_weight, dice_weight, mi_weight
+        self.chunks, self.num_bins, self.sigma_ratio, self.mask_dilation = chunks, num_bins, sigma_ratio, mask_dilation
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.dice = DiceLoss(smooth_nr=smooth, smooth_dr=smooth, reduction="none")
+        self.diffusion = DiffusionLoss()
+
+    def _mi_region(self, warped_gland: torch.Tensor, fixed_gland: torch.Tensor) -> torch.Tensor:
+        """Dilated union of the two glands (N, 1, H, W, D), binary, no gradient."""
+        union = ((warped_gland.detach() > 0.5) | (fixed_gland > 0.5)).float()
+        r = self.mask_dilation
+        return F.max_pool3d(union, 2 * r + 1, stride=1, padding=r) if r > 0 else union
+
+    def _gradient_map(self, ddf: torch.Tensor) -> torch.Tensor:
+        """Squared first-order gradient summed over directions, (N, 3, H, W, D).
+
+        Same central differences as MONAI's ``DiffusionLoss`` (interior voxels), edge-padded back to the
+        full grid so that every voxel, hence every chunk, has a value.
+        """
+        squared = sum(spatial_gradient(ddf, dim) ** 2 for dim in range(2, 5))
+        return F.pad(squared, (1, 1, 1, 1, 1, 1), mode="replicate")
+
+    def forward(
+        self,
+        ddf: torch.Tensor,
+        moving_image: torch.Tensor,
+        fixed_image: torch.Tensor,
+        moving_label: torch.Tensor,
+        fixed_label: torch.Tensor,
+    ) -> dict:
+        """ddf (N, 3, H, W, D) voxels; images (N, 1, ...) in [0, 1]; labels (N, C, ...), channel 0 = gland.
+
+        Returns ``reg`` (N, T) = dice_weight * Dice_t + mi_weight * (-MI_t), ``smooth`` (N, T) =
+        grad_weight * gradient_t, the whole-volume unweighted scalars ``dice``, ``mi`` (the loss, -MI),
+        ``grad`` (detached), and ``warped_image`` (N, 1, ...), ``warped_label`` (N, C, ...).
+        """
+        with torch.autocast(device_type=ddf.device.type, enabled=False):
+            ddf = ddf.float()
+            warped_image = self.warp(moving_image.float(), ddf)
+            warped_label = self.warp(moving_label.float(), ddf)
+            fixed_image, fixed_label = fixed_image.float(), fixed_label.float()
+            warped_gland, fixed_gland = warped_label[:, :1], fixed_label[:, :1]
+            region = self._mi_region(warped_gland, fixed_gland)
+
+            depth = ddf.shape[-1]
+            dice_t, mi_t = [], []
+            for start, stop in chunk_bounds(depth, self.chunks):
+                dice_t.append(self.dice(warped_gland[..., start:stop], fixed_gland[..., start:stop]).flatten())
+                mi_t.append(
+                    -masked_mutual_information(
+                        warped_image[..., start:stop],
+                        fixed_image[..., start:stop],
+                        region[..., start:stop],
+                        self.num_bins,
+                        self.sigma_ratio,
+                    )
+                )
+            dice_t, mi_t = torch.stack(dice_t, dim=1), torch.stack(mi_t, dim=1)  # (N, T)
+            grad_t = self._gradient_map(ddf).mean(dim=(1, 2, 3)) @ chunk_matrix(depth, self.chunks, ddf.device)
+
+            with torch.no_grad():  # whole-volume diagnostics, no graph
+                diagnostics = {
+                    "dice": self.dice(warped_gland, fixed_gland).mean(),
+                    "mi": -masked_mutual_information(
+                        warped_image, fixed_image, region, self.num_bins, self.sigma_ratio
+                    ).mean(),
+                    "grad": self.diffusion(ddf),
+                }
+            return {
+                "reg": self.dice_weight * dice_t + self.mi_weight * mi_t,
+                "smooth": self.grad_weight * grad_t,
+                **diagnostics,
+                "warped_image": warped_image,
+                "warped_label": warped_label,
+            }
+
+
+def composite_loss(terms: dict, task_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scalar training loss of the registration network from :class:`RegistrationLoss` terms.
+
+    With ``task_mask`` (N, T, 2): mean over samples and chunks of M0 * reg + M1 * smooth, the mask
+    DETACHED (the registration network never changes the mask; the subnet has its own objective).
+    Without: mean of reg + smooth (fixed weights, the "no task mask" ablation).
+    """
+    if task_mask is None:
+        return (terms["reg"] + terms["smooth"]).mean()
+    mask = task_mask.detach()
+    return (mask[..., 0] * terms["reg"] + mask[..., 1] * terms["smooth"]).mean()

@@ -1,0 +1,248 @@
+"""Tests of scripts/network.py and scripts/blocks.py (tiny grids and reduced channels, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.engines import SupervisedTrainer
+from monai.networks.blocks import Warp
+from scipy.ndimage import gaussian_filter
+
+from scripts.blocks import MSFA, CrossModalGate, chunk_bounds
+from scripts.losses import RegistrationLoss
+from scripts.network import RegistrationNet
+from scripts.task_mask import RegistrationIteration
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TINY = dict(encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4), task_hidden=16)
+
+
+def tiny_net(**kwargs) -> RegistrationNet:
+    torch.manual_seed(0)
+    return RegistrationNet(**{**TINY, "compact_code": (4, 4, 1), **kwargs})
+
+
+def ellipsoid(shape, centre, radii) -> torch.Tensor:
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    r = sum(((g - c) / a) ** 2 for g, c, a in zip(grids, centre, radii))
+    return torch.sigmoid((1 - r) * 8)
+
+
+def phantom_pair(shape, seed=0) -> dict:
+    """A moving/fixed pair (no batch axis): shifted ellipsoid glands, different contrasts, 2 label channels."""
+    g = torch.Generator().manual_seed(seed)
+    c = [s / 2 for s in shape]
+    fixed_gland = ellipsoid(shape, c, [s / 3.5 for s in shape])
+    moving_gland = ellipsoid(shape, [c[0] + 1.5, c[1] - 1, c[2] + 1], [s / 4 for s in shape])
+    spot_f = ellipsoid(shape, [c[0], c[1] + 2, c[2] - 1], (2, 2, 2))
+    spot_m = ellipsoid(shape, [c[0] + 1, c[1] + 1, c[2]], (2, 2, 2))
+    texture = torch.rand(shape, generator=g) * 0.1
+    moving = (0.2 + 0.6 * moving_gland + texture).clamp(0, 1)
+    fixed = (0.9 - 0.5 * fixed_gland - texture).clamp(0, 1)
+    return {
+        "image": torch.stack([moving, fixed]),
+        "moving_label": torch.stack([moving_gland, spot_m]),
+        "fixed_label": torch.stack([fixed_gland, spot_f]),
+    }
+
+
+def train(net, steps, shape, mask_objective="difficulty", mask_lr=1e-3, record=None):
+    """Run ``steps`` iterations of SupervisedTrainer + RegistrationIteration on phantom pairs."""
+    data = [phantom_pair(shape, seed) for seed in range(steps)]
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    loss = RegistrationLoss()
+    mask_optimizer = torch.optim.Adam(net.task_mask_parameters(), lr=mask_lr) if net.task_mask is not None else None
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=net,
+        optimizer=torch.optim.Adam(net.registration_parameters(), lr=1e-3),
+        loss_function=loss,
+        iteration_update=RegistrationIteration(loss, mask_optimizer, mask_objective=mask_objective),
+    )
+    if record is not None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: record.append(e.state.output[0]["task_mask"]))
+    trainer.run()
+    return trainer
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 32), (16, 24, 32), (20, 28, 36), (13, 17, 11)])
+def test_output_shapes_any_grid(shape):
+    net = tiny_net()
+    image = torch.rand(2, 2, *shape)
+    with torch.no_grad():
+        ddf = net(image)
+        out = net.forward_train(image)
+    assert ddf.shape == (2, 3, *shape)
+    assert out["ddf"].shape == out["velocity"].shape == (2, 3, *shape)
+    assert out["task_mask"].shape == (2, 10, 2)
+    torch.testing.assert_close(out["task_mask"].sum(-1), torch.ones(2, 10))
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(msfa=False, dca=False),  # CMCA
+        dict(lstm="none"),
+        dict(task_mask=False),
+        dict(msfa=False, dca=False, attention=False, lstm="none"),  # plain U-Net
+        dict(msfa_mode="dilated"),
+    ],
+)
+def test_ablations_run(switches):
+    net = tiny_net(**switches)
+    with torch.no_grad():
+        out = net.forward_train(torch.rand(1, 2, 16, 16, 16))
+    assert out["ddf"].shape == (1, 3, 16, 16, 16)
+    assert (out["task_mask"] is None) == (switches.get("task_mask") is False)
+
+
+def test_msfa_parameter_counts():
+    # per level and modality, one conv C -> C per kernel: C*C*k^3 weights + C biases.
+    # paper kernels 3,5,7: sum k^3 = 27 + 125 + 343 = 495; dilated: three 3^3 kernels, 81.
+    # levels (4, 8, 8, 8), two modalities: paper 2*(16*495 + 3*4) + 3*2*(64*495 + 3*8) = 15,864 + 190,224
+    def count(net):
+        return sum(p.numel() for p in net.parameters())
+
+    plain = count(tiny_net(msfa=False))
+    assert count(tiny_net()) - plain == 206_088
+    # dilated: 2*(16*81 + 12) + 3*2*(64*81 + 24) = 2,616 + 31,248
+    assert count(tiny_net(msfa_mode="dilated")) - plain == 33_864
+
+
+def test_msfa_softmax_scale_weights():
+    # branch k outputs a_k * x for a constant input x = c: score s_k = mean + max = 2 a_k c,
+    # output = sum_k softmax(s)_k a_k c
+    msfa = MSFA(1, (3, 5, 7))
+    gains = (0.5, 1.0, 2.0)
+    with torch.no_grad():
+        for branch, a in zip(msfa.branches, gains):
+            conv = branch.conv
+            conv.weight.zero_()
+            conv.bias.zero_()
+            k = conv.weight.shape[-1]
+            conv.weight[0, 0, k // 2, k // 2, k // 2] = a
+        c = 0.3
+        out = msfa(torch.full((1, 1, 8, 8, 8), c))
+    scores = np.array([2 * a * c for a in gains])
+    weights = np.exp(scores) / np.exp(scores).sum()
+    expected = float((weights * np.array(gains) * c).sum())
+    torch.testing.assert_close(out, torch.full_like(out, expected))
+
+
+def test_cross_modal_gate_uses_both_modalities():
+    gate = CrossModalGate(4)
+    with torch.no_grad():
+        for conv in (gate.w_self, gate.w_other, gate.w_out):
+            conv.weight.zero_()
+        gate.w_other.bias.zero_()
+        gate.w_out.bias.zero_()
+        x = torch.rand(1, 4, 4, 4, 4)
+        # all weights zero: att = sigmoid(0) = 0.5 everywhere
+        torch.testing.assert_close(gate(x, torch.rand_like(x)), 0.5 * x)
+        # W2 = 1 on channel 0 of the other modality, W3 = 1: att = sigmoid(relu(other[0]))
+        gate.w_other.weight[:, 0] = 1.0
+        gate.w_out.weight.fill_(1.0)
+        other = torch.rand_like(x)
+        att = torch.sigmoid(2 * other[:, :1])  # hidden = C/2 = 2 units, each relu(other[0])
+        torch.testing.assert_close(gate(x, other), x * att)
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(120, 10) == [(12 * t, 12 * t + 12) for t in range(10)]
+    sizes = [b - a for a, b in chunk_bounds(32, 10)]
+    assert sizes == [3, 3, 3, 3, 4, 3, 3, 3, 3, 4]
+    with pytest.raises(ValueError):
+        chunk_bounds(8, 10)
+
+
+def test_identity_at_initialisation():
+    # paper channel widths (the flow init is calibrated for them), 32^3 grid
+    torch.manual_seed(0)
+    net = RegistrationNet()
+    pair = phantom_pair((32, 32, 32))
+    with torch.no_grad():
+        ddf = net(pair["image"][None])
+        warped = Warp()(pair["image"][None, :1], ddf)
+    assert (warped - pair["image"][None, :1]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("lstm", ["compact", "paper"])
+def test_two_steps_every_parameter_has_gradient(lstm):
+    net = tiny_net(lstm=lstm, spatial_size=(16, 16, 20))
+    train(net, steps=2, shape=(16, 16, 20))
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None or p.grad.norm() == 0]
+    assert no_grad == []
+
+
+def test_parameter_groups_partition_the_network():
+    net = tiny_net()
+    reg, mask = net.registration_parameters(), net.task_mask_parameters()
+    assert len(mask) == 8  # two branches x two Linear layers x (weight, bias)
+    assert {id(p) for p in reg}.isdisjoint({id(p) for p in mask})
+    assert len(reg) + len(mask) == len(list(net.parameters()))
+    assert tiny_net(task_mask=False).task_mask_parameters() == []
+
+
+def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
+    """det(I + du/dx) by central differences for u (3, H, W, D) in voxels, interior voxels only."""
+    rows = [torch.stack(torch.gradient(u[i], dim=(0, 1, 2))) for i in range(3)]
+    jac = torch.stack(rows) + torch.eye(3)[:, :, None, None, None]
+    return torch.linalg.det(jac.permute(2, 3, 4, 0, 1))[1:-1, 1:-1, 1:-1]
+
+
+def test_vecint_of_smooth_velocity_does_not_fold():
+    rng = np.random.default_rng(0)
+    v = torch.tensor(np.stack([gaussian_filter(rng.standard_normal((32, 32, 32)), 3) for _ in range(3)]))
+    v = v.float()
+    v = v * 1.5 / max(g.abs().max() for i in range(3) for g in torch.gradient(v[i], dim=(0, 1, 2)))
+    assert jacobian_determinant(v).min() < 0  # used directly as a displacement, this field folds
+    with torch.no_grad():
+        ddf = tiny_net().integrate(v[None])[0]
+    assert ddf.abs().max() > 1.0  # a real deformation, not a vanishing one
+    assert jacobian_determinant(ddf).min() > 0
+
+
+def test_paper_lstm_parameter_count_on_meta_device():
+    # per chunk: 3 * 128 * 128 * (120 / 10) = 589,824 inputs; torch LSTM layer l: 4h*(in_l + h) + 2*4h
+    # layer 1: 512 * (589,824 + 128) + 1,024 = 302,056,448; layer 2: 512 * 256 + 1,024 = 132,096
+    # FC 128 -> 589,824: 128 * 589,824 + 589,824 = 76,087,296; total 378,275,840
+    with torch.device("meta"):
+        net = RegistrationNet(lstm="paper", spatial_size=(128, 128, 120))
+    params = list(net.refiner.lstm.parameters()) + list(net.refiner.fc.parameters())
+    assert all(p.device.type == "meta" for p in net.parameters())
+    assert sum(p.numel() for p in params) == 378_275_840
+
+
+def test_paper_lstm_is_tied_to_its_grid():
+    with pytest.raises(ValueError):
+        RegistrationNet(**TINY, lstm="paper")  # no spatial_size
+    with pytest.raises(ValueError):
+        RegistrationNet(**TINY, lstm="paper", spatial_size=(16, 16, 25))  # depth not a multiple of 10
+    net = tiny_net(lstm="paper", spatial_size=(16, 16, 20))
+    with torch.no_grad():
+        assert net(torch.rand(1, 2, 16, 16, 20)).shape == (1, 3, 16, 16, 20)
+        with pytest.raises(ValueError):
+            net(torch.rand(1, 2, 16, 16, 30))
+
+
+@pytest.mark.parametrize("objective", ["difficulty", "joint"])
+def test_task_mask_stays_inside_while_joint_objective_collapses(objective):
+    # same network, data and optimisers (subnet lr 1e-2 to make a collapse show within 50 steps);
+    # only the subnet's objective differs
+    net = tiny_net(msfa=False, dca=False)
+    masks = []
+    train(net, steps=50, shape=(16, 16, 16), mask_objective=objective, mask_lr=1e-2, record=masks)
+    masks = torch.stack(masks)  # (steps, T, 2): the trainer decollates its output per sample
+    assert masks.shape == (50, 10, 2)
+    if objective == "difficulty":
+        assert ((masks >= 0.05) & (masks <= 0.95)).all()  # at every step, every chunk
+        assert (masks[-1] - 0.5).abs().max() > 0.02  # and it did learn a non-uniform weighting
+    else:  # the negative control: the paper-literal objective drives chunks towards a one-hot
+        assert not ((masks[-1] >= 0.05) & (masks[-1] <= 0.95)).all()
