@@ -1,0 +1,170 @@
+"""Physical geometry: RAS/LPS frames, reorientation, the network box on the fixed image, voxel <-> mm.
+
+Frames. NIfTI affines are nibabel's (voxel index -> RAS mm). ITK and ANTs work in LPS:
+``x_LPS = diag(-1, -1, 1) x_RAS``. Every point and displacement handled here is in LPS mm unless a
+name says otherwise; arrays are indexed (X, Y, Z[, C]) as nibabel returns them.
+
+The network box (``../docs/pipeline.md``) is a physical grid laid on the fixed image: its axes are the
+fixed image's axes permuted and flipped to the nearest ``axcodes`` (default RAS, so the last axis,
+the "depth" the paper crops and chunks, is inferior -> superior); it spans the fixed image's field
+of view with ``spatial_size + 2 * depth_crop`` voxels (the paper's 128^3 resize) and drops
+``depth_crop`` slices at each end of the depth (the paper's 128 x 128 x 120 crop). A flipped or
+axis-permuted copy of the fixed image therefore gets exactly the same box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+__all__ = [
+    "RAS2LPS",
+    "NetworkBox",
+    "network_box",
+    "reoriented_grid",
+    "lps_affine",
+    "grid_points",
+    "apply_affine",
+    "world_to_voxel",
+    "sample",
+    "box_ddf_to_mm",
+    "mm_to_box_ddf",
+    "sample_box_field",
+]
+
+RAS2LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+
+
+def lps_affine(affine_ras: np.ndarray) -> np.ndarray:
+    """Voxel -> LPS mm affine (4x4) from nibabel's voxel -> RAS mm affine."""
+    return RAS2LPS @ np.asarray(affine_ras, dtype=np.float64)
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 homogeneous ``matrix`` to points (..., 3)."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def grid_points(affine_ras: np.ndarray, shape) -> np.ndarray:
+    """LPS mm coordinates (X, Y, Z, 3) of the voxel centres of a grid (nibabel ``affine_ras``, 3-D ``shape``)."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape[:3]], indexing="ij"), axis=-1)
+    return apply_affine(lps_affine(affine_ras), index)
+
+
+def world_to_voxel(points_lps: np.ndarray, affine_ras: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices (..., 3) of LPS mm points on the grid of ``affine_ras``."""
+    return apply_affine(np.linalg.inv(lps_affine(affine_ras)), points_lps)
+
+
+def reoriented_grid(affine_ras: np.ndarray, shape, axcodes: str = "RAS"):
+    """Affine and shape of the same grid with its axes permuted/flipped to the nearest ``axcodes``.
+
+    The voxels are the same physical points (no resampling); an oblique grid stays oblique.
+    Returns ``(affine_ras, shape)`` of the reoriented grid.
+    """
+    shape = tuple(int(s) for s in shape[:3])
+    ornt = nib.orientations.axcodes2ornt(tuple(axcodes))
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine_ras), ornt)
+    new_affine = np.asarray(affine_ras) @ nib.orientations.inv_ornt_aff(transform, shape)
+    new_shape = tuple(shape[int(axis)] for axis in np.argsort(transform[:, 0]))
+    return new_affine, new_shape
+
+
+@dataclass(frozen=True)
+class NetworkBox:
+    """The network grid as a physical box: ``affine`` is voxel -> RAS mm (nibabel style), ``shape`` (H, W, D)."""
+
+    affine: np.ndarray
+    shape: tuple
+
+    @property
+    def lps(self) -> np.ndarray:
+        """Voxel -> LPS mm affine (4x4)."""
+        return lps_affine(self.affine)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size (mm) along the three box axes."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def voxel_to_mm(self) -> np.ndarray:
+        """3x3 matrix turning a displacement in box voxels (channel k = box axis k) into LPS mm."""
+        return self.lps[:3, :3]
+
+    def to_dict(self) -> dict:
+        """ITK-style description (LPS origin of voxel 0, unit direction columns, spacing), JSON-serialisable."""
+        lps = self.lps
+        return {
+            "shape": [int(s) for s in self.shape],
+            "spacing_mm": self.spacing.tolist(),
+            "origin_lps_mm": lps[:3, 3].tolist(),
+            "direction_lps": (lps[:3, :3] / self.spacing).tolist(),
+            "affine_ras": np.asarray(self.affine).tolist(),
+        }
+
+
+def network_box(fixed_affine, fixed_shape, spatial_size=(128, 128, 120), depth_crop: int = 4, axcodes: str = "RAS"):
+    """The network box on a fixed image (nibabel ``fixed_affine``, 3-D ``fixed_shape``).
+
+    The fixed field of view (voxel edges included) is divided into ``spatial_size`` voxels in-plane and
+    ``spatial_size[2] + 2 * depth_crop`` along the depth (last axis after reorientation to ``axcodes``);
+    the ``depth_crop`` slices at each end of the depth are dropped. Spacing is generally anisotropic.
+
+    Returns:
+        :class:`NetworkBox` with ``shape == spatial_size``.
+    """
+    affine, shape = reoriented_grid(fixed_affine, fixed_shape, axcodes)
+    full = np.array([spatial_size[0], spatial_size[1], spatial_size[2] + 2 * depth_crop], dtype=np.float64)
+    zoom = np.asarray(shape, dtype=np.float64) / full  # reoriented fixed voxels per box voxel
+    # box voxel j sits at reoriented fixed voxel (j + crop + 0.5) * zoom - 0.5 (voxel edges coincide)
+    crop = np.array([0.0, 0.0, float(depth_crop)])
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(zoom)
+    scale[:3, 3] = (crop + 0.5) * zoom - 0.5
+    return NetworkBox(affine=affine @ scale, shape=tuple(int(s) for s in spatial_size))
+
+
+def _inside(index: np.ndarray, shape) -> np.ndarray:
+    """True where continuous voxel indices (..., 3) lie within the grid's voxel edges [-0.5, n - 0.5]."""
+    return np.all((index >= -0.5) & (index <= np.asarray(shape[:3], np.float64) - 0.5), axis=-1)
+
+
+def _interpolate(data: np.ndarray, index: np.ndarray, order: int) -> np.ndarray:
+    """``data`` (X, Y, Z[, C]) at continuous voxel indices (..., 3): ITK's padding rule (edge value up to
+    half a voxel outside the centres, zero beyond the voxel edges), so results match ITK/ANTs resampling."""
+    coords = np.moveaxis(index, -1, 0)
+    channels = data[..., None] if data.ndim == 3 else data
+    out = np.stack(
+        [map_coordinates(np.asarray(channels[..., c], np.float64), coords, order=order, mode="nearest")
+         for c in range(channels.shape[-1])],
+        axis=-1,
+    ) * _inside(index, data.shape)[..., None]
+    return out[..., 0] if data.ndim == 3 else out
+
+
+def sample(data: np.ndarray, affine_ras: np.ndarray, points_lps: np.ndarray, order: int = 1) -> np.ndarray:
+    """Values of a volume at LPS mm points: ``data`` (X, Y, Z) or (X, Y, Z, C) -> (...) or (..., C).
+
+    Linear (``order=1``) or nearest (``order=0``) interpolation; zero beyond the volume's voxel edges.
+    """
+    return _interpolate(data, world_to_voxel(points_lps, affine_ras), order)
+
+
+def box_ddf_to_mm(ddf: np.ndarray, box: NetworkBox) -> np.ndarray:
+    """Network-grid DDF (3, H, W, D) in box voxels (MONAI ``Warp`` convention) -> (H, W, D, 3) in LPS mm."""
+    return np.einsum("ij,j...->...i", box.voxel_to_mm, np.asarray(ddf, np.float64))
+
+
+def mm_to_box_ddf(field_mm: np.ndarray, box: NetworkBox) -> np.ndarray:
+    """Inverse of :func:`box_ddf_to_mm`: (H, W, D, 3) LPS mm -> (3, H, W, D) box voxels."""
+    return np.einsum("ij,...j->i...", np.linalg.inv(box.voxel_to_mm), np.asarray(field_mm, np.float64))
+
+
+def sample_box_field(field_mm: np.ndarray, box: NetworkBox, points_lps: np.ndarray) -> np.ndarray:
+    """A box displacement field (H, W, D, 3, LPS mm) at LPS mm points (..., 3): linear, zero outside the box."""
+    return sample(field_mm, box.affine, points_lps)
