@@ -1,0 +1,134 @@
+"""Dictionary transforms the configs need and MONAI lacks.
+
+:class:`PairToBoxd` builds a training pair on the same physical network box, with the same rigid
+pre-alignment, as the inference pipeline (MONAI's spatial transforms resample on array grids and know
+nothing of the ANTs rigid or the box).
+
+MONAI has the ``Warp`` block (warp an image with a dense displacement field) but no dictionary
+transform around it, so validation postprocessing uses :class:`Warpd` to warp the moving labels with
+the network's predicted field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.networks.blocks import Warp
+from monai.transforms import MapTransform, Transform
+
+from scripts.data import DIRECTIONS
+from scripts.geometry import apply_affine, grid_points, network_box, sample
+from scripts.io import load_array, read_nifti
+from scripts.transform_io import ants_image
+from monai.utils import ensure_tuple_rep
+
+__all__ = ["Warpd", "PairToBoxd"]
+
+
+class Warpd(MapTransform):
+    """Warp the (C, H, W, D) items under ``keys`` with the displacement field under ``ddf_key``.
+
+    The field is (3, H, W, D) in VOXELS of the same grid (MONAI ``Warp`` convention:
+    ``out(p) = item(p + ddf(p))``). Sampling runs in fp32 (the field may come from an autocast
+    forward). Results are stored under ``output_keys`` (default: overwrite ``keys``) as plain
+    tensors on the field's device.
+
+    Args:
+        keys: items to warp, e.g. ``"moving_label"``.
+        ddf_key: item holding the field, e.g. ``"pred"``.
+        output_keys: where to store the warped items, one per key.
+        mode: interpolation ("bilinear" keeps soft labels soft; "nearest" for hard labels).
+        padding_mode: value outside the grid ("zeros" or "border").
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ddf_key: str = "pred",
+        output_keys: KeysCollection | None = None,
+        mode: str = "bilinear",
+        padding_mode: str = "zeros",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.ddf_key = ddf_key
+        self.output_keys = ensure_tuple_rep(output_keys, len(self.keys)) if output_keys is not None else self.keys
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError(f"output_keys {self.output_keys} must match keys {self.keys} one to one")
+        self.warp = Warp(mode=mode, padding_mode=padding_mode)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ddf = torch.as_tensor(d[self.ddf_key]).float()
+        if ddf.ndim != 4 or ddf.shape[0] != 3:
+            raise ValueError(f"{self.ddf_key!r} must be a (3, H, W, D) field, got shape {tuple(ddf.shape)}")
+        for key, out in self.key_iterator(d, self.output_keys):
+            item = torch.as_tensor(d[key]).to(device=ddf.device, dtype=torch.float32)
+            if item.shape[1:] != ddf.shape[1:]:
+                raise ValueError(f"{key!r} grid {tuple(item.shape[1:])} differs from the field's {tuple(ddf.shape[1:])}")
+            with torch.autocast(device_type=ddf.device.type, enabled=False):
+                d[out] = self.warp(item[None], ddf[None])[0]
+        return d
+
+
+class PairToBoxd(Transform):
+    """A case dict of file paths -> the network's inputs on the fixed image's network box, as inference builds them.
+
+    The same steps as :func:`scripts.pipeline.register_pair` up to the network, so a model is trained on
+    exactly the geometry it is later run on: rigid pre-alignment on the gland masks (ANTs,
+    :func:`scripts.rigid.rigid_prealign`), the network box on the fixed image (:func:`scripts.geometry.network_box`),
+    the moving image and labels sampled through the rigid and the fixed ones directly (linear), intensities
+    scaled to [0, 1], and with ``roi_mask`` the images multiplied by their gland masks.
+
+    Masks: channel 0 of each label (ground truth) or, with ``mask_dir``, the gland masks that
+    ``configs/seg_inference.json`` predicted (``<mask_dir>/{mr,us}_glands/<case>.nii.gz``).
+
+    Input keys: ``case``, ``direction``, ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label`` (paths).
+    Output: ``image`` (2, H, W, D) = [moving, fixed]; ``moving_label`` and ``fixed_label`` (C, H, W, D), soft, on
+    the box; ``rigid`` (4, 4) LPS fixed -> moving; float32 tensors. (H, W, D) = ``spatial_size``.
+    """
+
+    def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", use_rigid: bool = True,
+                 roi_mask: bool = False, mask_dir: str | None = None, rigid_args: dict | None = None):
+        self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
+        self.use_rigid, self.roi_mask, self.mask_dir, self.rigid_args = use_rigid, roi_mask, mask_dir, rigid_args or {}
+
+    def _masks(self, data, labels):
+        if self.mask_dir is None:
+            return [(label[..., 0], affine) for label, affine in labels]
+        moving, fixed = DIRECTIONS[data["direction"]]
+        paths = [Path(self.mask_dir) / f"{mod}_glands" / f"{data['case']}.nii.gz" for mod in (moving, fixed)]
+        return [(load_array(read_nifti(p, ndim=3, what="gland mask"), p, "gland mask"), read_nifti(p).affine) for p in paths]
+
+    def __call__(self, data: Mapping) -> dict:
+        from scripts.pipeline import box_inputs, check_contrast, check_overlap  # here: the pipeline imports ANTs, ITK
+        from scripts.rigid import rigid_prealign
+
+        images, labels = [], []
+        for role in ("moving", "fixed"):
+            img = read_nifti(data[f"{role}_image"], ndim=3, what=f"{role} image")
+            images.append((load_array(img, data[f"{role}_image"], f"{role} image"), img.affine))
+            check_contrast(images[-1][0], data[f"{role}_image"], f"{role} image")
+            lab = read_nifti(data[f"{role}_label"], ndim=(3, 4), what=f"{role} label")
+            array = load_array(lab, data[f"{role}_label"], f"{role} label")
+            labels.append((array if array.ndim == 4 else array[..., None], lab.affine))
+        masks = self._masks(data, labels)
+        rigid = np.eye(4)
+        if self.use_rigid:
+            fixed_mask, moving_mask = (ants_image(m, a) for m, a in (masks[1], masks[0]))
+            fixed_img, moving_img = (ants_image(i, a) for i, a in (images[1], images[0]))
+            rigid, _ = rigid_prealign(fixed_img, moving_img, fixed_mask, moving_mask, **self.rigid_args)
+        (fixed, fixed_affine) = images[1]
+        box = network_box(fixed_affine, fixed.shape, self.spatial_size, self.depth_crop, self.axcodes)
+        check_overlap(images[0][1], images[0][0].shape, rigid, box, data["moving_image"], data["fixed_image"])
+        out = dict(data)
+        out["image"] = box_inputs(images[0], images[1], rigid, box, masks=masks if self.roi_mask else None)
+        fixed_points = grid_points(box.affine, box.shape)
+        for (label, affine), points, key in zip(labels, (apply_affine(rigid, fixed_points), fixed_points), ("moving_label", "fixed_label")):
+            out[key] = torch.as_tensor(np.moveaxis(sample(label, affine, points), -1, 0), dtype=torch.float32)
+        out["rigid"] = torch.as_tensor(rigid, dtype=torch.float32)
+        return out

@@ -1,0 +1,337 @@
+"""configs/train.json and scripts/training.py: run folders, checkpoints, resume, and a short training that learns.
+
+The end-to-end tests run ``python -m monai.bundle`` in a subprocess on a tiny synthetic data set
+written here: a spherical gland whose TRUS copy is the MR copy shifted by a fixed 9.5 mm, on
+differently oriented MR and TRUS grids. Without registration its Dice follows from the
+two-sphere overlap formula; a few seeded CPU epochs of a small network must do clearly better.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.bundle import ConfigParser
+
+from scripts.io import InputError
+from scripts.training import (
+    AtomicCheckpointSaver,
+    RngState,
+    active_config,
+    config_fingerprint,
+    prepare_run_dir,
+)
+from scripts.transforms import Warpd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- tiny synthetic data set
+
+MR_AFFINE = np.array([[2.0, 0, 0, -28.0], [0, 2.0, 0, -28.0], [0, 0, 2.0, -28.0], [0, 0, 0, 1]])
+# TRUS grid: axes permuted and two of them flipped, 2.5 mm voxels, about the same field of view
+US_AFFINE = np.array([[0, -2.5, 0, 30.0], [2.5, 0, 0, -30.0], [0, 0, -2.5, 30.0], [0, 0, 0, 1]])
+SHIFT_MM = np.array([7.0, -5.0, 4.0])  # TRUS gland centre = MR gland centre + SHIFT_MM
+LANDMARKS_MM = np.array([[3, 0, 0], [-3, 0, 0], [0, 3, 0], [0, -3, 0], [0, 0, 3]], float)
+
+
+def _world(affine, shape):
+    idx = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _render(points, centre, radius, inside, outside, rng):
+    """Image and (X, Y, Z, 6) label: channel 0 a ball (the gland), 1-5 small balls inside it."""
+    gland = (np.linalg.norm(points - centre, axis=-1) <= radius).astype(np.float32)
+    image = np.where(gland > 0, inside, outside) + 0.05 * rng.standard_normal(gland.shape)
+    marks = [(np.linalg.norm(points - centre - m, axis=-1) <= 2.5).astype(np.float32) for m in LANDMARKS_MM]
+    return image.astype(np.float32), np.stack([gland] + marks, -1)
+
+
+def make_dataset(root, counts=(("train", 4), ("val", 2)), seed=0):
+    """Write the data set in the μ-RegPro layout; return {case: gland radius in mm}."""
+    rng = np.random.default_rng(seed)
+    radii, index = {}, 0
+    for split, n in counts:
+        for _ in range(n):
+            centre, radius = rng.uniform(-3, 3, 3), rng.uniform(11, 13)
+            for mod, affine, shape, c, values in (
+                ("mr", MR_AFFINE, (28, 28, 28), centre, (0.8, 0.3)),
+                ("us", US_AFFINE, (24, 24, 24), centre + SHIFT_MM, (0.25, 0.7)),
+            ):
+                image, label = _render(_world(affine, shape), c, radius, *values, rng)
+                for kind, data in (("images", image), ("labels", label)):
+                    path = Path(root) / split / f"{mod}_{kind}" / f"case{index:06d}.nii.gz"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    nib.save(nib.Nifti1Image(data, affine), str(path))
+            radii[f"case{index:06d}"] = radius
+            index += 1
+    return radii
+
+
+def sphere_dice(radius, distance):
+    """Dice of two balls of equal radius whose centres are ``distance`` apart (lens volume formula)."""
+    lens = np.pi * (4 * radius + distance) * (2 * radius - distance) ** 2 / 12
+    return lens / (4 / 3 * np.pi * radius**3)
+
+
+# ---------------------------------------------------------------- running the bundle
+
+SMALL_NET = [
+    "--network_def#encoder_channels", "[4,8,8,8]",
+    "--network_def#decoder_channels", "[8,8,8,4]",
+    "--network_def#head_channels", "[8,4,4]",
+    "--network_def#compact_code", "[4,4,2]",
+    "--network_def#lstm_hidden", "8",
+    "--network_def#task_hidden", "8",
+    "--network_def#chunks", "4",
+]  # fmt: skip
+
+
+# the sphere data tests the network alone: a rigid step on the masks would already remove the whole shift,
+# and the box keeps the whole (small) field of view
+NO_RIGID = ["--use_rigid", "False", "--roi_mask", "False", "--depth_crop", "0"]
+
+
+def run_bundle(run_id, dataset, run_dir, *extra, grid="[24,24,24]"):
+    """``python -m monai.bundle run [run_id] --config_file configs/train.json ...`` from the bundle root."""
+    command = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else [])]
+    command += ["--config_file", "configs/train.json", "--dataset_dir", str(dataset), "--run_dir", str(run_dir)]
+    command += ["--spatial_size", grid, "--learning_rate", "0.005", "--progress_bar", "false", *SMALL_NET]
+    command += list(extra)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def scalars(run_dir, tag):
+    """{step: value} of one TensorBoard scalar written by the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A seeded 3-epoch training with ``run training``; returns (data folder, run folder, log, radii)."""
+    base = tmp_path_factory.mktemp("training")
+    radii = make_dataset(base / "data")
+    rc, log = run_bundle("training", base / "data", base / "run", "--max_epochs", "3", "--seed", "0", *NO_RIGID)
+    assert rc == 0, log[-3000:]
+    return base / "data", base / "run", log, radii
+
+
+def test_training_writes_checkpoints_that_load_weights_only(trained):
+    _, run, log, _ = trained
+    assert "starting a new training" in log
+    assert "Epoch [1/3]" not in log  # --progress_bar false switches ignite's progress bar off
+    for name in ("last.pt", "best.pt"):
+        ckpt = load(run / name)
+        assert {"model", "optimizer", "mask_optimizer", "lr_scheduler", "rng", "validation", "trainer"} <= set(ckpt)
+        assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and ckpt["rng"]["torch"].dtype == torch.uint8
+    last = load(run / "last.pt")
+    assert last["trainer"]["iteration"] == 3 * 4  # 3 epochs of 4 training cases, batch size 1
+    # best.pt is the epoch with the highest validation gland Dice
+    dice = scalars(run, "val_gland_dice")
+    best = load(run / "best.pt")
+    assert best["trainer"]["iteration"] == 4 * max(dice, key=dice.get)
+    assert best["validation"]["best_metric"] == pytest.approx(max(dice.values()), abs=1e-6)
+    assert json.loads((run / "run_config.json").read_text())["config"]["learning_rate"] == 0.005
+
+
+def test_short_training_lowers_loss_and_beats_no_registration(trained):
+    _, run, _, radii = trained
+    loss = scalars(run, "train_loss")
+    assert sorted(loss) == [1, 2, 3]
+    assert loss[3] < loss[1]
+    unregistered = scalars(run, "val_gland_dice_rigid_only")  # no rigid step in this run: no registration
+    expected = np.mean([sphere_dice(radii[c], np.linalg.norm(SHIFT_MM)) for c in ("case000004", "case000005")])
+    assert unregistered[1] == pytest.approx(expected, abs=0.04)  # the validation sees the unwarped labels as they are
+    registered = scalars(run, "val_gland_dice")
+    assert max(registered.values()) >= unregistered[1] + 0.05
+
+
+def test_same_command_resumes_and_changed_config_needs_overwrite(trained, tmp_path):
+    data, run, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # run_dir is not part of the fingerprint: the copy resumes
+
+    rc, log = run_bundle("training", data, copy, "--max_epochs", "4", "--seed", "0", *NO_RIGID)
+    assert rc == 0, log[-3000:]
+    assert f"resuming from {copy / 'last.pt'} at epoch 3" in log
+    assert load(copy / "last.pt")["trainer"]["iteration"] == 4 * 4  # one more epoch, not four
+    assert sorted(scalars(copy, "train_loss")) == [1, 2, 3, 4]
+
+    rc, log = run_bundle(None, data, copy, "--max_epochs", "1", "--seed", "1", *NO_RIGID)  # plain `run`, other seed
+    assert rc != 0
+    assert f"{copy}: the config differs from the run in this folder" in log
+    assert "seed: 0 -> 1" in log and "--overwrite true" in log
+    assert load(copy / "last.pt")["trainer"]["iteration"] == 16  # untouched
+
+    rc, log = run_bundle(None, data, copy, "--max_epochs", "1", "--seed", "1", "--overwrite", "true", *NO_RIGID)
+    assert rc == 0, log[-3000:]
+    assert "starting a new training" in log
+    assert load(copy / "last.pt")["trainer"]["iteration"] == 4
+    assert sorted(scalars(copy, "train_loss")) == [1]  # the old TensorBoard logs were removed
+
+
+def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
+    """The default pipeline (ANTs rigid on the gland masks, ROI images) on small phantom data, 10 seeded epochs."""
+    from scripts.evaluate import identity_warp, read_label
+    from scripts.metrics import soft_dice
+    from scripts.phantom import synth
+
+    synth(tmp_path / "data", cases=6, seed=0, size="small", preview=False)  # 4 train, 1 val, 1 holdout
+    rc, log = run_bundle(
+        "training", tmp_path / "data", tmp_path / "run", "--max_epochs", "10", "--seed", "0", grid="[32,32,32]"
+    )
+    assert rc == 0, log[-3000:]
+    loss = scalars(tmp_path / "run", "train_loss")
+    assert min(loss[e] for e in range(6, 11)) < loss[1]
+    # no registration, computed independently of the training code: the moving gland resampled through the
+    # two affines onto the fixed grid
+    val = next((tmp_path / "data" / "val" / "mr_labels").iterdir()).name
+    moving, moving_img = read_label(tmp_path / "data" / "val" / "mr_labels" / val)
+    fixed, fixed_img = read_label(tmp_path / "data" / "val" / "us_labels" / val)
+    unregistered = soft_dice(identity_warp(moving[:1], moving_img.affine, fixed_img)[0] > 0.5, fixed[0] > 0.5)
+    registered, rigid_only = scalars(tmp_path / "run", "val_gland_dice"), scalars(tmp_path / "run", "val_gland_dice_rigid_only")
+    assert max(registered.values()) >= unregistered + 0.05
+    assert registered[10] > rigid_only[10]  # the network adds to the rigid step
+
+
+# ---------------------------------------------------------------- run folder rules (in-process)
+
+
+def _checkpoint(path, iteration=8, epoch_length=4):
+    torch.save({"model": {}, "trainer": {"iteration": iteration, "epoch_length": epoch_length}}, path)
+
+
+def test_run_dir_fresh_resume_and_refusals(tmp_path, caplog):
+    run, config = tmp_path / "run", {"seed": 0, "net": {"channels": [4, 8]}, "max_epochs": 3}
+    caplog.set_level("INFO")
+    assert prepare_run_dir(str(run), config=config) is None  # missing folder: fresh
+    assert (run / "run_config.json").is_file()
+    assert prepare_run_dir(str(run), config=config) is None  # same config, no checkpoint yet: fresh
+
+    _checkpoint(run / "last.pt")
+    extended = {**config, "max_epochs": 10}  # max_epochs does not block a resume
+    assert prepare_run_dir(str(run), config=extended) == str(run / "last.pt")
+    assert f"resuming from {run / 'last.pt'} at epoch 2" in caplog.text
+
+    changed = {**config, "net": {"channels": [4, 16]}}
+    with pytest.raises(InputError, match=r"net#channels: \[4, 8\] -> \[4, 16\]") as err:
+        prepare_run_dir(str(run), config=changed)
+    assert str(run) in str(err.value) and "--overwrite true" in str(err.value)
+
+    with pytest.raises(InputError, match="config differs"):  # the command line's "false" is not a yes
+        prepare_run_dir(str(run), overwrite="false", config=changed)
+
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="last.pt: checkpoint cannot be read"):
+        prepare_run_dir(str(run), config=config)
+
+    (run / "tensorboard").mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert prepare_run_dir(str(run), overwrite=True, config=changed) is None
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "run_config.json"]  # only our files removed
+    assert json.loads((run / "run_config.json").read_text())["config"]["net"] == {"channels": [4, 16]}
+
+
+def test_run_dir_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "other.txt").write_text("x")
+    with pytest.raises(InputError, match="no run_config.json"):
+        prepare_run_dir(str(tmp_path), config={"seed": 0})
+
+
+def test_fingerprint_ignores_listed_ids_only():
+    config = {"seed": 0, "device": "cpu", "train": {"trainer": {"max_epochs": 3, "lr": 1}}}
+    ignore = ["device", "train#trainer#max_epochs"]
+    same = {"seed": 0, "device": "cuda", "train": {"trainer": {"max_epochs": 9, "lr": 1}}}
+    assert config_fingerprint(config, ignore) == config_fingerprint(same, ignore)
+    assert config_fingerprint(config, ignore) != config_fingerprint({**config, "seed": 1}, ignore)
+
+
+def test_active_config_sees_overrides():
+    parser = ConfigParser({"imports": ["$import scripts", "$import scripts.training"], "a": 1, "seen": "$scripts.training.active_config()"})
+    parser.update({"a": 2})
+    parser.parse()
+    assert parser.get_parsed_content("seen")["a"] == 2
+    with pytest.raises(RuntimeError):
+        active_config()
+
+
+# ---------------------------------------------------------------- checkpoint objects
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(RngState().state_dict(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(2).tolist())
+    RngState().load_state_dict(load(tmp_path / "rng.pt"))
+    assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == first
+
+
+class _Validator:
+    class state:
+        best_metric_epoch = -1
+        best_metric = -1.0
+
+
+def _engine(epochs):
+    engine = Engine(lambda e, b: None)
+    engine.run([0, 1], max_epochs=epochs)
+    return engine
+
+
+def test_best_saver_writes_only_on_a_new_best(tmp_path):
+    saver = AtomicCheckpointSaver(str(tmp_path), {"rng": RngState()}, "best.pt", validator=_Validator)
+    engine = _engine(2)
+    _Validator.state.best_metric_epoch = 1  # the best was at epoch 1, the engine is at epoch 2
+    saver(engine)
+    assert not (tmp_path / "best.pt").exists()
+    _Validator.state.best_metric_epoch = 2
+    saver(engine)
+    assert load(tmp_path / "best.pt")["trainer"]["iteration"] == 4
+
+
+def test_saver_keeps_the_previous_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    saver = AtomicCheckpointSaver(str(tmp_path), {"rng": RngState()}, "last.pt")
+    saver(_engine(1))
+
+    def broken_save(obj, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        saver(_engine(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert load(tmp_path / "last.pt")["trainer"]["iteration"] == 2  # still the epoch-1 checkpoint
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_warpd_moves_a_label_by_the_field():
+    label = torch.zeros(2, 8, 6, 5)
+    label[0, 3, 2, 2] = 1.0
+    label[1, 5, 1, 4] = 1.0  # lands outside the grid: zeros padding
+    ddf = torch.zeros(3, 8, 6, 5)
+    ddf[0], ddf[2] = 1.0, -1.0  # out(p) = label(p + (1, 0, -1))
+    out = Warpd("label", ddf_key="ddf", output_keys="warped")({"label": label, "ddf": ddf})["warped"]
+    expected = torch.zeros_like(label)
+    expected[0, 2, 2, 3] = 1.0
+    assert torch.allclose(out, expected, atol=1e-5)
