@@ -14,6 +14,12 @@ COMMANDS = {
     "datalist": "data:write_datalist",
     "evaluate": "evaluate:evaluate",
     "demo": "demo:demo",
+    "export": "export:export",
+    "package": "package:package",
+    "register": "cli:register",
+    "register-folder": "cli:register_folder",
+    "map-points": "cli:map_points",
+    "run": "runner:run",
 }
 
 

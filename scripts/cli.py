@@ -1,0 +1,172 @@
+"""Command line for the biopsy workflow (``python -m scripts register|register-folder|map-points``).
+
+Each registered case gets the pipeline's files (``docs/pipeline.md``), ``qc.json`` (:mod:`scripts.qc`),
+three PNGs (:mod:`scripts.pictures`) and, when points are given, the points mapped into fixed space
+(:mod:`scripts.points`). The network, its box and pre/post-processing come from ``configs/inference.json``,
+so the CLI registers exactly as the bundle config does. ``docs/biopsy.md`` is the user guide.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from scripts.data import load_split
+from scripts.io import InputError
+from scripts.pictures import case_pictures, write_index
+from scripts.pipeline import load_weights, register_pair
+from scripts.points import map_files
+from scripts.qc import quality_check
+
+__all__ = ["register", "register_folder", "map_points", "load_registration"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
+# register_pair settings read from the inference config
+CONFIG_KEYS = ("spatial_size", "depth_crop", "axcodes", "rigid_args", "int_steps", "label_threshold",
+               "preprocessing", "inferer", "postprocessing", "device")
+GLAND_SOURCES = ("auto", "predicted", "label", "none")
+
+
+def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
+    """The network (``network_def`` of the inference config, weights loaded) and the other ``register_pair`` settings.
+
+    Without a ``checkpoint`` argument the config's (``models/model.pt``) is used; if that file does not
+    exist, a warning is printed and the network is ``None`` (rigid-only registration). A ``checkpoint``
+    given explicitly must exist. When the config's gland segmenter weights (``seg_checkpoint``,
+    ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
+    both glands (used by the rigid step, ``roi_mask`` and the QC).
+    """
+    files = [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    for path in files:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: config file does not exist")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])  # later files override earlier ones, as with the bundle runner
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
+    seg_weights = parser.get("seg_checkpoint") and Path(parser.get_parsed_content("seg_checkpoint"))
+    if seg_weights and seg_weights.is_file():
+        parser["use_seg"] = True
+        settings.update(seg_network=parser.get_parsed_content("seg_network"),
+                        roi_mask=bool(parser.get_parsed_content("roi_mask")))
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise InputError(f"{checkpoint}: checkpoint file does not exist")
+    weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
+    if not weights.is_file():
+        print(f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
+              "part). Train the network (configs/train.json) or pass --checkpoint.", file=sys.stderr)
+        return None, settings
+    return load_weights(parser.get_parsed_content("network_def"), str(weights), settings["device"]), settings
+
+
+def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
+                   points, frame, use_rigid, pictures, qc, overwrite) -> dict:
+    """Register one pair, then QC, pictures and point mapping; returns what was written and the QC.
+
+    ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
+    the pipeline's own prediction (``result.json``'s ``masks``) instead.
+    """
+    result = register_pair(moving, fixed, out, moving_labels, network=network, direction=direction,
+                           use_rigid=use_rigid, overwrite=overwrite, **settings)
+    written = [str(Path(out) / name) for name in result["files"].values()] + [str(Path(out) / "result.json")]
+    if gland_source == "predicted":
+        fixed_gland = result["masks"]["fixed"]
+    verdict = quality_check(out, fixed_gland, gland_source if fixed_gland is not None else None,
+                            overwrite=overwrite, **(qc or {}))
+    written.append(str(Path(out) / "qc.json"))
+    images = case_pictures(out, moving_labels, fixed_gland, overwrite=overwrite) if pictures else []
+    written += images
+    if points is not None:
+        written += map_files(out, out, points=points, to="fixed", frame=frame, overwrite=overwrite)
+    return {"out": str(out), "written": written, "qc": verdict, "pictures": images}
+
+
+def _report(name: str, qc: dict, write=print) -> None:
+    if qc["verdict"] == "pass":
+        write(f"{name}: QC pass")
+    else:
+        write(f"WARNING {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}", file=sys.stderr)
+
+
+def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str = "LPS",
+             fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, pictures: bool = True,
+             qc: dict | None = None, overwrite: bool = False) -> None:
+    """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
+
+    Args:
+        moving, fixed: NIfTI images (mr2us: moving = MR, fixed = TRUS).
+        out: output folder.
+        moving_labels: labels on the moving grid (3-D, or 4-D channel-last with the gland in channel 0).
+        points: points on the moving image to map into fixed space: a CSV (label,x,y,z) or 3D Slicer ``.mrk.json``.
+        direction: "mr2us" or "us2mr" (recorded).
+        frame: "LPS" or "RAS", the frame of a CSV's coordinates (markups carry their own).
+        fixed_gland: gland mask on the fixed grid for the QC Dice (QC only); default: the gland the pipeline
+            predicts when the segmenter's weights (models/seg_model.pt) exist, else no Dice.
+        config_file: inference config (default configs/inference.json), or a list of config files merged in
+            order (e.g. the inference config and an override file); checkpoint: weights (default its own).
+        use_rigid: run the ANTs rigid step. pictures: write the PNGs.
+        qc: QC thresholds overriding :func:`scripts.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
+        overwrite: replace existing outputs.
+    """
+    network, settings = load_registration(config_file, checkpoint)
+    source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
+    case = _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, source,
+                          points, frame, use_rigid, pictures, qc, overwrite)
+    print(f"wrote {len(case['written'])} files:")
+    for path in case["written"]:
+        print(f"  {path}")
+    _report(Path(out).name, case["qc"])
+
+
+def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "mr2us", gland: str = "auto",
+                    config_file=None, checkpoint=None, use_rigid: bool = True, pictures: bool = True,
+                    qc: dict | None = None, overwrite: bool = False) -> None:
+    """Register every case of a μ-RegPro split (outputs in ``out/<case>/``) and write ``out/index.html``.
+
+    Args:
+        dataset_dir, split: the μ-RegPro folder and split; direction: "mr2us" or "us2mr".
+        gland: the fixed gland for the QC Dice: "predicted" (segmentation network, needs models/seg_model.pt),
+            "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
+        Other arguments as for :func:`register`.
+    """
+    if gland not in GLAND_SOURCES:
+        raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
+    cases = load_split(dataset_dir, split, direction)
+    network, settings = load_registration(config_file, checkpoint)
+    predicted = "seg_network" in settings
+    if gland == "predicted" and not predicted:
+        raise InputError("gland='predicted' needs the gland segmenter's weights (models/seg_model.pt)")
+    source = {"auto": "predicted" if predicted else "label", "none": None}.get(gland, gland)
+    done = []
+    for case in tqdm(cases, desc="register", unit="case"):
+        fixed_gland = case["fixed_label"] if source == "label" else None
+        result = _register_case(network, settings, case["moving_image"], case["fixed_image"], Path(out) / case["case"],
+                                case["moving_label"], direction, fixed_gland, source, None, "LPS", use_rigid,
+                                pictures, qc, overwrite)
+        done.append({"case": case["case"], **result})
+        _report(case["case"], result["qc"], tqdm.write)
+    index = write_index(out, done, overwrite)
+    n_warn = sum(c["qc"]["verdict"] != "pass" for c in done)
+    print(f"wrote {len(done)} case folders in {out} and the index {index}; QC: {len(done) - n_warn} pass, {n_warn} warn")
+
+
+def map_points(transforms, out, points=None, labels=None, to: str = "fixed", frame: str = "LPS",
+               label_threshold: float = 0.5, overwrite: bool = False) -> None:
+    """Map points (CSV label,x,y,z or 3D Slicer ``.mrk.json``) and label volumes through a registration's files.
+
+    Args:
+        transforms: a case output folder of ``register`` (holds the transform files).
+        out: output folder; files are named ``<input>_to_<to>.<suffix>``.
+        points, labels: a file or a comma-separated list of files in the other space.
+        to: "fixed" (moving -> fixed, e.g. MR targets onto TRUS) or "moving" (back).
+        frame: "LPS" or "RAS" for CSV coordinates; label_threshold: binarisation of mapped labels.
+    """
+    split = lambda x: x.split(",") if isinstance(x, str) else x  # noqa: E731
+    for path in map_files(transforms, out, points=split(points), labels=split(labels), to=to, frame=frame,
+                          label_threshold=label_threshold, overwrite=overwrite):
+        print(f"wrote {path}")
+

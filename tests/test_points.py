@@ -1,0 +1,184 @@
+"""Point, markup and label mapping through written transforms (scripts/points.py, configs/map_points.json).
+
+Hand-made fields give hand-worked expectations; a phantom case registered with its ground-truth field
+checks that MR landmark centres land on their analytic TRUS positions.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from scripts.geometry import network_box
+from scripts.io import InputError
+from scripts.phantom import generate_case, write_case
+from scripts.pipeline import field_as_network, register_pair
+from scripts.points import MARKUPS_SCHEMA, map_files
+from scripts.transform_io import write_field_nifti
+
+ROOT = Path(__file__).resolve().parent.parent
+# 10^3 grid, 2 mm voxels, RAS coordinate of voxel i = 2 i - 9 on every axis
+GRID_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+GRID_AFFINE[:3, 3] = -9.0
+
+
+def _linear_field():
+    """u_LPS(p) = (0.1 p_x + 1, -2, 0.05 p_z) at the voxel centres, LPS coordinates worked out by hand."""
+    i, j, k = np.meshgrid(*[np.arange(10.0)] * 3, indexing="ij")
+    x, z = -(2 * i - 9), 2 * k - 9  # LPS x = -RAS x; LPS z = RAS z
+    return np.stack([0.1 * x + 1, np.full_like(x, -2.0), 0.05 * z], axis=-1)
+
+
+# RAS input -> RAS output, by hand: RAS (3, -1, 4.5) = LPS (-3, 1, 4.5); u = (0.7, -2, 0.225); LPS (-2.3, -1, 4.725)
+POINTS_RAS = {"target A": (3.0, -1.0, 4.5), "target B": (-8.0, 6.0, -2.0)}
+EXPECTED_RAS = {"target A": (2.3, 1.0, 4.725), "target B": (-9.8, 8.0, -2.1)}
+
+
+def _lps(p):
+    return (-p[0], -p[1], p[2])
+
+
+@pytest.fixture
+def linear_case(tmp_path):
+    folder = tmp_path / "case"
+    write_field_nifti(_linear_field(), GRID_AFFINE, folder / "transform_moving_to_fixed.nii.gz")
+    return folder
+
+
+def _write_csv(path, points):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "x", "y", "z"])
+        for name, p in points.items():
+            writer.writerow([name, *p])
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return {row["label"]: tuple(float(row[c]) for c in "xyz") for row in csv.DictReader(f)}
+
+
+def test_csv_in_ras_and_lps_map_to_the_hand_worked_positions(linear_case, tmp_path):
+    _write_csv(tmp_path / "ras.csv", POINTS_RAS)
+    _write_csv(tmp_path / "lps.csv", {k: _lps(p) for k, p in POINTS_RAS.items()})
+    out = tmp_path / "out"
+    (ras_out,) = map_files(linear_case, out, points=tmp_path / "ras.csv", frame="RAS")
+    (lps_out,) = map_files(linear_case, out, points=str(tmp_path / "lps.csv"), frame="LPS")
+    assert Path(ras_out).name == "ras_to_fixed.csv"
+    ras, lps = _read_csv(ras_out), _read_csv(lps_out)
+    for name, expected in EXPECTED_RAS.items():
+        np.testing.assert_allclose(ras[name], expected, atol=1e-3)
+        np.testing.assert_allclose(lps[name], _lps(expected), atol=1e-3)
+    with pytest.raises(FileExistsError):
+        map_files(linear_case, out, points=tmp_path / "ras.csv", frame="RAS")
+
+
+def _markups(frame, points):
+    """A 3D Slicer markups document (schema v1.0.3) with one Fiducial list and one unplaced point."""
+    control = [{"id": str(n + 1), "label": name, "description": "", "associatedNodeID": "", "position": list(p),
+                "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0], "selected": True, "locked": False,
+                "visibility": True, "positionStatus": "defined"} for n, (name, p) in enumerate(points.items())]
+    control.append({"id": "9", "label": "not placed", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"})
+    return {"@schema": MARKUPS_SCHEMA,
+            "markups": [{"type": "Fiducial", "coordinateSystem": frame, "coordinateUnits": "mm", "locked": False,
+                         "labelFormat": "%N-%d", "controlPoints": control, "measurements": [],
+                         "display": {"visibility": True, "color": [0.4, 1.0, 1.0]}}]}
+
+
+def test_markups_in_ras_and_lps_describing_the_same_points_map_to_the_same_result(linear_case, tmp_path):
+    (tmp_path / "ras.mrk.json").write_text(json.dumps(_markups("RAS", POINTS_RAS)))
+    (tmp_path / "lps.mrk.json").write_text(json.dumps(_markups("LPS", {k: _lps(p) for k, p in POINTS_RAS.items()})))
+    written = map_files(linear_case, tmp_path / "out", points=[tmp_path / "ras.mrk.json", tmp_path / "lps.mrk.json"])
+    assert [Path(w).name for w in written] == ["ras_to_fixed.mrk.json", "lps_to_fixed.mrk.json"]
+    ras, lps = (json.loads(Path(w).read_text()) for w in written)
+    for doc, frame in ((ras, "RAS"), (lps, "LPS")):
+        assert doc["@schema"] == MARKUPS_SCHEMA
+        (markup,) = doc["markups"]
+        assert markup["type"] == "Fiducial" and markup["coordinateSystem"] == frame  # the input's frame is kept
+        assert markup["display"]["color"] == [0.4, 1.0, 1.0]
+        assert markup["controlPoints"][-1]["position"] == [0.0, 0.0, 0.0]  # unplaced: left alone
+    for n, (name, expected) in enumerate(EXPECTED_RAS.items()):
+        a, b = ras["markups"][0]["controlPoints"][n], lps["markups"][0]["controlPoints"][n]
+        assert a["label"] == b["label"] == name
+        np.testing.assert_allclose(a["position"], expected, atol=1e-4)
+        np.testing.assert_allclose(_lps(b["position"]), a["position"], atol=1e-4)
+
+
+def test_a_point_outside_the_field_is_refused_naming_it(linear_case, tmp_path):
+    _write_csv(tmp_path / "far.csv", {"far away": (0.0, 0.0, 50.0)})
+    with pytest.raises(InputError, match="far away.*coordinate frame"):
+        map_files(linear_case, tmp_path / "out", points=tmp_path / "far.csv")
+    (tmp_path / "bad.csv").write_text("name,x,y\na,1,2\n")
+    with pytest.raises(InputError, match="label,x,y,z"):
+        map_files(linear_case, tmp_path / "out", points=tmp_path / "bad.csv")
+
+
+def test_labels_are_pulled_onto_the_field_grid_by_hand_worked_shift(tmp_path):
+    # identity grid; u_LPS = (-1, 0, 2) mm: out(i, j, k) = label(i + 1, j, k + 2) (LPS x = -RAS x)
+    folder = tmp_path / "case"
+    field = np.zeros((12, 12, 12, 3))
+    field[..., 0], field[..., 2] = -1.0, 2.0
+    write_field_nifti(field, np.eye(4), folder / "transform_fixed_to_moving.nii.gz")
+    label = np.zeros((12, 12, 12, 2), np.uint8)
+    label[4:7, 3:6, 5:8, 0] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "gland.nii.gz"))
+    (out,) = map_files(folder, tmp_path / "out", labels=tmp_path / "gland.nii.gz", to="fixed")
+    mapped = nib.load(out).get_fdata()
+    expected = np.zeros_like(mapped)
+    expected[3:6, 3:6, 3:6, 0] = 1
+    np.testing.assert_array_equal(mapped, expected)
+
+
+@pytest.fixture(scope="module")
+def ground_truth_case(tmp_path_factory):
+    """Phantom case 2 (oblique TRUS grid) registered MR -> TRUS with its ground-truth field."""
+    root = tmp_path_factory.mktemp("phantom")
+    name = "case000002"
+    write_case(generate_case(0, 2, "small"), root, "train", name, preview=False)
+    d = root / "train"
+    fixed = nib.load(str(d / "us_images" / f"{name}.nii.gz"))
+    size = (32, 40, 24)
+    box = network_box(fixed.affine, fixed.shape, size, 0)
+    out = root / "registered"
+    register_pair(d / "mr_images" / f"{name}.nii.gz", d / "us_images" / f"{name}.nii.gz", out,
+                  network=field_as_network(d / "ddf_mr2us" / f"{name}.nii.gz", box), spatial_size=size,
+                  depth_crop=0, use_rigid=False)
+    truth = json.loads((d / "truth" / f"{name}.json").read_text())
+    return {"out": out, "truth": truth, "dir": d, "name": name}
+
+
+def test_mr_landmarks_land_within_1mm_of_their_trus_positions_and_back(ground_truth_case, tmp_path):
+    lms = ground_truth_case["truth"]["landmarks"]
+    assert len(lms) >= 2
+    mr = {f"landmark {n}": tuple(lm["mr_centre_ras_mm"]) for n, lm in enumerate(lms)}
+    us = {f"landmark {n}": tuple(lm["us_centre_ras_mm"]) for n, lm in enumerate(lms)}
+    _write_csv(tmp_path / "mr_targets.csv", mr)
+    (tmp_path / "us_targets.mrk.json").write_text(json.dumps(_markups("LPS", {k: _lps(p) for k, p in us.items()})))
+    out = ground_truth_case["out"]
+    (to_fixed,) = map_files(out, tmp_path, points=tmp_path / "mr_targets.csv", to="fixed", frame="RAS")
+    (to_moving,) = map_files(out, tmp_path, points=tmp_path / "us_targets.mrk.json", to="moving")
+    mapped = _read_csv(to_fixed)
+    back = json.loads(Path(to_moving).read_text())["markups"][0]["controlPoints"]
+    moved = [np.linalg.norm(np.subtract(us[k], mr[k])) for k in mr]
+    assert max(moved) > 3.0  # the targets really move between the images
+    for n, name in enumerate(mr):
+        assert np.linalg.norm(np.subtract(mapped[name], us[name])) <= 1.0, name
+        assert np.linalg.norm(np.subtract(_lps(back[n]["position"]), mr[name])) <= 1.0, name
+
+
+def test_map_points_config_maps_the_trus_gland_onto_the_mr_gland(ground_truth_case, tmp_path):
+    d, name = ground_truth_case["dir"], ground_truth_case["name"]
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "map_points.json"))
+    parser.update({"transforms": str(ground_truth_case["out"]), "output_dir": str(tmp_path),
+                   "labels": str(d / "us_labels" / f"{name}.nii.gz"), "to": "moving"})
+    parser.get_parsed_content("run")
+    mapped = nib.load(str(tmp_path / f"{name}_to_moving.nii.gz"))
+    mr = nib.load(str(d / "mr_labels" / f"{name}.nii.gz"))
+    np.testing.assert_allclose(mapped.affine, mr.affine, atol=1e-5)
+    a, b = mapped.get_fdata()[..., 0] > 0.5, mr.get_fdata()[..., 0] > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
