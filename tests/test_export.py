@@ -1,0 +1,146 @@
+"""Tests of scripts/export.py: TorchScript, torch.export and ONNX exports agree with the eager networks.
+
+Tiny random-weight networks on a 32^3 grid, built here directly from their classes (not through the
+bundle config), so a wrong config, wrong weights or a wrong conversion in the export shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from scripts.export import adaptive_avg_pool3d_as_matmul, export
+from scripts.io import InputError
+from scripts.network import RegistrationNet
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+
+GRID = (32, 32, 32)
+TOL = 1e-4  # max abs difference allowed: voxels for the field, logits for the segmentation
+REG = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
+           compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16)
+SEG = dict(channels=[4, 8], strides=[2], num_res_units=1)
+
+
+def randomise(net: torch.nn.Module, seed: int, std: float) -> torch.nn.Module:
+    """Replace every parameter by seeded noise (the real initialisation gives a near-zero field)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return net.eval()
+
+
+def synthetic_pair(seed: int = 0) -> torch.Tensor:
+    """(1, 2, 32, 32, 32) [moving, fixed]: two offset Gaussian blobs plus seeded noise, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in GRID], indexing="ij")
+
+    def blob(centre):
+        return torch.exp(-sum((a - c) ** 2 for a, c in zip(axes, centre)) / 50.0)
+
+    pair = torch.stack([blob((14, 16, 17)), blob((17, 15, 15))]) + 0.05 * torch.rand((2, *GRID), generator=g)
+    return (pair / pair.max())[None]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Export both tiny networks once: returns (export result, eager registration net, eager seg net)."""
+    tmp = tmp_path_factory.mktemp("export")
+    reg = randomise(RegistrationNet(**REG), seed=1, std=0.15)
+    seg = randomise(UNet(spatial_dims=3, in_channels=1, out_channels=2, norm="instance", **SEG), seed=2, std=0.2)
+    torch.save(reg.state_dict(), tmp / "model.pt")  # bare state dict
+    torch.save({"model": seg.state_dict(), "trainer": {"epoch": 3}}, tmp / "seg_model.pt")  # training checkpoint
+    override = {
+        "registration": {"spatial_size": list(GRID), **{f"network_def#{k}": v for k, v in REG.items()}},
+        "segmentation": {"seg_spatial_size": list(GRID), **{f"seg_network_def#{k}": v for k, v in SEG.items()}},
+    }
+    result = export(
+        bundle_root=".", out_dir=str(tmp / "out"), override=override,
+        checkpoints={"registration": str(tmp / "model.pt"), "segmentation": str(tmp / "seg_model.pt")},
+    )
+    return result, reg, seg, override, tmp
+
+
+def run_all(files: dict, x: torch.Tensor) -> dict:
+    """Outputs of the TorchScript, torch.export and ONNX Runtime models on ``x``, as numpy arrays."""
+    with torch.no_grad():
+        out = {"ts": torch.jit.load(files["ts"])(x).numpy(), "pt2": torch.export.load(files["pt2"]).module()(x).numpy()}
+    session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+    out["onnx"] = session.run(["pred"], {"image": x.numpy()})[0]
+    return out
+
+
+def test_registration_exports_match_eager(exported):
+    result, reg, _, _, _ = exported
+    x = synthetic_pair()
+    with torch.no_grad():
+        ddf = reg(x).numpy()
+    assert ddf.shape == (1, 3, *GRID)
+    assert np.abs(ddf).max() > 1.0  # a real deformation (voxels), so agreement is not trivial
+    for fmt, out in run_all(result["registration"], x).items():
+        assert out.shape == ddf.shape, fmt
+        assert np.abs(out - ddf).max() <= TOL, (fmt, np.abs(out - ddf).max())
+
+
+def test_segmentation_exports_match_eager(exported):
+    result, _, seg, _, _ = exported
+    x = synthetic_pair()[:, :1]
+    with torch.no_grad():
+        logits = seg(x).numpy()
+    assert np.abs(logits).max() > 0.5
+    for fmt, out in run_all(result["segmentation"], x).items():
+        assert out.shape == (1, 2, *GRID), fmt
+        assert np.abs(out - logits).max() <= TOL, (fmt, np.abs(out - logits).max())
+
+
+def test_torchscript_mode_and_embedded_metadata(exported):
+    result, *_ = exported
+    # MONAI's Warp/DVF2DDF do not script, so the registration network is traced and says why; UNet scripts
+    assert result["registration"]["ts_mode"].startswith("traced at [1, 2, 32, 32, 32]")
+    assert "script failed" in result["registration"]["ts_mode"]
+    assert result["segmentation"]["ts_mode"] == "scripted"
+    extra = {"metadata.json": "", "inference.json": ""}
+    torch.jit.load(result["registration"]["ts"], _extra_files=extra)
+    assert b'"network_data_format"' in extra["metadata.json"] and b'"network_def"' in extra["inference.json"]
+
+
+def test_onnx_opset_and_size(exported):
+    result, *_ = exported
+    model = onnx.load(result["registration"]["onnx"])
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 20
+    assert "GridSample" in {n.op_type for n in model.graph.node}
+    # no grid-sized constant folded into the file (only weights, the largest a 7^3 8->8 kernel)
+    assert max(int(np.prod(i.dims)) for i in model.graph.initializer) < np.prod(GRID)
+
+
+def test_refuses_to_overwrite(exported):
+    result, _, _, override, tmp = exported
+    before = open(result["registration"]["onnx"], "rb").read()
+    with pytest.raises(FileExistsError):
+        export(bundle_root=".", out_dir=str(tmp / "out"), override=override, formats=["onnx"],
+               checkpoints={"registration": str(tmp / "model.pt"), "segmentation": str(tmp / "seg_model.pt")})
+    assert open(result["registration"]["onnx"], "rb").read() == before
+
+
+def test_bad_requests(tmp_path):
+    with pytest.raises(InputError, match="nothing to export"):
+        export(bundle_root=".", networks=["registration"], checkpoints={"registration": str(tmp_path / "none.pt")})
+    with pytest.raises(InputError, match="opset"):
+        export(bundle_root=".", opset=19)
+    with pytest.raises(InputError, match="unknown"):
+        export(bundle_root=".", formats=["tflite"])
+
+
+def test_adaptive_pool_as_matmul_by_hand():
+    # 5 -> 2 bins: PyTorch's bins are {0, 1, 2} and {2, 3, 4}; 4 -> 4 is the identity; 3 -> 1 is the mean
+    x = torch.zeros(1, 1, 5, 4, 3)
+    x += torch.arange(5.0)[:, None, None] * 100 + torch.arange(4.0)[None, :, None] * 10 + torch.arange(3.0)
+    out = adaptive_avg_pool3d_as_matmul(x, (2, 4, 1))
+    expected = torch.tensor([[101.0, 111.0, 121.0, 131.0], [301.0, 311.0, 321.0, 331.0]])[None, None, :, :, None]
+    assert torch.allclose(out, expected)

@@ -1,0 +1,149 @@
+"""Tests of scripts/package.py and scripts/weights.py: the zoo-ready package, its manifest, and that the
+packaged bundle, copied elsewhere, passes MONAI's bundle checks and runs inference through MONAI's bundle API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import US_AFFINE, write_case
+from scripts.io import InputError
+from scripts.network import RegistrationNet
+from scripts.package import package
+from scripts.weights import verify_weights
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
+GRID = [32, 32, 32]
+TINY = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
+            compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16)
+URL = "https://example.org/weights"
+# keys the model zoo and MONAI Label look up in an inference config (docs of the bundle format)
+INFERENCE_KEYS = ("bundle_root", "device", "network_def", "inferer", "preprocessing", "postprocessing",
+                  "output_dir", "initialize", "run")
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A copy of this bundle with a tiny network config, a tiny seeded checkpoint and a 3 MB stand-in weight."""
+    src = tmp_path_factory.mktemp("src")
+    for item in ("configs", "scripts", "docs"):
+        shutil.copytree(REPO / item, src / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "LICENSE", src / "LICENSE")
+    config = json.loads((src / "configs" / "inference.json").read_text())
+    config["spatial_size"] = GRID
+    config["network_def"].update(TINY)
+    (src / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    (src / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": RegistrationNet(**TINY).state_dict()}, src / "models" / "model.pt")
+    (src / "models" / "model.onnx").write_bytes(np.random.default_rng(0).bytes(3 * 2**20))  # "large" file
+    (src / "scripts" / "__pycache__").mkdir()
+    (src / "scripts" / "__pycache__" / "junk.pyc").write_bytes(b"0")
+    return src
+
+
+@pytest.fixture(scope="module")
+def packaged(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return Path(package(out=str(out), bundle_root=str(source), name="reg_bundle", url_base=URL, max_file_mb=2))
+
+
+def test_layout_and_manifest(source, packaged):
+    assert packaged.name == "reg_bundle"
+    for rel in ("configs/metadata.json", "configs/inference.json", "scripts/network.py", "docs/README.md",
+                "docs/data_license.txt", "LICENSE", "large_files.yml", "models/model.pt"):
+        assert (packaged / rel).is_file(), rel
+    assert not (packaged / "models" / "model.onnx").exists()  # 3 MB > max_file_mb=2: listed, not copied
+    assert not (packaged / "scripts" / "__pycache__").exists()
+    assert not (packaged / "tests").exists()
+    entries = {e["path"]: e for e in ConfigParser.load_config_file(str(packaged / "large_files.yml"))["large_files"]}
+    assert set(entries) == {"models/model.pt", "models/model.onnx"}
+    for rel, entry in entries.items():
+        assert entry["hash_type"] == "sha256"
+        assert entry["hash_val"] == digest(source / rel)
+        assert entry["url"] == f"{URL}/{rel}"
+    config = json.loads((packaged / "configs" / "inference.json").read_text())
+    assert [k for k in INFERENCE_KEYS if k not in config] == []
+
+
+def test_refusals(source, packaged, tmp_path):
+    with pytest.raises(FileExistsError):
+        package(out=str(packaged.parent), bundle_root=str(source), name="reg_bundle")
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare, ignore=shutil.ignore_patterns("models"))
+    with pytest.raises(InputError, match="no trained weights"):
+        package(out=str(tmp_path / "out"), bundle_root=str(bare))
+    marked = Path(package(out=str(tmp_path / "out"), bundle_root=str(bare), untrained=True))
+    assert "NO trained weights" in (marked / "models" / "UNTRAINED.txt").read_text()
+    assert not list((tmp_path / "out").glob(".*"))  # no staging folder left behind
+
+
+def test_verify_weights(packaged, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(packaged, copy)
+    assert verify_weights(copy, "models/model.pt") == ["models/model.pt"]
+    with pytest.raises(InputError, match="model.onnx: listed in large_files.yml but missing"):
+        verify_weights(copy)  # the large file was not copied
+    data = bytearray((copy / "models" / "model.pt").read_bytes())
+    data[-1] ^= 1  # flip one bit
+    (copy / "models" / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="model.pt: sha256 differs"):
+        verify_weights(copy, copy / "models" / "model.pt")
+
+
+CHECKS = """
+import json, sys, torch
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+import scripts
+verify_metadata(meta_file="configs/metadata.json", filepath=sys.argv[1])
+verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json",
+                  n=4, device="cpu")
+workflow = ConfigWorkflow(config_file="configs/inference.json", meta_file="configs/metadata.json",
+                          **json.loads(sys.argv[2]))
+workflow.initialize()
+workflow.run()
+loaded = workflow.parser.get_parsed_content("network").state_dict()
+saved = torch.load("models/model.pt", weights_only=True)["model"]
+print(json.dumps({"scripts": scripts.__file__, "weights_loaded": all(torch.equal(loaded[k], saved[k]) for k in saved)}))
+"""
+
+
+def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
+    copy = tmp_path / "copied_bundle"
+    shutil.copytree(packaged, copy)
+    case = write_case(tmp_path / "data", "holdout", "case000000", mr_shape=(20, 22, 18), us_shape=(18, 20, 16))
+    out_dir = tmp_path / "inference"
+    overrides = {"bundle_root": str(copy), "moving": str(case["mr_image"]), "fixed": str(case["us_image"]),
+                 "moving_label": str(case["mr_label"]), "output_dir": str(out_dir), "use_rigid": False,
+                 # gland masks given, so the default ROI step runs without the segmenter's weights
+                 "moving_mask": str(case["mr_label"]), "fixed_mask": str(case["us_label"])}
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHECKS, str(SCHEMA), json.dumps(overrides)], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(summary["scripts"]).resolve().parent == copy / "scripts"  # the packaged code ran, not the repo's
+    assert summary["weights_loaded"]
+    warped = nib.load(str(out_dir / "warped_image.nii.gz"))
+    assert warped.shape == (18, 20, 16) and np.allclose(warped.affine, US_AFFINE)  # the fixed (TRUS) grid
+    assert nib.load(str(out_dir / "warped_label.nii.gz")).shape == (18, 20, 16, 6)
+    assert json.loads((out_dir / "result.json").read_text())["deformable"] == "network"
