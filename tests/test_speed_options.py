@@ -1,0 +1,45 @@
+"""Speed options of RegistrationNet give the default's output: grid_cache (GridCachedWarp)."""
+
+import torch
+from monai.networks.blocks import Warp
+
+from scripts.network import GridCachedWarp, RegistrationNet
+
+
+def _field(n, shape, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, 3, *shape, generator=g)
+
+
+def test_grid_cached_warp_matches_monai_warp_and_refreshes_its_grid():
+    torch.manual_seed(0)
+    cached = GridCachedWarp(mode="bilinear", padding_mode="border")
+    reference = Warp(mode="bilinear", padding_mode="border")
+    # several voxels of displacement, two batch sizes and two grids: the cache must follow the shape
+    for n, shape, seed in [(1, (9, 8, 7), 1), (2, (9, 8, 7), 2), (1, (6, 10, 5), 3), (1, (9, 8, 7), 4)]:
+        image = torch.rand(n, 2, *shape, generator=torch.Generator().manual_seed(seed + 10))
+        ddf = _field(n, shape, 2.0, seed)
+        assert torch.allclose(cached(image, ddf), reference(image, ddf), atol=1e-6)
+        assert cached.ref_grid.shape == (1, 3, *shape)
+    # the grid is the identity: a zero field returns the image unchanged
+    image = torch.rand(1, 1, 5, 6, 7, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(cached(image, torch.zeros(1, 3, 5, 6, 7)), image, atol=1e-6)
+
+
+def test_grid_cache_switch_gives_the_default_output_and_gradients():
+    torch.manual_seed(0)
+    default = RegistrationNet(lstm="none", task_mask=False, flow_init_std=2.0)
+    fast = RegistrationNet(lstm="none", task_mask=False, flow_init_std=2.0, grid_cache=True)
+    fast.load_state_dict(default.state_dict())  # the switch adds no parameters or buffers
+    assert isinstance(fast.integrate.warp_layer, GridCachedWarp)
+    assert not isinstance(default.integrate.warp_layer, GridCachedWarp)
+    image = torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():  # first call under inference mode, then with autograd
+        assert torch.allclose(fast(image), default(image), atol=1e-5)
+    out_default, out_fast = default(image), fast(image)
+    assert out_default.abs().max() > 0.5  # a field large enough to exercise the sampling
+    assert torch.allclose(out_fast, out_default, atol=1e-5)
+    out_default.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p_default), p_fast in zip(default.named_parameters(), fast.parameters()):
+        assert torch.allclose(p_fast.grad, p_default.grad, rtol=1e-4, atol=1e-7), name
