@@ -82,6 +82,12 @@ def _read_ddf(path: Path, fixed_img, what: str) -> np.ndarray:
     return ddf_to_voxels(load_array(img, path, what, dtype=np.float64), fixed_img.affine)
 
 
+def case_file(folder, case: str, name: str) -> Path:
+    """``<folder>/<case>.nii.gz``, or the pipeline's layout ``<folder>/<case>/<name>`` when that exists."""
+    flat, nested = Path(folder) / f"{case}.nii.gz", Path(folder) / case / name
+    return nested if nested.exists() and not flat.exists() else flat
+
+
 def _warped(case: dict, method: str, warped_dir, predictor, moving, moving_img, fixed_img):
     """(warped label (C, X, Y, Z), predicted field in the on-disk convention or None) for one case."""
     if method == "identity":
@@ -89,7 +95,7 @@ def _warped(case: dict, method: str, warped_dir, predictor, moving, moving_img, 
     if method == "model":
         pred = predictor(case)
         return np.asarray(pred["warped_label"], dtype=np.float64), pred.get("ddf")
-    path = Path(warped_dir) / f"{case['case']}.nii.gz"
+    path = case_file(warped_dir, case["case"], "warped_label.nii.gz")
     warped, img = read_label(path, "warped label")
     if not same_grid(img, fixed_img):
         raise InputError(f"{path}: warped label is not on the fixed image's grid ({case['fixed_label']})")
@@ -164,12 +170,14 @@ def evaluate(
         dataset_dir: μ-RegPro-layout folder (or give ``datalist``, a JSON datalist; see scripts/data.py).
         split: "train", "val" or "holdout".
         direction: "mr2us" (moving MR, fixed TRUS) or "us2mr" (the challenge's).
-        warped_dir: folder of stored warped labels ``<case>.nii.gz`` on the fixed grid (method "warped").
+        warped_dir: folder of stored warped labels ``<case>.nii.gz`` on the fixed grid (method "warped"), or
+            the registration pipeline's output folder (``<case>/warped_label.nii.gz``).
         method: "warped", "identity" (no registration) or "model" (needs ``predictor``).
         mode: "official" (the challenge's integer arithmetic) or "float".
         out: output folder.
         overwrite: replace existing outputs (otherwise refuse before computing anything).
-        ddf_dir: optional folder of predicted fields (on-disk convention) for the Jacobian metrics.
+        ddf_dir: optional folder of predicted fields (on-disk convention) for the Jacobian metrics, or the
+            pipeline's output folder (``<case>/transform_fixed_to_moving.nii.gz``).
         true_ddf_dir: optional folder of ground-truth fields for the field error in mm.
         predictor: callable for method "model" (see module docstring).
         fraction: share of cases/channels kept by RDSC, RTRE and RTs (0.68).
@@ -203,7 +211,7 @@ def evaluate(
         moving = minmax_normalise(moving)  # the official pipeline normalises the moving labels before warping
         warped, ddf = _warped(case, method, warped_dir, predictor, moving, moving_img, fixed_img)
         if ddf_dir is not None:
-            ddf = _read_ddf(Path(ddf_dir) / f"{case['case']}.nii.gz", fixed_img, "displacement field")
+            ddf = _read_ddf(case_file(ddf_dir, case["case"], "transform_fixed_to_moving.nii.gz"), fixed_img, "displacement field")
         elif ddf is not None:
             ddf = ddf_to_voxels(ddf, fixed_img.affine)
         true_ddf = None

@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class InputError(ValueError):
     """A user-supplied file or setting is unusable. The message names the file and the problem."""
 
@@ -100,6 +104,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
