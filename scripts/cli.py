@@ -136,6 +136,11 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)
+    # refuse before registering anything, so that a refusal never leaves some cases redone and others not
+    taken = [Path(out) / c["case"] for c in cases if (Path(out) / c["case"]).is_dir() and any((Path(out) / c["case"]).iterdir())]
+    taken += [p for p in [Path(out) / "index.html"] if p.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{taken[0]}: already exists ({len(taken)} outputs in {out}); pass --overwrite to replace")
     network, settings = load_registration(config_file, checkpoint)
     predicted = "seg_network" in settings
     if gland == "predicted" and not predicted:

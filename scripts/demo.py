@@ -47,8 +47,8 @@ def demo(
     seg_epochs: int = 40,
     seg_channels=(8, 16, 32, 64),
     overwrite: bool = False,
-) -> dict:
-    """Run the synthetic smoke demo; return the two evaluation summaries.
+) -> None:
+    """Run the synthetic smoke demo; print the metrics (the summaries are in ``<workdir>/eval/*/summary.json``).
 
     Args:
         workdir: output folder (trained weights, registrations, pictures, metrics).
@@ -117,7 +117,6 @@ def demo(
     _print_table(summaries)
     print(f"\npictures: {work / 'registered' / 'index.html'}; metrics: {work / 'eval'}")
     _stage("done — a synthetic smoke demo, not a clinical or benchmark result", start)
-    return {f"{name} ({mode})": s for (name, mode), s in summaries.items()}
 
 
 def _print_table(summaries: dict) -> None:

@@ -81,8 +81,11 @@ def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = 
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # truncated or foreign files, pickles with code: torch raises several types
-            reason = (str(err).strip().splitlines() or [""])[0]
-            raise InputError(f"{path}: not a readable weights-only checkpoint ({type(err).__name__}: {reason})") from None
+            text, marker = " ".join(str(err).split()), "WeightsUnpickler error:"  # torch's own text is pages long
+            reason = text.split(marker, 1)[1] if marker in text else text
+            reason = reason.split(" Check the documentation")[0].split(". ")[0].strip().rstrip(".")
+            raise InputError(f"{path}: not a readable weights-only checkpoint (corrupt, truncated, or a pickle that would "
+                             f"run code; {type(err).__name__}: {reason})") from None
         weights = state.get("model", state) if isinstance(state, dict) else state
         _check_fits(network, weights, path)
         network.load_state_dict(weights)

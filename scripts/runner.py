@@ -1,0 +1,42 @@
+"""``python -m scripts run ...``: ``python -m monai.bundle run ...`` with one-line messages for bad input.
+
+MONAI's ``ConfigParser`` wraps every error raised inside a config expression in ``RuntimeError("Failed
+to evaluate ...")``, so a bad file named by a :class:`scripts.io.InputError` ends a long traceback.
+This command takes the same arguments as ``monai.bundle run``, and when the root cause of a failure is
+an expected user error (:class:`~scripts.io.InputError` or ``FileExistsError``) it re-raises that error
+alone, which ``python -m scripts`` prints as ``error: <file>: <problem>`` with exit status 2. Any other
+error keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+from monai.bundle import run as bundle_run
+
+from scripts.io import InputError
+
+__all__ = ["run", "user_error"]
+
+EXPECTED = (InputError, FileExistsError)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The first expected user error in ``err``'s chain of causes (``__cause__``, else ``__context__``), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, EXPECTED):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run(*args, **kwargs) -> None:
+    """Run a bundle config exactly as ``python -m monai.bundle run`` (same arguments, e.g. ``training
+    --config_file configs/train.json --dataset_dir data``); expected user errors surface without the wrapping."""
+    try:
+        bundle_run(*args, **kwargs)
+    except Exception as err:
+        root = user_error(err)
+        if root is None:
+            raise
+        raise root from None

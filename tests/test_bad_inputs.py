@@ -1,0 +1,323 @@
+"""Bad-input matrix through the public entry points: each bad input gives one line naming the file and the
+problem, exit status 2, no traceback, and no outputs (docs/reliability.md lists the rows and messages).
+
+Most rows call the CLI's ``main`` in-process (``python -m scripts ...``); three rows run a real subprocess to
+prove the exit status and the absence of a traceback: the CLI, and ``python -m scripts run`` (the bundle
+runner wrapper) with ``configs/train.json`` and ``configs/inference.json``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import UNet
+
+from conftest import MR_AFFINE, US_AFFINE, write_case
+from scripts.__main__ import main
+from scripts.io import InputError
+from scripts.network import RegistrationNet
+from scripts.pipeline import load_weights
+from scripts.runner import user_error
+from scripts.weights import write_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
+             lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8)
+GRID = [16, 16, 16]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+
+
+def small_net():
+    torch.manual_seed(0)
+    return RegistrationNet(**SMALL, spatial_size=tuple(GRID))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A good case, tiny weights and an inference config using them (no segmenter)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    case = write_case(root / "good", "holdout", "case000000")
+    torch.save(small_net().state_dict(), root / "weights.pt")
+    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    config["network_def"].update(SMALL)
+    config.update(spatial_size=GRID, checkpoint=str(root / "weights.pt"), use_seg=False)
+    (root / "small.json").write_text(json.dumps(config))
+    return {"root": root, "config": str(root / "small.json"), **{k: str(v) for k, v in case.items()}}
+
+
+def save(data, affine, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+def register(b, out, moving=None, fixed=None, labels=None, *extra):
+    argv = ["register", "--moving", moving or b["mr_image"], "--fixed", fixed or b["us_image"], "--out", str(out),
+            "--config-file", b["config"], "--use-rigid", "False", "--pictures", "False"]
+    return argv + (["--moving-labels", labels] if labels else []) + list(extra)
+
+
+def folder(t, change, split="holdout"):
+    """A one-case μ-RegPro folder with ``change(paths)`` applied; returns its root."""
+    paths = write_case(t / "data", split, "case000000")
+    change({k: str(v) for k, v in paths.items()})
+    return str(t / "data")
+
+
+def image(path):
+    img = nib.load(path)
+    return np.asarray(img.dataobj), img.affine
+
+
+# ---------------------------------------------------------------- the matrix: (argv, message regex) per row
+# each builder gets (tmp folder, base) and returns (argv, regex of the message, output folder)
+
+
+def _missing(t, b):
+    return register(b, t / "out", moving=str(t / "nope.nii.gz")), r"nope\.nii\.gz: moving image file does not exist"
+
+
+def _image_2d(t, b):
+    flat = save(np.random.default_rng(0).random((12, 14), dtype=np.float32), MR_AFFINE, t / "flat.nii.gz")
+    return register(b, t / "out", moving=flat), r"flat\.nii\.gz: moving image has 2 dimensions \(12, 14\), expected 3"
+
+
+def _label_channels(t, b):
+    def change(p):
+        data, affine = image(p["us_label"])
+        save(data[..., :5], affine, p["us_label"])
+
+    argv = ["register-folder", folder(t, change), str(t / "out"), "--config-file", b["config"], "--use-rigid", "False"]
+    return argv, r"us_labels/case000000\.nii\.gz: has 5 label channels but \S+mr_labels/case000000\.nii\.gz has 6"
+
+
+def _label_grid(t, b):
+    labels = save(np.ones((6, 6, 6, 6), np.uint8), MR_AFFINE, t / "labels.nii.gz")
+    return register(b, t / "out", labels=labels), r"labels\.nii\.gz: label grid differs from the moving image's \(\S+mr_images"
+
+
+def _case_lists(t, b):
+    def change(p):
+        save(image(p["mr_image"])[0], MR_AFFINE, Path(p["mr_image"]).with_name("case000001.nii.gz"))
+
+    argv = ["register-folder", folder(t, change), str(t / "out"), "--config-file", b["config"], "--use-rigid", "False"]
+    return argv, r"us_images/case000001\.nii\.gz: missing, but \S+mr_images/case000001\.nii\.gz exists"
+
+
+def _case_lists_datalist(t, b):
+    argv, _ = _case_lists(t, b)
+    return ["datalist", argv[1], str(t / "out" / "datalist.json")], r"us_images/case000001\.nii\.gz: missing, but"
+
+
+def _nan(t, b):
+    data, affine = image(b["mr_image"])
+    data = data.copy()
+    data[3, 4, 5] = np.nan
+    return register(b, t / "out", moving=save(data, affine, t / "nan.nii.gz")), r"nan\.nii\.gz: moving image contains 1 NaN/Inf voxels"
+
+
+def _inf(t, b):
+    data, affine = image(b["us_image"])
+    data = data.copy()
+    data[0, 0, 0], data[1, 1, 1] = np.inf, -np.inf
+    return register(b, t / "out", fixed=save(data, affine, t / "inf.nii.gz")), r"inf\.nii\.gz: fixed image contains 2 NaN/Inf voxels"
+
+
+def _empty_gland(t, b):
+    def change(p):
+        data, affine = image(p["mr_label"])
+        data = data.copy()
+        data[..., 0] = 0
+        save(data, affine, p["mr_label"])
+
+    argv = ["register-folder", folder(t, change), str(t / "out"), "--config-file", b["config"], "--use-rigid", "False"]
+    return argv, r"mr_labels/case000000\.nii\.gz: gland label \(channel 0\) is empty"
+
+
+def _constant(t, b):
+    flat = save(np.full((10, 12, 9), 7.0, np.float32), US_AFFINE, t / "constant.nii.gz")
+    return register(b, t / "out", fixed=flat), r"constant\.nii\.gz: fixed image is constant \(every voxel is 7\)"
+
+
+def _truncated(t, b):
+    whole = Path(b["mr_image"]).read_bytes()
+    (t / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    return register(b, t / "out", moving=str(t / "cut.nii.gz")), r"cut\.nii\.gz: cannot read the voxel data of the moving image"
+
+
+def _not_nifti(t, b):
+    (t / "notes.nii.gz").write_text("this is not an image\n")
+    return register(b, t / "out", moving=str(t / "notes.nii.gz")), r"notes\.nii\.gz: cannot read moving image as NIfTI"
+
+
+def _no_overlap(t, b):
+    data, affine = image(b["us_image"])
+    far = affine.copy()
+    far[:3, 3] += [500.0, 0.0, 0.0]  # 500 mm away; no rigid step to bring it back
+    fixed = save(data, far, t / "far.nii.gz")
+    regex = r"mr_images/case000000\.nii\.gz: field of view does not overlap that of \S+far\.nii\.gz after the rigid"
+    return register(b, t / "out", fixed=fixed), regex
+
+
+def _corrupt_checkpoint(t, b):
+    (t / "corrupt.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    argv = register(b, t / "out", None, None, None, "--checkpoint", str(t / "corrupt.pt"))
+    return argv, r"corrupt\.pt: not a readable weights-only checkpoint"
+
+
+def _mismatched_checkpoint(t, b):
+    torch.save(UNet(3, 1, 2, (4, 8), (2,)).state_dict(), t / "unet.pt")
+    argv = register(b, t / "out", None, None, None, "--checkpoint", str(t / "unet.pt"))
+    return argv, r"unet\.pt: weights do not fit this RegistrationNet \(\d+ missing, \d+ unexpected, 0 wrong-shape"
+
+
+ROWS = {
+    "missing file": _missing,
+    "image not 3-D": _image_2d,
+    "label wrong channel count": _label_channels,
+    "label on the wrong grid": _label_grid,
+    "MR and TRUS case lists differ (register-folder)": _case_lists,
+    "MR and TRUS case lists differ (datalist)": _case_lists_datalist,
+    "NaN voxels": _nan,
+    "Inf voxels": _inf,
+    "empty gland label": _empty_gland,
+    "constant image": _constant,
+    "truncated .nii.gz": _truncated,
+    "not a NIfTI file": _not_nifti,
+    "fields of view do not overlap": _no_overlap,
+    "corrupted checkpoint": _corrupt_checkpoint,
+    "checkpoint of another architecture": _mismatched_checkpoint,
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_bad_input_gives_one_line_exit_2_and_no_outputs(row, base, tmp_path, capsys):
+    argv, regex = ROWS[row](tmp_path, base)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(regex, errors[0]), errors[0]
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+
+
+def test_existing_output_folder_is_refused_and_left_unchanged(base, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(register(base, out))  # a first, successful registration
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert len(before) >= 10
+    with pytest.raises(SystemExit) as stop:
+        main(register(base, out))
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(out))}/\S+: already exists \(\d+ outputs\); pass overwrite=True to replace", line)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+# ---------------------------------------------------------------- subprocesses: exit status 2, no traceback
+
+
+def _run(args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "scripts", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def test_cli_subprocess_exits_2_without_traceback(base, tmp_path):
+    rc, err = _run(register(base, tmp_path / "out", moving=str(tmp_path / "nope.nii.gz")))
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.nii.gz'}: moving image file does not exist"
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
+    """``python -m scripts run training --config_file configs/train.json``: the data are checked before the run
+    folder is created (``initialize``), so a bad case leaves nothing behind."""
+    data = folder(tmp_path, lambda p: save(np.zeros((12, 14, 10, 6), np.uint8), MR_AFFINE, p["mr_label"]), "train")
+    rc, err = _run(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
+                    "--run_dir", str(tmp_path / "run")])
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line == f"error: {tmp_path}/data/train/mr_labels/case000000.nii.gz: gland label (channel 0) is empty"
+    assert not (tmp_path / "run").exists()
+
+
+def test_inference_config_nan_image_exits_2_without_traceback(base, tmp_path):
+    data, affine = image(base["mr_image"])
+    data = data.copy()
+    data[0, 0, 0] = np.nan
+    moving = save(data, affine, tmp_path / "nan.nii.gz")
+    rc, err = _run(["run", "--config_file", base["config"], "--moving", moving, "--fixed", base["us_image"],
+                    "--output_dir", str(tmp_path / "out"), "--use_rigid", "False", "--roi_mask", "False",
+                    "--bundle_root", str(ROOT)])
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"error: {moving}: moving image contains 1 NaN/Inf voxels"
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- trusted weights
+
+
+def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
+    """A weight file listed in large_files.yml must match its SHA-256, through load_weights and inference.json's
+    ``initialize``; an unlisted (locally trained) file loads."""
+    (tmp_path / "models").mkdir()
+    weights = tmp_path / "models" / "model.pt"
+    torch.save(small_net().state_dict(), weights)
+    write_manifest(tmp_path)
+    assert isinstance(load_weights(small_net(), weights, bundle_root=tmp_path), RegistrationNet)  # the listed hash
+
+    state = torch.load(weights, weights_only=True)
+    next(iter(state.values())).add_(1.0)  # a replaced file: still a valid checkpoint of the right architecture
+    torch.save(state, weights)
+    message = rf"{re.escape(str(weights))}: sha256 differs from large_files\.yml; the file is corrupt or replaced"
+    with pytest.raises(InputError, match=message):
+        load_weights(small_net(), weights, bundle_root=tmp_path)
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser["network_def"].update(SMALL)
+    parser.update({"bundle_root": str(tmp_path), "spatial_size": GRID, "use_seg": False})
+    with pytest.raises(RuntimeError) as wrapped:
+        parser.get_parsed_content("initialize")
+    assert re.fullmatch(message, str(user_error(wrapped.value)))
+
+    unlisted = tmp_path / "mine.pt"
+    torch.save(state, unlisted)
+    assert isinstance(load_weights(small_net(), unlisted, bundle_root=tmp_path), RegistrationNet)
+
+
+# ---------------------------------------------------------------- numerical safety
+
+
+def test_bf16_autocast_gives_finite_losses_and_gradients_even_with_an_empty_gland():
+    """Network forward under CPU bf16 autocast, then the fp32 loss; sample 1 has no gland anywhere, so its MI
+    region is empty (MI exactly 0 there, tests/test_losses.py checks the value): every number stays finite."""
+    from scripts.losses import RegistrationLoss, composite_loss
+
+    net = small_net()
+    torch.manual_seed(1)
+    image = torch.rand(2, 2, *GRID)
+    labels = (torch.rand(2, 2, 2, *GRID) > 0.5).float()  # (moving/fixed, N, C, H, W, D)
+    labels[:, 1] = 0.0  # sample 1: empty moving and fixed glands
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net.forward_train(image)
+        terms = RegistrationLoss(chunks=SMALL["chunks"])(out["ddf"], image[:, :1], image[:, 1:], labels[0], labels[1])
+    loss = composite_loss(terms, out["task_mask"])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(terms[k]).all() for k in ("reg", "smooth", "dice", "mi", "grad"))
+    assert torch.all(terms["reg"][1] == 0.0)  # sample 1: Dice loss 0 (empty vs empty, smoothed) and MI 0
+    loss.backward()
+    grads = [p.grad for p in net.registration_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
