@@ -166,9 +166,36 @@ def test_config_runs_through_the_monai_bundle_runner(dataset, tmp_path):
     warped = _copy_fixed_labels(dataset, tmp_path / "warped", "mr2us")
     out = tmp_path / "bundle_eval"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json"]
-    cmd += ["--dataset_dir", str(dataset), "--warped_dir", str(warped), "--output_dir", str(out), "--mode", "float"]
+    cmd += ["--dataset_dir", str(dataset), "--warped_dir", str(warped), "--eval_dir", str(out), "--mode", "float"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["mode"], summary["direction"], summary["metrics"]["DSC"]) == ("float", "mr2us", 1.0)
+
+
+def test_override_of_the_inference_config_registers_then_scores(tmp_path):
+    """evaluate.json merged on inference.json: ``evaluating_model`` registers the split, then scores the outputs.
+
+    The network keeps its initial weights (a field of ~1e-5 voxels) and the rigid step is off, so the warped
+    labels are the moving labels resampled through the affines: the score must match the identity method's.
+    """
+    from scripts.phantom import synth
+
+    synth(tmp_path / "data", cases=3, seed=0, size="small", preview=False)  # one case per split
+    files = "['configs/inference.json','configs/evaluate.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating_model", "--config_file", files]
+    cmd += ["--dataset_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "registered"),
+            "--eval_dir", str(tmp_path / "eval"), "--checkpoint", str(tmp_path / "none.pt"), "--use_rigid", "False",
+            "--roi_mask", "False", "--use_seg", "False", "--spatial_size", "[24,24,24]", "--mode", "float"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    case = next((tmp_path / "data" / "val" / "mr_images").iterdir()).name.split(".")[0]
+    assert (tmp_path / "registered" / case / "warped_label.nii.gz").is_file()
+    model = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    identity = evaluate(str(tmp_path / "data"), split="val", method="identity", mode="float", out=str(tmp_path / "id"))
+    assert model["split"] == "val" and model["n_cases"] == 1
+    # the pipeline thresholds its warped labels at 0.5, the identity baseline keeps them soft
+    assert model["metrics"]["DSC"] == pytest.approx(identity["metrics"]["DSC"], abs=0.03)
+    assert model["regularity"]["jacobian_nonpositive_pct_mean"] == 0.0
