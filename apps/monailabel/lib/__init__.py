@@ -1,0 +1,1 @@
+"""Custom MONAI Label tasks of the MRI–TRUS registration app."""
