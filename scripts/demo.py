@@ -2,8 +2,7 @@
 
 1. make phantom MR–TRUS pairs in the μ-RegPro layout (``scripts.phantom``), unless the data folder exists;
 2. train the gland segmenter (``configs/seg_train.json``) and the registration network
-   (``configs/train.json``; half the paper's channels and dilated MSFA kernels, see ``DEMO_NETWORK``), briefly, on a small
-   network grid, through MONAI's bundle runner;
+   (``configs/train.json``), briefly, on a small network grid, through MONAI's bundle runner;
 3. register the held-out pairs (``python -m scripts register-folder``: rigid + network, QC, pictures,
    an HTML index);
 4. score them with the μ-RegPro metrics (``scripts.evaluate``) next to no registration, and print both.
@@ -23,14 +22,6 @@ from pathlib import Path
 from scripts.io import write_json
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
-# the demo's registration network: the paper's architecture with half its channels and the dilated
-# (3x3x3) MSFA kernels, so that a 2-core CPU trains it in minutes (configs/train.json keeps the paper's)
-DEMO_NETWORK = {
-    "network_def#msfa_mode": "dilated",
-    "network_def#encoder_channels": [8, 16, 16, 16],
-    "network_def#decoder_channels": [16, 16, 16, 8],
-    "network_def#head_channels": [16, 8, 8],
-}
 
 
 def _bundle_run(config_files, overrides: dict) -> None:
@@ -49,11 +40,11 @@ def _stage(title: str, start: float) -> None:
 def demo(
     workdir: str = "demo",
     data: str | None = None,
-    cases: int = 12,
+    cases: int = 14,
     seed: int = 0,
     grid=(32, 32, 32),
-    epochs: int = 12,
-    seg_epochs: int = 30,
+    epochs: int = 25,
+    seg_epochs: int = 60,
     seg_channels=(8, 16, 32, 64),
     overwrite: bool = False,
 ) -> None:
@@ -103,14 +94,13 @@ def demo(
     _stage("2b. training the registration network (configs/train.json)", start)
     _bundle_run(["train.json"], {
         "dataset_dir": data, "run_dir": work / "run", "seed": seed, "spatial_size": grid, "max_epochs": epochs,
-        "progress_bar": "false", **DEMO_NETWORK,
+        "progress_bar": "false",
     })
 
     _stage("3. registering the held-out pairs (python -m scripts register-folder)", start)
     # the inference config, with the demo's grid and weights
     overrides = write_json({
         "spatial_size": grid, "checkpoint": str(work / "run" / "best.pt"), "seg_checkpoint": str(seg_weights),
-        **DEMO_NETWORK,
         "seg_overrides": {"seg_spatial_size": grid, **seg_net},
     }, work / "inference_overrides.json")
     register_folder(str(data), str(work / "registered"), split="holdout", gland="predicted",
