@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.data import load_split
-from scripts.io import InputError
+from scripts.io import InputError, flag
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, register_pair
 from scripts.points import map_files
@@ -49,10 +49,14 @@ def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
     parser["bundle_root"] = str(BUNDLE_ROOT)
     settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
     seg_weights = parser.get("seg_checkpoint") and Path(parser.get_parsed_content("seg_checkpoint"))
+    roi_mask = flag(parser.get_parsed_content("roi_mask"), "roi_mask")
     if seg_weights and seg_weights.is_file():
         parser["use_seg"] = True
-        settings.update(seg_network=parser.get_parsed_content("seg_network"),
-                        roi_mask=bool(parser.get_parsed_content("roi_mask")))
+        settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
+    elif roi_mask:
+        print(f"WARNING: no gland segmenter weights at {seg_weights}: the network gets whole images, not the ROI "
+              "images it was trained on (roi_mask); train configs/seg_train.json for the paper's ROI step.",
+              file=sys.stderr)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise InputError(f"{checkpoint}: checkpoint file does not exist")
     weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
@@ -133,6 +137,7 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
             "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
         Other arguments as for :func:`register`.
     """
+    overwrite = flag(overwrite, "overwrite")
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)

@@ -33,7 +33,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 from scripts.data import load_split
-from scripts.io import InputError, atomic_write, load_array, read_nifti, same_grid, write_json, write_text
+from scripts.io import InputError, flag, atomic_write, load_array, read_nifti, same_grid, write_json, write_text
 from scripts.metrics import MODES, aggregate, case_metrics, minmax_normalise
 
 __all__ = ["evaluate", "read_label", "identity_warp", "ddf_to_voxels", "OUTPUTS"]
@@ -137,9 +137,9 @@ def _boxplots(path: Path, dsc: list, tre: list, tre_mm: list, title: str, mode: 
         ([v for v in tre_mm if not math.isnan(v)], "landmark TRE (mm, Euclidean)"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-    for ax, (values, title) in zip(axes, panels):
+    for ax, (values, panel_title) in zip(axes, panels):
         ax.boxplot(values) if values else ax.text(0.5, 0.5, "no values", ha="center")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xticks([])
     fig.suptitle(title)
     fig.tight_layout()
@@ -198,7 +198,7 @@ def evaluate(
         raise InputError("method 'model' needs a predictor")
     if true_ddf_dir is not None and ddf_dir is None and method != "model":
         raise InputError("true_ddf_dir needs predicted fields (ddf_dir, or method 'model' with a predictor)")
-    out = Path(out)
+    out, overwrite = Path(out), flag(overwrite, "overwrite")
     existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)}: already exist; pass overwrite=True (CLI: --overwrite)")

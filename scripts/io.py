@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "InputError",
+    "flag",
     "read_nifti",
     "check_finite",
     "same_grid",
@@ -36,6 +37,19 @@ os.umask(_UMASK)
 
 class InputError(ValueError):
     """A user-supplied file or setting is unusable. The message names the file and the problem."""
+
+
+def flag(value: bool | str, name: str = "flag") -> bool:
+    """A yes/no setting from a config or the command line: a bool, or "true"/"false" in any case.
+
+    ``python -m monai.bundle`` passes ``--overwrite true`` as the string "true" (only ``True`` is a
+    Python literal), and a non-empty string such as "false" would otherwise count as yes.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InputError(f"{name} must be true or false, got {value!r}")
 
 
 def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = None, what: str = "image"):
@@ -95,7 +109,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite
     The temporary file lives in the destination folder (same file system, so the rename is atomic)
     and keeps the destination's suffixes, so writers that look at the extension still work.
     """
-    path = Path(path)
+    path, overwrite = Path(path), flag(overwrite, "overwrite")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)

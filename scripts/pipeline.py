@@ -32,7 +32,7 @@ from scripts.data import load_split
 from scripts.geometry import (
     apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
 )
-from scripts.io import InputError, load_array, read_nifti, write_json, write_nifti
+from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.rigid import rigid_prealign
 from scripts.weights import verify_weights
 from scripts.transform_io import (
@@ -233,7 +233,7 @@ def register_pair(
     Returns:
         the content of ``result.json`` (direction, output files, rigid matrix and method, network box).
     """
-    out_dir = Path(out_dir)
+    out_dir, overwrite = Path(out_dir), flag(overwrite, "overwrite")
     paths = {k: out_dir / v for k, v in OUTPUTS.items()}
     if moving_labels is None:
         paths.pop("warped_label")

@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.data import load_split
-from scripts.io import InputError, read_nifti, write_nifti
+from scripts.io import InputError, flag, read_nifti, write_nifti
 from scripts.pipeline import load_weights
 
 __all__ = ["MODALITIES", "gland_items", "GlandSegmenter", "load_segmenter", "mask_outputs", "segment_files",
@@ -111,7 +111,7 @@ def segment_files(segmenter: GlandSegmenter, pairs, overwrite: bool = False) -> 
 
     Every output is checked before any work: an existing file raises ``FileExistsError`` unless ``overwrite``.
     """
-    existing = [str(m) for _, m in pairs if Path(m).exists()]
+    existing, overwrite = [str(m) for _, m in pairs if Path(m).exists()], flag(overwrite, "overwrite")
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} masks); pass overwrite=True to replace")
     written = []

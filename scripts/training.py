@@ -25,7 +25,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 
-from scripts.io import InputError, atomic_write, write_json
+from scripts.io import InputError, atomic_write, flag, write_json  # noqa: F401 (flag: used by the configs)
 
 __all__ = [
     "RUN_CONFIG",
@@ -168,19 +168,6 @@ class AtomicCheckpointSaver:
         atomic_write(self.path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
-def flag(value: bool | str, name: str = "flag") -> bool:
-    """A yes/no setting from a config or the command line: a bool, or "true"/"false" in any case.
-
-    ``python -m monai.bundle`` passes ``--overwrite true`` as the string "true" (only ``True`` is a
-    Python literal), and a non-empty string such as "false" would otherwise count as yes.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise InputError(f"{name} must be true or false, got {value!r}")
-
-
 def active_config() -> dict:
     """The config content of the ``monai.bundle`` parser that is evaluating the calling expression.
 
@@ -238,6 +225,8 @@ def _checkpoint_epoch(path: Path, required: Sequence[str]) -> int:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise InputError(f"{path}: checkpoint cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: checkpoint holds a {type(checkpoint).__name__}, not a training checkpoint dict")
     missing = [k for k in required if k not in checkpoint]
     if missing:
         raise InputError(f"{path}: checkpoint lacks {missing}")

@@ -127,3 +127,16 @@ def test_metadata_passes_schema_offline():
     assert result.returncode == 0, result.stderr
     assert "metadata is verified with no error" in result.stdout + result.stderr
     assert (ROOT / "metadata.json").resolve() == (ROOT / "configs" / "metadata.json").resolve()
+
+
+def test_overwrite_given_as_text_on_the_command_line_is_understood(tmp_path):
+    """``--overwrite false`` reaches the code as the string "false", which Python would take as yes."""
+    from scripts.io import write_text
+
+    path = write_text("first", tmp_path / "out.txt")
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_text("second", path, overwrite="false")
+    write_text("third", path, overwrite="True")
+    assert path.read_text() == "third"
+    with pytest.raises(InputError, match="overwrite must be true or false"):
+        write_text("fourth", path, overwrite="maybe")
