@@ -17,7 +17,7 @@ from tqdm import tqdm
 from scripts.data import load_split
 from scripts.io import InputError, flag
 from scripts.pictures import case_pictures, write_index
-from scripts.pipeline import load_weights, register_pair
+from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
 from scripts.points import map_files
 from scripts.qc import quality_check
 
@@ -141,11 +141,7 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)
-    # refuse before registering anything, so that a refusal never leaves some cases redone and others not
-    taken = [Path(out) / c["case"] for c in cases if (Path(out) / c["case"]).is_dir() and any((Path(out) / c["case"]).iterdir())]
-    taken += [p for p in [Path(out) / "index.html"] if p.exists()]
-    if taken and not overwrite:
-        raise FileExistsError(f"{taken[0]}: already exists ({len(taken)} outputs in {out}); pass --overwrite to replace")
+    refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"])
     network, settings = load_registration(config_file, checkpoint)
     predicted = "seg_network" in settings
     if gland == "predicted" and not predicted:

@@ -332,10 +332,24 @@ def register_pair(
     return result
 
 
+def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=()) -> None:
+    """Raise ``FileExistsError`` if any case folder ``out_dir/<case>`` (or an ``extra`` path) already holds files.
+
+    Checked before a folder run registers anything, so that a refusal never leaves some cases redone.
+    """
+    if flag(overwrite, "overwrite"):
+        return
+    taken = [Path(out_dir) / c["case"] for c in cases if (Path(out_dir) / c["case"]).is_dir() and any((Path(out_dir) / c["case"]).iterdir())]
+    taken += [Path(p) for p in extra if Path(p).exists()]
+    if taken:
+        raise FileExistsError(f"{taken[0]}: already exists ({len(taken)} outputs in {out_dir}); pass --overwrite to replace")
+
+
 def register_folder(dataset_dir, split: str, out_dir, direction: str = "mr2us", **kwargs) -> list[dict]:
     """Register every case of a μ-RegPro-layout split; outputs go to ``out_dir/<case>/`` (see :func:`register_pair`)."""
-    results = []
-    for case in load_split(dataset_dir, split, direction):
+    results, cases = [], load_split(dataset_dir, split, direction)
+    refuse_taken_case_folders(out_dir, cases, kwargs.get("overwrite", False))
+    for case in cases:
         results.append(register_pair(case["moving_image"], case["fixed_image"], Path(out_dir) / case["case"],
                                      moving_labels=case["moving_label"], direction=direction, **kwargs))
     return results
