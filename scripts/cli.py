@@ -27,7 +27,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 # register_pair settings read from the inference config
 CONFIG_KEYS = ("spatial_size", "depth_crop", "axcodes", "rigid_args", "int_steps", "label_threshold",
-               "preprocessing", "inferer", "postprocessing", "device")
+               "preprocessing", "inferer", "postprocessing", "device", "amp")
 GLAND_SOURCES = ("auto", "predicted", "label", "none")
 
 

@@ -1,5 +1,9 @@
 """Registration loss: 0.4 * gradient + 1.0 * Dice + 1.0 * masked mutual information, per depth chunk.
 
+Two switches give the baselines' native losses (configs/baselines/): ``mi_region="image"`` (MI over the
+whole box, no label needed: unsupervised VoxelMorph) and ``regulariser="bending"`` (MONAI's bending
+energy in place of the gradient term: LocalNet as Hu et al. 2018).
+
 All terms are computed in fp32 on the network grid. Per-chunk values use the T depth chunks of
 :func:`scripts.blocks.chunk_bounds` (balanced, no padding) along the LAST spatial axis.
 """
@@ -10,7 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, DiffusionLoss
+from monai.losses import BendingEnergyLoss, DiceLoss, DiffusionLoss
 from monai.losses.deform import spatial_gradient
 from monai.networks.blocks import Warp
 from torch import nn
@@ -68,6 +72,9 @@ class RegistrationLoss(nn.Module):
         mask_dilation: the MI region is the union of the warped and fixed gland (channel 0, > 0.5),
             dilated by this many voxels (a (2r+1)^3 max filter).
         smooth: numerator/denominator smoothing of MONAI's Dice (an empty chunk in both labels scores 0).
+        mi_region: "gland" (the dilated gland union above, the paper's) or "image" (every box voxel).
+        regulariser: "gradient" (first-order, the paper's) or "bending" (second-order bending energy);
+            ``grad_weight`` weighs either.
     """
 
     def __init__(
@@ -80,26 +87,39 @@ class RegistrationLoss(nn.Module):
         sigma_ratio: float = 0.5,
         mask_dilation: int = 2,
         smooth: float = 1e-5,
+        mi_region: str = "gland",
+        regulariser: str = "gradient",
     ):
         super().__init__()
+        if mi_region not in ("gland", "image"):
+            raise ValueError(f"mi_region must be 'gland' or 'image', got {mi_region!r}")
+        if regulariser not in ("gradient", "bending"):
+            raise ValueError(f"regulariser must be 'gradient' or 'bending', got {regulariser!r}")
+        self.mi_region, self.regulariser = mi_region, regulariser
         self.grad_weight, self.dice_weight, self.mi_weight = grad_weight, dice_weight, mi_weight
         self.chunks, self.num_bins, self.sigma_ratio, self.mask_dilation = chunks, num_bins, sigma_ratio, mask_dilation
         self.warp = Warp(mode="bilinear", padding_mode="border")
         self.dice = DiceLoss(smooth_nr=smooth, smooth_dr=smooth, reduction="none")
         self.diffusion = DiffusionLoss()
+        self.bending = BendingEnergyLoss(reduction="none")
 
     def _mi_region(self, warped_gland: torch.Tensor, fixed_gland: torch.Tensor) -> torch.Tensor:
-        """Dilated union of the two glands (N, 1, H, W, D), binary, no gradient."""
+        """Dilated union of the two glands (N, 1, H, W, D), binary, no gradient (all ones for "image")."""
+        if self.mi_region == "image":
+            return torch.ones_like(fixed_gland)
         union = ((warped_gland.detach() > 0.5) | (fixed_gland > 0.5)).float()
         r = self.mask_dilation
         return F.max_pool3d(union, 2 * r + 1, stride=1, padding=r) if r > 0 else union
 
-    def _gradient_map(self, ddf: torch.Tensor) -> torch.Tensor:
-        """Squared first-order gradient summed over directions, (N, 3, H, W, D).
+    def _regulariser_map(self, ddf: torch.Tensor) -> torch.Tensor:
+        """The regulariser per voxel, (N, 3, H, W, D).
 
-        Same central differences as MONAI's ``DiffusionLoss`` (interior voxels), edge-padded back to the
-        full grid so that every voxel, hence every chunk, has a value.
+        "gradient": squared first-order gradient summed over directions, the central differences of MONAI's
+        ``DiffusionLoss``; "bending": MONAI's ``BendingEnergyLoss`` map. Both are defined on interior voxels
+        and edge-padded back to the full grid so that every voxel, hence every chunk, has a value.
         """
+        if self.regulariser == "bending":
+            return F.pad(self.bending(ddf), (1, 1, 1, 1, 1, 1), mode="replicate")
         squared = sum(spatial_gradient(ddf, dim) ** 2 for dim in range(2, 5))
         return F.pad(squared, (1, 1, 1, 1, 1, 1), mode="replicate")
 
@@ -114,7 +134,7 @@ class RegistrationLoss(nn.Module):
         """ddf (N, 3, H, W, D) voxels; images (N, 1, ...) in [0, 1]; labels (N, C, ...), channel 0 = gland.
 
         Returns ``reg`` (N, T) = dice_weight * Dice_t + mi_weight * (-MI_t), ``smooth`` (N, T) =
-        grad_weight * gradient_t, the whole-volume unweighted scalars ``dice``, ``mi`` (the loss, -MI),
+        grad_weight * regulariser_t, the whole-volume unweighted scalars ``dice``, ``mi`` (the loss, -MI),
         ``grad`` (detached), and ``warped_image`` (N, 1, ...), ``warped_label`` (N, C, ...).
         """
         with torch.autocast(device_type=ddf.device.type, enabled=False):
@@ -139,7 +159,7 @@ class RegistrationLoss(nn.Module):
                     )
                 )
             dice_t, mi_t = torch.stack(dice_t, dim=1), torch.stack(mi_t, dim=1)  # (N, T)
-            grad_t = self._gradient_map(ddf).mean(dim=(1, 2, 3)) @ chunk_matrix(depth, self.chunks, ddf.device)
+            grad_t = self._regulariser_map(ddf).mean(dim=(1, 2, 3)) @ chunk_matrix(depth, self.chunks, ddf.device)
 
             with torch.no_grad():  # whole-volume diagnostics, no graph
                 diagnostics = {

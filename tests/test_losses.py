@@ -153,3 +153,39 @@ def test_difficulty_objective_is_minimal_at_its_target_and_joint_is_not():
     assert logits.grad.abs().max() > 1e-3
     with pytest.raises(ValueError):
         mask_objective(torch.softmax(logits, -1), reg, smooth, "bogus")
+
+
+def test_bending_regulariser_per_chunk():
+    # u_x = a z^2 / 2: the second central difference along z is a everywhere, every other second
+    # derivative 0 -> bending energy a^2 on the first component, 0 on the others: a^2 / 3 per voxel, every chunk.
+    # A linear field has no bending energy but a gradient.
+    a, shape = 0.01, (6, 6, 20)
+    z = torch.arange(shape[2], dtype=torch.float32)
+    image, label = torch.full((1, 1, *shape), 0.5), torch.zeros(1, 1, *shape)
+    quadratic, linear = torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape)
+    quadratic[0, 0], linear[0, 0] = a * z**2 / 2, a * z
+    loss = RegistrationLoss(regulariser="bending", grad_weight=0.5)
+    torch.testing.assert_close(loss(quadratic, image, image, label, label)["smooth"],
+                               torch.full((1, 10), 0.5 * a**2 / 3), rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss(linear, image, image, label, label)["smooth"], torch.zeros(1, 10), atol=1e-9, rtol=0)
+    assert RegistrationLoss()(linear, image, image, label, label)["smooth"].min() > 0
+
+
+def test_mi_over_the_whole_image_needs_no_label():
+    # Two identical half-dark, half-bright images: MI is close to ln 2 over the whole image; with empty
+    # gland labels the paper's gland region is empty and MI is exactly 0.
+    image = torch.zeros(1, 1, 8, 8, 10)
+    image[:, :, :4] = 1.0
+    label = torch.zeros(1, 1, 8, 8, 10)
+    ddf = torch.zeros(1, 3, 8, 8, 10)
+    whole = -RegistrationLoss(mi_region="image")(ddf, image, image, label, label)["mi"]
+    gland = -RegistrationLoss()(ddf, image, image, label, label)["mi"]
+    assert 0.5 < whole <= np.log(2) + 1e-6
+    assert gland == 0
+
+
+def test_loss_switches_reject_unknown_values():
+    with pytest.raises(ValueError, match="mi_region"):
+        RegistrationLoss(mi_region="box")
+    with pytest.raises(ValueError, match="regulariser"):
+        RegistrationLoss(regulariser="elastic")

@@ -202,3 +202,26 @@ def test_inference_config_runs_on_a_phantom_folder(case, tmp_path):
     result = json.loads((out / CASE / "result.json").read_text())
     assert result["direction"] == "mr2us" and result["network_box"]["shape"] == [32, 40, 24]
     assert sorted(p.name for p in (out / CASE).iterdir()) == sorted(OUTPUTS.values())
+
+
+class AutocastProbe(torch.nn.Module):
+    """Records whether it ran under bfloat16 autocast; returns a constant one-voxel shift along the first axis."""
+
+    def forward(self, image):
+        self.autocast = torch.is_autocast_enabled(image.device.type)
+        self.dtype = torch.get_autocast_dtype(image.device.type)
+        ddf = torch.zeros(image.shape[0], 3, *image.shape[2:], device=image.device)
+        ddf[:, 0] = 1.0
+        return ddf
+
+
+@pytest.mark.parametrize("amp", [False, "true"])
+def test_amp_runs_the_network_under_bf16_autocast(case, tmp_path, amp):
+    probe = AutocastProbe()
+    register_pair(case["mr_image"], case["us_image"], tmp_path / "amp", None, network=probe, spatial_size=SIZE,
+                  depth_crop=CROP, rigid=np.eye(4), amp=amp)
+    assert probe.autocast == (amp == "true")
+    if probe.autocast:
+        assert probe.dtype == torch.bfloat16
+    # the network's shift reaches the written field (one box voxel = the box spacing, > 1 mm)
+    assert np.abs(_load(tmp_path / "amp" / OUTPUTS["forward_field"])).max() > 1.0

@@ -1,0 +1,477 @@
+"""The comparison table: the full model, its ablations and the usual alternatives, on equal terms.
+
+    python benchmarks/comparison.py --work /tmp/comparison --out docs/comparison_table.md
+
+One command trains what needs training and writes the table. On the built-in synthetic phantom by
+default (generated in ``<work>/data``); ``--data`` points it at a μ-RegPro-layout folder instead
+(train/ trains, val/ picks the best epoch, ``--test_split`` is scored).
+
+Equal terms, for every row:
+- the same test pairs, the same gland segmenter (trained once, ``configs/seg_train.json``) and the same
+  predicted masks, hence the same pre-alignment: the bundle's ANTs rigid on the predicted masks,
+  computed once per case and direction and handed to :func:`scripts.pipeline.register_pair`;
+- learned rows: ``configs/train.json`` plus the row's override files (``configs/ablations/``,
+  ``configs/baselines/``, ...), the same grid, epochs, data, rigid-on-true-masks training geometry
+  and, unless the row says "native loss", the same loss; each trained with every seed; registered by
+  the same pipeline (one resampling of the moving image through rigid + field);
+- classical rows (ANTs via antspyx) warp the moving labels onto the fixed grid themselves;
+- every row is scored by :func:`scripts.evaluate.evaluate` (μ-RegPro official and float modes, mm TRE).
+
+Statistics (per direction): each learned row's mean over test cases per seed, then mean ± SD over
+seeds; a paired Wilcoxon signed-rank test against the full model over (case, seed) pairs (a
+deterministic row's case value is paired with each seed of the full model); a difference smaller
+than the larger of the two rows' seed SDs is reported as a tie whatever the p-value.
+
+Every (row, seed, direction) result is kept in ``<work>/results/`` as it finishes: a stopped run
+resumes. ``--jobs`` trainings run side by side, each with ``--threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
+
+from scripts.io import write_json, write_text  # noqa: E402
+
+# learned rows: name -> (label, model files (train.json and inference.json), training-only files), in configs/
+BASELINE = ["baselines/training.json"]
+LEARNED = {
+    "full": ("ours: full model (compact LSTM)", [], []),
+    "full_paper_lstm": ("ours: full model (paper LSTM)", ["train_paper_lstm.json"], []),
+    "fast_msfa": ("ours: full model, dilated 3³ MSFA (fast)", ["fast_msfa.json"], []),
+    "cmca": ("ablation: CMCA (no MSFA, no DCA)", ["ablations/cmca.json"], []),
+    "no_lstm": ("ablation: no LSTM", ["ablations/no_lstm.json"], []),
+    "no_task_mask": ("ablation: no task mask", ["ablations/no_task_mask.json"], []),
+    "plain_unet": ("ablation: plain U-Net", ["ablations/plain_unet.json"], []),
+    "voxelmorph": ("MONAI VoxelMorph, our loss", ["baselines/voxelmorph.json"], BASELINE),
+    "voxelmorph_native": ("MONAI VoxelMorph, native loss (MI, no labels)", ["baselines/voxelmorph.json"],
+                          BASELINE + ["baselines/loss_unsupervised.json"]),
+    "localnet": ("MONAI LocalNet, our loss", ["baselines/localnet.json"], BASELINE),
+    "localnet_native": ("MONAI LocalNet, native loss (Dice + bending)", ["baselines/localnet.json"],
+                        BASELINE + ["baselines/loss_weakly_supervised.json"]),
+}
+# deterministic rows: name -> label
+CLASSICAL = {
+    "identity": "no registration",
+    "ants_rigid": "ANTs Rigid, images (MI)",
+    "ants_syn": "ANTs affine + SyN, images (MI)",
+    "ants_seg_syn": "ANTs affine + SyN on predicted gland masks",
+    "bundle_rigid": "bundle rigid on predicted masks (no network)",
+}
+DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (moving, fixed) modality
+
+
+def _cases(data: Path, split: str) -> list[str]:
+    return sorted(p.name.split(".")[0] for p in (data / split / "mr_images").glob("*.nii.gz"))
+
+
+def _env(threads: int) -> dict:
+    n = str(threads)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n}
+
+
+def _bundle_run(config_files: list, overrides: dict, threads: int, log: Path) -> None:
+    """``python -m monai.bundle run training`` with ``--key value`` overrides; output in ``log``."""
+    files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    with open(log, "w") as fh:
+        proc = subprocess.run(command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({' '.join(command)}); see {log}")
+
+
+# ---------------------------------------------------------------- shared pre-stage (once per work folder)
+
+def prepare(work: Path, data: Path, test_split: str, grid, seg_epochs: int, seed: int, threads: int) -> None:
+    """Train the gland segmenter, predict the test masks, and the bundle's rigid per case and direction."""
+    seg_weights = work / "seg_model.pt"
+    seg_net = {"seg_network_def#channels": [8, 16, 32, 64], "seg_network_def#strides": [2, 2, 2],
+               "seg_network_def#num_res_units": 1}
+    seg_grid = [32, 32, 32]
+    if not seg_weights.is_file():
+        print(f"training the gland segmenter ({seg_epochs} epochs)", flush=True)
+        _bundle_run([ROOT / "configs" / "seg_train.json"], {
+            "dataset_dir": str(data), "run_dir": str(work / "seg_run"), "checkpoint": str(seg_weights),
+            "seed": seed, "seg_spatial_size": seg_grid, "max_epochs": seg_epochs, "learning_rate": 5e-3,
+            "progress_bar": "false", **seg_net}, threads, work / "seg_train.log")
+    write_json({"seg_spatial_size": seg_grid, **seg_net}, work / "seg_overrides.json", overwrite=True)
+
+    masks, rigid_file = work / "masks", work / "rigid.json"
+    if rigid_file.is_file():
+        return
+    from scripts.io import write_nifti
+    from scripts.rigid import rigid_prealign
+    from scripts.segmentation import load_segmenter
+
+    inference = json.loads((ROOT / "configs" / "inference.json").read_text())
+    segmenter = load_segmenter(ROOT / "configs" / "seg_inference.json", seg_weights, "cpu",
+                               json.loads((work / "seg_overrides.json").read_text()))
+    rigid = {}
+    for case in _cases(data, test_split):
+        for modality in ("mr", "us"):
+            path = masks / f"{case}_{modality}.nii.gz"
+            if not path.is_file():
+                mask, affine = segmenter(str(data / test_split / f"{modality}_images" / f"{case}.nii.gz"))
+                write_nifti(mask.astype(np.uint8), affine, path)
+        for direction, (mov, fix) in DIRECTIONS.items():
+            matrix, info = rigid_prealign(
+                str(data / test_split / f"{fix}_images" / f"{case}.nii.gz"),
+                str(data / test_split / f"{mov}_images" / f"{case}.nii.gz"),
+                str(masks / f"{case}_{fix}.nii.gz"), str(masks / f"{case}_{mov}.nii.gz"), **inference["rigid_args"])
+            rigid[f"{direction}/{case}"] = {"matrix": np.asarray(matrix).tolist(), "method": info.get("method")}
+    write_json(rigid, rigid_file)
+
+
+# ---------------------------------------------------------------- rows
+
+def _pair(data: Path, split: str, case: str, direction: str) -> dict:
+    mov, fix = DIRECTIONS[direction]
+    d = data / split
+    return {"moving": d / f"{mov}_images" / f"{case}.nii.gz", "fixed": d / f"{fix}_images" / f"{case}.nii.gz",
+            "moving_label": d / f"{mov}_labels" / f"{case}.nii.gz", "moving_mask_modality": mov,
+            "fixed_mask_modality": fix}
+
+
+def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out: Path, seed: int) -> None:
+    """Write ``out/<case>.nii.gz``, the moving labels warped onto the fixed grid by one classical method."""
+    import ants
+    import nibabel as nib
+
+    from scripts.io import write_nifti
+    from scripts.pipeline import register_pair
+
+    rigid = json.loads((work / "rigid.json").read_text())
+    for case in _cases(data, split):
+        p = _pair(data, split, case, direction)
+        masks = {k: work / "masks" / f"{case}_{p[k + '_modality']}.nii.gz" for k in ("moving_mask", "fixed_mask")}
+        if name == "bundle_rigid":  # the pipeline with no network: the rigid alone, one resampling
+            register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], direction=direction,
+                          rigid=rigid[f"{direction}/{case}"]["matrix"], **masks, overwrite=True)
+            continue
+        fixed, moving = ants.image_read(str(p["fixed"])), ants.image_read(str(p["moving"]))
+        if name == "ants_seg_syn":  # the masks drive both stages (mean squares on binary images)
+            reg = ants.registration(ants.image_read(str(masks["fixed_mask"])).astype("float32"),
+                                    ants.image_read(str(masks["moving_mask"])).astype("float32"),
+                                    type_of_transform="SyN", aff_metric="meansquares", syn_metric="meansquares",
+                                    random_seed=seed, initial_transform="Identity")
+        else:
+            reg = ants.registration(fixed, moving, type_of_transform="Rigid" if name == "ants_rigid" else "SyN",
+                                    aff_metric="mattes", syn_metric="mattes", random_seed=seed,
+                                    initial_transform="Identity")
+        labels = nib.load(str(p["moving_label"]))
+        stack = np.asarray(labels.dataobj, dtype=np.float32)
+        warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(stack[..., c])),
+                                        reg["fwdtransforms"], interpolator="linear").numpy()
+                  for c in range(stack.shape[-1])]
+        write_nifti((np.stack(warped, -1) >= 0.5).astype(np.uint8), nib.load(str(p["fixed"])).affine,
+                    out / f"{case}.nii.gz", overwrite=True)
+
+
+def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, seed: int, grid, epochs: int,
+                 threads: int, out: Path) -> dict:
+    """Train one learned row with one seed, then register the test split through the pipeline."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.pipeline import load_weights, register_pair
+
+    files = [ROOT / "configs" / f for f in LEARNED[name][1]]
+    train_files = [ROOT / "configs" / f for f in LEARNED[name][2]]
+    run_dir = work / "runs" / direction / name / f"seed{seed}"
+    cache = work / "cache" / f"{direction}_{'x'.join(map(str, grid))}"
+    common = write_json({  # cache the rigid + box preprocessing once per direction and grid for every row
+        "train#dataset": {"_target_": "PersistentDataset", "data": "@train#dataset_data",
+                          "transform": "@train#preprocessing", "cache_dir": str(cache)},
+        "train#dataset_data": "$scripts.data.load_split(@dataset_dir, 'train', @direction)",
+        "validate#dataset": {"_target_": "PersistentDataset", "data": "@validate#dataset_data",
+                             "transform": "@validate#preprocessing", "cache_dir": str(cache)},
+        "validate#dataset_data": "$scripts.data.load_split(@dataset_dir, 'val', @direction)",
+    }, work / "persistent_cache.json", overwrite=True)
+    started = time.time()
+    if not (run_dir / "best.pt").is_file():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        _bundle_run([ROOT / "configs" / "train.json", *files, *train_files, common], {
+            "dataset_dir": str(data), "run_dir": str(run_dir), "seed": seed, "direction": direction,
+            "spatial_size": list(grid), "max_epochs": epochs, "progress_bar": "false"},
+            threads, run_dir.parent / f"seed{seed}.log")
+    train_seconds = time.time() - started
+
+    torch.set_num_threads(threads)
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.json"), *map(str, files)])
+    parser.update({"spatial_size": list(grid), "device": "cpu"})
+    network = load_weights(parser.get_parsed_content("network"), run_dir / "best.pt", "cpu", required=True)
+    rigid = json.loads((work / "rigid.json").read_text())
+    started = time.time()
+    for case in _cases(data, split):
+        p = _pair(data, split, case, direction)
+        masks = {k: work / "masks" / f"{case}_{p[k + '_modality']}.nii.gz" for k in ("moving_mask", "fixed_mask")}
+        register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], network=network,
+                      direction=direction, spatial_size=grid, depth_crop=parser["depth_crop"],
+                      axcodes=parser["axcodes"], rigid=rigid[f"{direction}/{case}"]["matrix"], **masks,
+                      preprocessing=parser.get_parsed_content("preprocessing"),
+                      postprocessing=parser.get_parsed_content("postprocessing"),
+                      int_steps=parser.get_parsed_content("int_steps"), roi_mask=parser["roi_mask"], overwrite=True)
+    params = sum(p.numel() for p in network.parameters())
+    return {"train_seconds": round(train_seconds, 1), "register_seconds_per_pair":
+            round((time.time() - started) / len(_cases(data, split)), 2), "parameters": params}
+
+
+def _score(data: Path, split: str, direction: str, warped_dir: Path | None, out: Path) -> dict:
+    """Per-case float-mode metrics and the official-mode summary of one set of registrations."""
+    from scripts.evaluate import evaluate
+
+    kwargs = {"method": "identity"} if warped_dir is None else {"warped_dir": str(warped_dir)}
+    if warped_dir is not None and any(warped_dir.glob("*/transform_fixed_to_moving.nii.gz")):
+        kwargs["ddf_dir"] = str(warped_dir)
+    result = {}
+    for mode in ("float", "official"):
+        summary = evaluate(str(data), split=split, direction=direction, mode=mode, out=str(out / mode),
+                           overwrite=True, **kwargs)
+        result[mode] = {"metrics": summary["metrics"], "clinical": summary["clinical"],
+                        "regularity": summary.get("regularity", {})}
+    with open(out / "float" / "per_case.csv") as fh:
+        result["per_case"] = {r["case"]: {"dsc": float(r["dsc"]), "tre_mm": _float(r["tre_mm"]),
+                                          "hd95": float(r["hd95"])} for r in csv.DictReader(fh)}
+    return result
+
+
+def _float(text: str):
+    return float(text) if text not in ("", "nan", "None") else None
+
+
+def run_one(name: str, seed: int, direction: str, work: Path, data: Path, split: str, grid, epochs: int,
+            threads: int) -> Path:
+    """One (row, seed, direction): register (training first for learned rows), score, store the result."""
+    result_file = work / "results" / direction / f"{name}_seed{seed}.json"
+    if result_file.is_file():
+        return result_file
+    out = work / "registrations" / direction / f"{name}_seed{seed}"
+    started = time.time()
+    info = {}
+    if name in LEARNED:
+        info = _learned_row(name, work, data, split, direction, seed, grid, epochs, threads, out)
+    elif name != "identity":
+        _ants_row(name, work, data, split, direction, out, seed)
+    seconds = time.time() - started
+    scores = _score(data, split, direction, None if name == "identity" else out, work / "eval" / direction /
+                    f"{name}_seed{seed}")
+    write_json({"row": name, "seed": seed, "direction": direction, "seconds": round(seconds, 1), **info, **scores},
+               result_file, overwrite=True)
+    print(f"done {direction} {name} seed {seed} in {seconds:.0f} s", flush=True)
+    return result_file
+
+
+def task(name: str, seed: int, direction: str, work: str, data: str, split: str, grid, epochs: int,
+         threads: int = 1) -> None:
+    """Entry of one subprocess (``python benchmarks/comparison.py task ...``)."""
+    import torch
+
+    torch.set_num_threads(int(threads))
+    run_one(name, int(seed), direction, Path(work), Path(data), split, [int(g) for g in grid], int(epochs),
+            int(threads))
+
+
+# ---------------------------------------------------------------- statistics and the table
+
+def _stats(results: dict, direction: str, metric: str, reference: str = "full") -> dict:
+    """Per row: seeds, mean ± SD over seeds of the per-seed case means, Wilcoxon p against ``reference``, verdict."""
+    from scipy.stats import wilcoxon
+
+    def per_seed(row):
+        return {seed: r["per_case"] for seed, r in results[direction].get(row, {}).items()}
+
+    ref = per_seed(reference)
+    table = {}
+    for row in sorted([*CLASSICAL, *LEARNED], key=lambda r: r != reference):  # the reference first
+        seeds = per_seed(row)
+        if not seeds:
+            continue
+        means = [np.nanmean([v[metric] if v[metric] is not None else np.nan for v in cases.values()])
+                 for cases in seeds.values()]
+        entry = {"seeds": sorted(seeds), "mean": float(np.mean(means)),
+                 "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0}
+        if row != reference and ref:
+            a, b = [], []
+            for seed, ref_cases in ref.items():
+                cases = seeds.get(seed, next(iter(seeds.values())) if len(seeds) == 1 else None)
+                if cases is None:
+                    continue
+                for case, value in ref_cases.items():
+                    if value[metric] is not None and cases.get(case, {}).get(metric) is not None:
+                        a.append(value[metric])
+                        b.append(cases[case][metric])
+            diff = np.asarray(b) - np.asarray(a)
+            p = float(wilcoxon(b, a).pvalue) if len(a) > 0 and np.any(diff != 0) else 1.0
+            ref_sd = table[reference]["sd"] if reference in table else 0.0
+            gap = float(diff.mean()) if a else 0.0
+            tie = abs(gap) <= max(entry["sd"], ref_sd) or p >= 0.05
+            entry.update(p=p, n_pairs=len(a), gap=gap, verdict="tie" if tie else ("higher" if gap > 0 else "lower"))
+        table[row] = entry
+    return table
+
+
+def _official(results: dict, direction: str, row: str) -> tuple:
+    """Mean over seeds of the official-mode score and of the % non-positive Jacobian."""
+    runs = results[direction].get(row, {}).values()
+    score = [r["official"]["metrics"]["score"] for r in runs]
+    jac = [r["float"]["regularity"].get("jacobian_nonpositive_pct_mean") for r in runs]
+    jac = [j for j in jac if j is not None]
+    return float(np.mean(score)), (float(np.mean(jac)) if jac else None)
+
+
+def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
+    results = {}
+    for path in sorted((work / "results").glob("*/*.json")):
+        r = json.loads(path.read_text())
+        results.setdefault(r["direction"], {}).setdefault(r["row"], {})[r["seed"]] = r
+    labels = {**CLASSICAL, **{k: v[0] for k, v in LEARNED.items()}}
+    lines = [
+        "# Comparison: the full model, its ablations and the usual alternatives (SYNTHETIC phantom)",
+        "",
+        "Made by `benchmarks/comparison.py`; docs/comparison.md says how every row is run and how to read this table.",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+        f"Machine: {settings['machine']}; {settings['jobs']} training(s) side by side, {settings['threads']} torch "
+        f"thread(s) each; wall time {settings['wall']}. Data: {settings['data']}; {settings['n_train']} training, "
+        f"{settings['n_val']} validation and {settings['n_test']} test ({settings['split']}) pairs. Network grid "
+        f"{settings['grid']}, {settings['epochs']} epochs per learned row, seeds {settings['seeds']}.",
+        "",
+        "DSC: gland Dice (float mode). TRE: Euclidean landmark centroid error in mm. Both: mean over test cases per"
+        " seed, then mean ± SD over seeds. p: paired Wilcoxon signed-rank test against the full model over (case,"
+        " seed) pairs; verdict 'tie' when p ≥ 0.05 or the gap is inside the larger seed SD. score: the μ-RegPro"
+        " official-mode score (mean over seeds). |J|≤0: % voxels with a non-positive Jacobian determinant.",
+    ]
+    for direction in DIRECTIONS:
+        if direction not in results:
+            continue
+        dsc, tre = _stats(results, direction, "dsc"), _stats(results, direction, "tre_mm")
+        lines += ["", f"## {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'})",
+                  "", "| row | seeds | DSC | p (DSC) | verdict | TRE mm | p (TRE) | verdict | score | \\|J\\|≤0 % | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in [*CLASSICAL, *LEARNED]:
+            if row not in dsc:
+                continue
+            d, t = dsc[row], tre[row]
+            score, jac = _official(results, direction, row)
+            runs = results[direction][row].values()
+            train = np.mean([r.get("train_seconds", 0) for r in runs]) if row in LEARNED else None
+
+            def cell(e, digits):
+                return f"{e['mean']:.{digits}f} ± {e['sd']:.{digits}f}" if len(e["seeds"]) > 1 else f"{e['mean']:.{digits}f}"
+
+            def p(e):
+                return ("reference", "") if "p" not in e else (f"{e['p']:.3f}", e["verdict"])
+
+            seeds = ",".join(map(str, d["seeds"])) if row in LEARNED else "deterministic"
+            lines.append(f"| {labels[row]} | {seeds} | {cell(d, 3)} | {p(d)[0]} | {p(d)[1]} | {cell(t, 2)} | "
+                         f"{p(t)[0]} | {p(t)[1]} | {score:.3f} | {'-' if jac is None else f'{jac:.2f}'} | "
+                         f"{'-' if train is None else f'{train:.0f}'} |")
+    text = "\n".join(lines) + "\n"
+    write_text(text, out, overwrite=overwrite)
+    write_json(results, work / "results_all.json", overwrite=True)
+    return text
+
+
+# ---------------------------------------------------------------- the command
+
+def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", data: str | None = None,
+         cases: int = 24, test_split: str = "holdout", seeds=(0, 1, 2), directions=("mr2us", "us2mr"),
+         grid=(24, 24, 20), epochs: int = 6, seg_epochs: int = 60, rows=None, jobs: int = 2, threads: int = 1,
+         overwrite: bool = False, report_only: bool = False) -> str:
+    """Train, register and score every row; write the table to ``out``.
+
+    Args:
+        work: working folder (data, segmenter, runs, registrations, per-run results; resumable).
+        data: a μ-RegPro-layout folder; default: ``cases`` synthetic phantom cases in ``<work>/data``
+            (60 / 15 / 25 % train / val / holdout).
+        test_split: the split that is scored (``holdout``; "val" on μ-RegPro, whose holdout has no labels).
+        seeds: training seeds of every learned row (the ANTs rows are seeded with the first).
+        grid: the network grid (the paper's 128 x 128 x 120 on a GPU; small on a CPU). Its depth must be a
+            multiple of 10 for the paper LSTM.
+        epochs, seg_epochs: training epochs of each learned row and of the gland segmenter.
+        rows: subset of rows (default all: ``CLASSICAL`` and ``LEARNED``).
+        jobs, threads: runs side by side, and torch/ITK threads per run.
+        overwrite: replace an existing ``out`` (the work folder always resumes).
+        report_only: write the table from the results already in ``work``.
+    """
+    from scripts.io import flag
+
+    start = time.time()
+    work, out = Path(work).resolve(), Path(out)
+    overwrite = flag(overwrite, "overwrite")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    seeds, grid = [int(s) for s in seeds], [int(g) for g in grid]
+    directions = [directions] if isinstance(directions, str) else list(directions)
+    rows = list(CLASSICAL) + list(LEARNED) if rows is None else ([rows] if isinstance(rows, str) else list(rows))
+    unknown = [r for r in rows if r not in CLASSICAL and r not in LEARNED]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {list(CLASSICAL) + list(LEARNED)}")
+    work.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data_dir = work / "data"
+        if not (data_dir / "phantom.json").is_file():
+            from scripts.phantom import synth
+
+            synth(str(data_dir), cases=cases, seed=0, size="small", splits="0.6,0.15,0.25", preview=False)
+        data_label = f"synthetic phantom, {cases} `small` cases (seed 0)"
+    else:
+        data_dir, data_label = Path(data).resolve(), f"`{data}`"
+    if not report_only:
+        prepare(work, data_dir, test_split, grid, seg_epochs, seeds[0], threads * jobs)
+        tasks = [(r, s if r in LEARNED else seeds[0], d) for s in seeds for d in directions for r in rows
+                 if r in LEARNED or s == seeds[0]]
+
+        def launch(t):
+            name, seed, direction = t
+            command = [sys.executable, str(Path(__file__).resolve()), "task", name, str(seed), direction, str(work),
+                       str(data_dir), test_split, json.dumps(grid), str(epochs), str(threads)]
+            log = work / "logs" / f"{direction}_{name}_seed{seed}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as fh:
+                code = subprocess.run(command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT).returncode
+            print(f"{'ok' if code == 0 else 'FAILED'}: {direction} {name} seed {seed} ({log})", flush=True)
+            return code
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            codes = list(pool.map(launch, tasks))
+        if any(codes):
+            print(f"{sum(c != 0 for c in codes)} run(s) failed; the table shows the others", flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    import torch
+
+    settings = {
+        "command": "python benchmarks/comparison.py " + " ".join(sys.argv[1:]),
+        "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+                   if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "jobs": jobs, "threads": threads, "wall": f"{(time.time() - start) / 60:.0f} min (this invocation)",
+        "data": data_label, "split": test_split, "grid": "×".join(map(str, grid)), "epochs": epochs, "seeds": seeds,
+        **{f"n_{k}": len(_cases(data_dir, s)) for k, s in (("train", "train"), ("val", "val"), ("test", test_split))},
+    }
+    text = report(work, out, settings, overwrite)
+    print(text)
+    return str(out)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"main": main, "task": task} if len(sys.argv) > 1 and sys.argv[1] == "task" else main)
