@@ -97,7 +97,7 @@ def _bundle_run(config_files: list, overrides: dict, threads: int, log: Path) ->
 
 # ---------------------------------------------------------------- shared pre-stage (once per work folder)
 
-def prepare(work: Path, data: Path, test_split: str, grid, seg_epochs: int, seed: int, threads: int) -> None:
+def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int, threads: int) -> None:
     """Train the gland segmenter, predict the test masks, and the bundle's rigid per case and direction."""
     seg_weights = work / "seg_model.pt"
     seg_net = {"seg_network_def#channels": [8, 16, 32, 64], "seg_network_def#strides": [2, 2, 2],
@@ -289,8 +289,9 @@ def task(name: str, seed: int, direction: str, work: str, data: str, split: str,
 
 # ---------------------------------------------------------------- statistics and the table
 
-def _stats(results: dict, direction: str, metric: str, reference: str = "full") -> dict:
-    """Per row: seeds, mean ± SD over seeds of the per-seed case means, Wilcoxon p against ``reference``, verdict."""
+def _stats(results: dict, direction: str, metric: str, higher_is_better: bool = True, reference: str = "full") -> dict:
+    """Per row: seeds, mean ± SD over seeds of the per-seed case means, Wilcoxon p against ``reference``, and the
+    verdict "better" / "worse" / "tie" (for a metric where lower is better, e.g. TRE, a negative gap is better)."""
     from scipy.stats import wilcoxon
 
     def per_seed(row):
@@ -321,7 +322,8 @@ def _stats(results: dict, direction: str, metric: str, reference: str = "full") 
             ref_sd = table[reference]["sd"] if reference in table else 0.0
             gap = float(diff.mean()) if a else 0.0
             tie = abs(gap) <= max(entry["sd"], ref_sd) or p >= 0.05
-            entry.update(p=p, n_pairs=len(a), gap=gap, verdict="tie" if tie else ("higher" if gap > 0 else "lower"))
+            entry.update(p=p, n_pairs=len(a), gap=gap,
+                         verdict="tie" if tie else ("better" if (gap > 0) == higher_is_better else "worse"))
         table[row] = entry
     return table
 
@@ -333,6 +335,10 @@ def _official(results: dict, direction: str, row: str) -> tuple:
     jac = [r["float"]["regularity"].get("jacobian_nonpositive_pct_mean") for r in runs]
     jac = [j for j in jac if j is not None]
     return float(np.mean(score)), (float(np.mean(jac)) if jac else None)
+
+
+def _compute_minutes(results: dict) -> float:
+    return sum(r["seconds"] for rows in results.values() for seeds in rows.values() for r in seeds.values()) / 60
 
 
 def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
@@ -348,20 +354,22 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
         "",
         f"Command: `{settings['command']}`",
         "",
-        f"Machine: {settings['machine']}; {settings['jobs']} training(s) side by side, {settings['threads']} torch "
-        f"thread(s) each; wall time {settings['wall']}. Data: {settings['data']}; {settings['n_train']} training, "
+        f"Machine: {settings['machine']}; {settings['jobs']} run(s) side by side, {settings['threads']} torch "
+        f"thread(s) each; {_compute_minutes(results):.0f} min of run time in all (the sum over rows, seeds and "
+        f"directions of training + registration, without scoring). Data: {settings['data']}; {settings['n_train']} training, "
         f"{settings['n_val']} validation and {settings['n_test']} test ({settings['split']}) pairs. Network grid "
         f"{settings['grid']}, {settings['epochs']} epochs per learned row, seeds {settings['seeds']}.",
         "",
         "DSC: gland Dice (float mode). TRE: Euclidean landmark centroid error in mm. Both: mean over test cases per"
         " seed, then mean ± SD over seeds. p: paired Wilcoxon signed-rank test against the full model over (case,"
-        " seed) pairs; verdict 'tie' when p ≥ 0.05 or the gap is inside the larger seed SD. score: the μ-RegPro"
+        " seed) pairs; verdict: better / worse than the full model, or 'tie' when p ≥ 0.05 or the gap is inside the"
+        " larger seed SD. score: the μ-RegPro"
         " official-mode score (mean over seeds). |J|≤0: % voxels with a non-positive Jacobian determinant.",
     ]
     for direction in DIRECTIONS:
         if direction not in results:
             continue
-        dsc, tre = _stats(results, direction, "dsc"), _stats(results, direction, "tre_mm")
+        dsc, tre = _stats(results, direction, "dsc"), _stats(results, direction, "tre_mm", higher_is_better=False)
         lines += ["", f"## {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'})",
                   "", "| row | seeds | DSC | p (DSC) | verdict | TRE mm | p (TRE) | verdict | score | \\|J\\|≤0 % | train s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -413,7 +421,6 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
     """
     from scripts.io import flag
 
-    start = time.time()
     work, out = Path(work).resolve(), Path(out)
     overwrite = flag(overwrite, "overwrite")
     if out.exists() and not overwrite:
@@ -435,7 +442,7 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
     else:
         data_dir, data_label = Path(data).resolve(), f"`{data}`"
     if not report_only:
-        prepare(work, data_dir, test_split, grid, seg_epochs, seeds[0], threads * jobs)
+        prepare(work, data_dir, test_split, seg_epochs, seeds[0], threads * jobs)
         tasks = [(r, s if r in LEARNED else seeds[0], d) for s in seeds for d in directions for r in rows
                  if r in LEARNED or s == seeds[0]]
 
@@ -462,7 +469,7 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
         "command": "python benchmarks/comparison.py " + " ".join(sys.argv[1:]),
         "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
                    if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-        "jobs": jobs, "threads": threads, "wall": f"{(time.time() - start) / 60:.0f} min (this invocation)",
+        "jobs": jobs, "threads": threads,
         "data": data_label, "split": test_split, "grid": "×".join(map(str, grid)), "epochs": epochs, "seeds": seeds,
         **{f"n_{k}": len(_cases(data_dir, s)) for k, s in (("train", "train"), ("val", "val"), ("test", test_split))},
     }

@@ -32,7 +32,7 @@ def test_consistent_gain_beyond_the_seed_spread_is_higher():
     row = table["voxelmorph"]
     assert row["n_pairs"] == 12 and row["p"] == pytest.approx(2 / 2**12)
     assert row["gap"] == pytest.approx(0.05 + 0.001 * 5.5)
-    assert row["verdict"] == "higher"
+    assert row["verdict"] == "better"
 
 
 def test_gap_inside_the_seed_spread_is_a_tie_even_when_significant():
@@ -53,4 +53,10 @@ def test_a_deterministic_row_is_paired_with_every_seed():
     row = comparison._stats(_results({"full": FULL, "ants_syn": ants}), "mr2us", "dsc")["ants_syn"]
     assert row["n_pairs"] == 12 and row["sd"] == 0.0 and row["seeds"] == [0]
     assert row["gap"] == pytest.approx(np.mean(ants[0]) - 0.83)
-    assert row["verdict"] == "lower"
+    assert row["verdict"] == "worse"
+
+
+def test_lower_is_better_for_errors():
+    ants = {0: [0.60, 0.61, 0.62, 0.63]}  # read as TRE values: lower than the full model's, so better
+    row = comparison._stats(_results({"full": FULL, "ants_syn": ants}), "mr2us", "dsc", higher_is_better=False)
+    assert row["ants_syn"]["verdict"] == "better"
