@@ -399,8 +399,19 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
 
 # ---------------------------------------------------------------- the command
 
+def _check_work(work: Path, fixed: dict) -> None:
+    """Stored results are reused: refuse a work folder made with other data, split, grid or epochs."""
+    path = work / "settings.json"
+    if path.is_file():
+        made = json.loads(path.read_text())
+        if made != fixed:
+            raise FileExistsError(f"{path}: this work folder was made with {made}, not {fixed}; use a new --work folder")
+    else:
+        write_json(fixed, path)
+
+
 def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", data: str | None = None,
-         cases: int = 24, test_split: str = "holdout", seeds=(0, 1, 2), directions=("mr2us", "us2mr"),
+         cases: int = 24, test_split: str | None = None, seeds=(0, 1, 2), directions=("mr2us", "us2mr"),
          grid=(24, 24, 20), epochs: int = 6, seg_epochs: int = 60, rows=None, jobs: int = 2, threads: int = 1,
          overwrite: bool = False, report_only: bool = False) -> str:
     """Train, register and score every row; write the table to ``out``.
@@ -409,7 +420,8 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
         work: working folder (data, segmenter, runs, registrations, per-run results; resumable).
         data: a μ-RegPro-layout folder; default: ``cases`` synthetic phantom cases in ``<work>/data``
             (60 / 15 / 25 % train / val / holdout).
-        test_split: the split that is scored (``holdout``; "val" on μ-RegPro, whose holdout has no labels).
+        test_split: the split that is scored; default "holdout" on the phantom, "val" with ``data`` (μ-RegPro's
+            holdout labels are not public).
         seeds: training seeds of every learned row (the ANTs rows are seeded with the first).
         grid: the network grid (the paper's 128 x 128 x 120 on a GPU; small on a CPU). Its depth must be a
             multiple of 10 for the paper LSTM.
@@ -431,7 +443,10 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
     unknown = [r for r in rows if r not in CLASSICAL and r not in LEARNED]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {list(CLASSICAL) + list(LEARNED)}")
+    test_split = test_split or ("holdout" if data is None else "val")
     work.mkdir(parents=True, exist_ok=True)
+    _check_work(work, {"data": str(Path(data).resolve()) if data else f"phantom, {cases} cases", "test_split": test_split,
+                       "grid": grid, "epochs": epochs, "seg_epochs": seg_epochs})
     if data is None:
         data_dir = work / "data"
         if not (data_dir / "phantom.json").is_file():
@@ -481,4 +496,10 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"main": main, "task": task} if len(sys.argv) > 1 and sys.argv[1] == "task" else main)
+    from scripts.io import InputError
+
+    try:
+        fire.Fire({"main": main, "task": task} if len(sys.argv) > 1 and sys.argv[1] == "task" else main)
+    except (InputError, FileExistsError, ValueError) as err:  # bad options or a taken folder: one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

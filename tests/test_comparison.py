@@ -60,3 +60,11 @@ def test_lower_is_better_for_errors():
     ants = {0: [0.60, 0.61, 0.62, 0.63]}  # read as TRE values: lower than the full model's, so better
     row = comparison._stats(_results({"full": FULL, "ants_syn": ants}), "mr2us", "dsc", higher_is_better=False)
     assert row["ants_syn"]["verdict"] == "better"
+
+
+def test_a_work_folder_refuses_other_settings(tmp_path):
+    made = {"data": "phantom, 24 cases", "test_split": "holdout", "grid": [24, 24, 20], "epochs": 6, "seg_epochs": 60}
+    comparison._check_work(tmp_path, made)
+    comparison._check_work(tmp_path, dict(made))  # the same settings resume
+    with pytest.raises(FileExistsError, match="settings.json"):
+        comparison._check_work(tmp_path, {**made, "epochs": 100})
