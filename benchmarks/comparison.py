@@ -18,9 +18,9 @@ Equal terms, for every row:
 - every row is scored by :func:`scripts.evaluate.evaluate` (μ-RegPro official and float modes, mm TRE).
 
 Statistics (per direction): each learned row's mean over test cases per seed, then mean ± SD over
-seeds; a paired Wilcoxon signed-rank test against the full model over (case, seed) pairs (a
-deterministic row's case value is paired with each seed of the full model); a difference smaller
-than the larger of the two rows' seed SDs is reported as a tie whatever the p-value.
+seeds; a paired Wilcoxon signed-rank test against the full model over the test cases, each case's
+value averaged over the seeds both rows have (a deterministic row against the full model's seed mean);
+a difference smaller than the larger of the two rows' seed SDs is reported as a tie whatever the p-value.
 
 Every (row, seed, direction) result is kept in ``<work>/results/`` as it finishes: a stopped run
 resumes. ``--jobs`` trainings run side by side, each with ``--threads`` torch threads.
@@ -56,7 +56,7 @@ LEARNED = {
     "no_task_mask": ("ablation: no task mask", ["ablations/no_task_mask.json"], []),
     "plain_unet": ("ablation: plain U-Net", ["ablations/plain_unet.json"], []),
     "voxelmorph": ("MONAI VoxelMorph, our loss", ["baselines/voxelmorph.json"], BASELINE),
-    "voxelmorph_native": ("MONAI VoxelMorph, native loss (MI, no labels)", ["baselines/voxelmorph.json"],
+    "voxelmorph_native": ("MONAI VoxelMorph, native loss (MI, no label term)", ["baselines/voxelmorph.json"],
                           BASELINE + ["baselines/loss_unsupervised.json"]),
     "localnet": ("MONAI LocalNet, our loss", ["baselines/localnet.json"], BASELINE),
     "localnet_native": ("MONAI LocalNet, native loss (Dice + bending)", ["baselines/localnet.json"],
@@ -147,6 +147,11 @@ def _pair(data: Path, split: str, case: str, direction: str) -> dict:
             "fixed_mask_modality": fix}
 
 
+def _masks(work: Path, case: str, pair: dict) -> dict:
+    """The predicted gland masks of one test pair: {"moving_mask": path, "fixed_mask": path}."""
+    return {k: work / "masks" / f"{case}_{pair[k + '_modality']}.nii.gz" for k in ("moving_mask", "fixed_mask")}
+
+
 def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out: Path, seed: int) -> None:
     """Write ``out/<case>.nii.gz``, the moving labels warped onto the fixed grid by one classical method."""
     import ants
@@ -158,7 +163,7 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
     rigid = json.loads((work / "rigid.json").read_text())
     for case in _cases(data, split):
         p = _pair(data, split, case, direction)
-        masks = {k: work / "masks" / f"{case}_{p[k + '_modality']}.nii.gz" for k in ("moving_mask", "fixed_mask")}
+        masks = _masks(work, case, p)
         if name == "bundle_rigid":  # the pipeline with no network: the rigid alone, one resampling
             register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], direction=direction,
                           rigid=rigid[f"{direction}/{case}"]["matrix"], **masks, overwrite=True)
@@ -201,7 +206,7 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
         "validate#dataset": {"_target_": "PersistentDataset", "data": "@validate#dataset_data",
                              "transform": "@validate#preprocessing", "cache_dir": str(cache)},
         "validate#dataset_data": "$scripts.data.load_split(@dataset_dir, 'val', @direction)",
-    }, work / "persistent_cache.json", overwrite=True)
+    }, work / f"persistent_cache_{cache.name}.json", overwrite=True)
     started = time.time()
     if not (run_dir / "best.pt").is_file():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +225,7 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
     started = time.time()
     for case in _cases(data, split):
         p = _pair(data, split, case, direction)
-        masks = {k: work / "masks" / f"{case}_{p[k + '_modality']}.nii.gz" for k in ("moving_mask", "fixed_mask")}
+        masks = _masks(work, case, p)
         register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], network=network,
                       direction=direction, spatial_size=grid, depth_crop=parser["depth_crop"],
                       axcodes=parser["axcodes"], rigid=rigid[f"{direction}/{case}"]["matrix"], **masks,
@@ -289,9 +294,22 @@ def task(name: str, seed: int, direction: str, work: str, data: str, split: str,
 
 # ---------------------------------------------------------------- statistics and the table
 
+def _case_means(seeds: dict, metric: str) -> dict:
+    """case -> the metric averaged over the given seeds ({seed: {case: {metric: value}}}; None skipped)."""
+    values = {}
+    for cases in seeds.values():
+        for case, v in cases.items():
+            if v[metric] is not None:
+                values.setdefault(case, []).append(v[metric])
+    return {case: float(np.mean(v)) for case, v in values.items()}
+
+
 def _stats(results: dict, direction: str, metric: str, higher_is_better: bool = True, reference: str = "full") -> dict:
-    """Per row: seeds, mean ± SD over seeds of the per-seed case means, Wilcoxon p against ``reference``, and the
-    verdict "better" / "worse" / "tie" (for a metric where lower is better, e.g. TRE, a negative gap is better)."""
+    """Per row: seeds, mean ± SD (sample SD) over seeds of the per-seed case means, in the metric's units (DSC
+    unitless, TRE mm); a paired Wilcoxon signed-rank p against ``reference`` over the test cases, each case's
+    value averaged over the seeds the two rows share (a deterministic row against the reference's mean over
+    all its seeds); and the verdict "better" / "worse" / "tie" (for TRE, where lower is better, a negative
+    gap is better). Without a ``reference`` result the rows get no p and no verdict."""
     from scipy.stats import wilcoxon
 
     def per_seed(row):
@@ -303,26 +321,19 @@ def _stats(results: dict, direction: str, metric: str, higher_is_better: bool = 
         seeds = per_seed(row)
         if not seeds:
             continue
-        means = [np.nanmean([v[metric] if v[metric] is not None else np.nan for v in cases.values()])
-                 for cases in seeds.values()]
+        means = [np.mean(list(_case_means({s: cases}, metric).values())) for s, cases in seeds.items()]
         entry = {"seeds": sorted(seeds), "mean": float(np.mean(means)),
                  "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0}
         if row != reference and ref:
-            a, b = [], []
-            for seed, ref_cases in ref.items():
-                cases = seeds.get(seed, next(iter(seeds.values())) if len(seeds) == 1 else None)
-                if cases is None:
-                    continue
-                for case, value in ref_cases.items():
-                    if value[metric] is not None and cases.get(case, {}).get(metric) is not None:
-                        a.append(value[metric])
-                        b.append(cases[case][metric])
-            diff = np.asarray(b) - np.asarray(a)
-            p = float(wilcoxon(b, a).pvalue) if len(a) > 0 and np.any(diff != 0) else 1.0
-            ref_sd = table[reference]["sd"] if reference in table else 0.0
-            gap = float(diff.mean()) if a else 0.0
-            tie = abs(gap) <= max(entry["sd"], ref_sd) or p >= 0.05
-            entry.update(p=p, n_pairs=len(a), gap=gap,
+            shared = ref.keys() if row in CLASSICAL else seeds.keys() & ref.keys()
+            ref_cases = _case_means({s: ref[s] for s in shared}, metric)
+            row_cases = _case_means(seeds if row in CLASSICAL else {s: seeds[s] for s in shared}, metric)
+            cases = sorted(ref_cases.keys() & row_cases.keys())
+            diff = np.array([row_cases[c] - ref_cases[c] for c in cases])
+            p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+            gap = float(diff.mean()) if len(cases) else 0.0
+            tie = abs(gap) <= max(entry["sd"], table[reference]["sd"]) or p >= 0.05
+            entry.update(p=p, n_cases=len(cases), gap=gap,
                          verdict="tie" if tie else ("better" if (gap > 0) == higher_is_better else "worse"))
         table[row] = entry
     return table
@@ -348,7 +359,8 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
         results.setdefault(r["direction"], {}).setdefault(r["row"], {})[r["seed"]] = r
     labels = {**CLASSICAL, **{k: v[0] for k, v in LEARNED.items()}}
     lines = [
-        "# Comparison: the full model, its ablations and the usual alternatives (SYNTHETIC phantom)",
+        "# Comparison: the full model, its ablations and the usual alternatives"
+        + (" (SYNTHETIC phantom)" if settings["data"].startswith("synthetic") else ""),
         "",
         "Made by `benchmarks/comparison.py`; docs/comparison.md says how every row is run and how to read this table.",
         "",
@@ -361,8 +373,8 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
         f"{settings['grid']}, {settings['epochs']} epochs per learned row, seeds {settings['seeds']}.",
         "",
         "DSC: gland Dice (float mode). TRE: Euclidean landmark centroid error in mm. Both: mean over test cases per"
-        " seed, then mean ± SD over seeds. p: paired Wilcoxon signed-rank test against the full model over (case,"
-        " seed) pairs; verdict: better / worse than the full model, or 'tie' when p ≥ 0.05 or the gap is inside the"
+        " seed, then mean ± SD (sample SD) over seeds. p: paired Wilcoxon signed-rank test against the full model over"
+        " the test cases (each case averaged over the seeds both rows have); verdict: better / worse than the full model, or 'tie' when p ≥ 0.05 or the gap is inside the"
         " larger seed SD. score: the μ-RegPro"
         " official-mode score (mean over seeds). |J|≤0: % voxels with a non-positive Jacobian determinant.",
     ]
@@ -385,7 +397,9 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
                 return f"{e['mean']:.{digits}f} ± {e['sd']:.{digits}f}" if len(e["seeds"]) > 1 else f"{e['mean']:.{digits}f}"
 
             def p(e):
-                return ("reference", "") if "p" not in e else (f"{e['p']:.3f}", e["verdict"])
+                if "p" in e:
+                    return f"{e['p']:.3f}", e["verdict"]
+                return ("reference", "") if row == "full" else ("–", "")
 
             seeds = ",".join(map(str, d["seeds"])) if row in LEARNED else "deterministic"
             lines.append(f"| {labels[row]} | {seeds} | {cell(d, 3)} | {p(d)[0]} | {p(d)[1]} | {cell(t, 2)} | "

@@ -26,7 +26,8 @@ class BaselineNet(nn.Module):
 
     Args:
         kind: "voxelmorph" or "localnet".
-        channels, final_conv_channels: of ``VoxelMorphUNet`` (the VoxelMorph paper's vm2 widths by default).
+        channels, unet_out_channels, final_conv_channels: of ``VoxelMorphUNet`` (the VoxelMorph paper's vm2
+            widths by default: U-Net 16-32-32-32-32-32 ending in 32 channels, then 16-16, then the 3-channel flow).
         integration_steps: VoxelMorph's scaling-and-squaring steps (7, as ours).
         num_channel_initial, extract_levels: of ``LocalNet`` (levels 0-3 as Hu et al. 2018).
     """
@@ -35,6 +36,7 @@ class BaselineNet(nn.Module):
         self,
         kind: str = "voxelmorph",
         channels: Sequence[int] = (16, 32, 32, 32, 32, 32),
+        unet_out_channels: int = 32,
         final_conv_channels: Sequence[int] = (16, 16),
         integration_steps: int = 7,
         num_channel_initial: int = 16,
@@ -45,7 +47,8 @@ class BaselineNet(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         if kind == "voxelmorph":
-            backbone = VoxelMorphUNet(3, 2, 3, channels=tuple(channels), final_conv_channels=tuple(final_conv_channels))
+            backbone = VoxelMorphUNet(3, 2, unet_out_channels, channels=tuple(channels),
+                                      final_conv_channels=tuple(final_conv_channels))
             self.net = VoxelMorph(backbone=backbone, integration_steps=integration_steps, spatial_dims=3)
             self.integrate = self.net.dvf2ddf  # velocity -> ddf; the pipeline integrates -v for the inverse
             self.multiple = 2 ** (len(channels) // 2)

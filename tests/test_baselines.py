@@ -30,7 +30,8 @@ GRID = (20, 24, 18)  # not a multiple of the networks' pooling
 @pytest.mark.parametrize("kind", ["voxelmorph", "localnet"])
 def test_adapter_keeps_the_grid(kind):
     torch.manual_seed(0)
-    net = BaselineNet(kind, channels=(4, 8, 8, 8, 8, 8), final_conv_channels=(4, 4), num_channel_initial=4)
+    net = BaselineNet(kind, channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4, final_conv_channels=(4, 4),
+                      num_channel_initial=4)
     image = torch.rand(1, 2, *GRID)
     out = net.forward_train(image)
     assert out["ddf"].shape == (1, 3, *GRID) and out["task_mask"] is None
@@ -97,7 +98,8 @@ def test_localnet_native_trains_and_registers(phantom, tmp_path):
     case = sorted((phantom / "holdout" / "mr_images").iterdir())[0].name
     pair = {k: phantom / "holdout" / f"{k}s" / case for k in ("mr_image", "us_image", "mr_label")}
     nets = {"localnet": BaselineNet("localnet", num_channel_initial=4),
-            "voxelmorph": BaselineNet("voxelmorph", channels=(4, 8, 8, 8, 8, 8), final_conv_channels=(4, 4))}
+            "voxelmorph": BaselineNet("voxelmorph", channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4,
+                                           final_conv_channels=(4, 4))}
     load_weights(nets["localnet"], tmp_path / "run" / "best.pt", required=True)
     expected = {"localnet": "numerical (ITK fixed point)", "voxelmorph": "integrated -velocity"}
     for kind, net in nets.items():

@@ -15,8 +15,9 @@ spec = importlib.util.spec_from_file_location("comparison", ROOT / "benchmarks" 
 comparison = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(comparison)
 
-CASES = ["a", "b", "c", "d"]
-FULL = {0: [0.80, 0.82, 0.84, 0.86], 1: [0.81, 0.83, 0.85, 0.87], 2: [0.79, 0.81, 0.83, 0.85]}  # seed means .83 .84 .82
+CASES = [f"case{i}" for i in range(8)]
+BASE = [0.80 + 0.01 * i for i in range(8)]
+FULL = {seed: [v + offset for v in BASE] for seed, offset in ((0, 0.0), (1, 0.01), (2, -0.01))}  # seed means .835 .845 .825
 
 
 def _results(rows: dict) -> dict:
@@ -24,42 +25,58 @@ def _results(rows: dict) -> dict:
                             for seed, values in seeds.items()} for row, seeds in rows.items()}}
 
 
-def test_consistent_gain_beyond_the_seed_spread_is_higher():
-    shift = {s: [v + 0.05 + 0.001 * (4 * s + i) for i, v in enumerate(vals)] for s, vals in FULL.items()}
-    table = comparison._stats(_results({"full": FULL, "voxelmorph": shift}), "mr2us", "dsc")
-    assert table["full"]["mean"] == pytest.approx(0.83)
-    assert table["full"]["sd"] == pytest.approx(0.01)  # sample SD of 0.83, 0.84, 0.82
+def _shifted(shift) -> dict:
+    """The full model's values plus ``shift(case index)``, every seed."""
+    return {s: [v + shift(i) for i, v in enumerate(vals)] for s, vals in FULL.items()}
+
+
+def test_consistent_gain_beyond_the_seed_spread_is_better():
+    table = comparison._stats(_results({"full": FULL, "voxelmorph": _shifted(lambda i: 0.05 + 0.001 * i)}),
+                              "mr2us", "dsc")
+    assert table["full"]["mean"] == pytest.approx(0.835)
+    assert table["full"]["sd"] == pytest.approx(0.01)  # sample SD of 0.835, 0.845, 0.825
     row = table["voxelmorph"]
-    assert row["n_pairs"] == 12 and row["p"] == pytest.approx(2 / 2**12)
-    assert row["gap"] == pytest.approx(0.05 + 0.001 * 5.5)
+    # 8 cases (seed-averaged), 8 distinct positive differences: exact two-sided p = 2 / 2**8
+    assert row["n_cases"] == 8 and row["p"] == pytest.approx(2 / 2**8)
+    assert row["gap"] == pytest.approx(0.05 + 0.001 * 3.5)
     assert row["verdict"] == "better"
 
 
 def test_gap_inside_the_seed_spread_is_a_tie_even_when_significant():
-    shift = {s: [v - 0.005 - 0.0001 * (4 * s + i) for i, v in enumerate(vals)] for s, vals in FULL.items()}
-    row = comparison._stats(_results({"full": FULL, "cmca": shift}), "mr2us", "dsc")["cmca"]
-    assert row["p"] < 0.05 and row["gap"] < 0 and row["verdict"] == "tie"
+    row = comparison._stats(_results({"full": FULL, "cmca": _shifted(lambda i: -0.005 - 0.0001 * i)}),
+                            "mr2us", "dsc")["cmca"]
+    assert row["p"] == pytest.approx(2 / 2**8) and row["gap"] < 0 and row["verdict"] == "tie"
 
 
 def test_mixed_signs_are_a_tie():
-    mixed = {s: [v + (0.05 if i % 2 else -0.05) + 0.001 * (4 * s + i) for i, v in enumerate(vals)]
-             for s, vals in FULL.items()}
+    mixed = _shifted(lambda i: (0.05 if i % 2 else -0.05) + 0.001 * i)
     row = comparison._stats(_results({"full": FULL, "no_lstm": mixed}), "mr2us", "dsc")["no_lstm"]
     assert row["p"] > 0.05 and row["verdict"] == "tie"
 
 
-def test_a_deterministic_row_is_paired_with_every_seed():
-    ants = {0: [0.60, 0.61, 0.62, 0.63]}
+def test_a_deterministic_row_is_compared_with_the_seed_mean():
+    ants = {0: [0.60 + 0.01 * i for i in range(8)]}
     row = comparison._stats(_results({"full": FULL, "ants_syn": ants}), "mr2us", "dsc")["ants_syn"]
-    assert row["n_pairs"] == 12 and row["sd"] == 0.0 and row["seeds"] == [0]
-    assert row["gap"] == pytest.approx(np.mean(ants[0]) - 0.83)
+    assert row["n_cases"] == 8 and row["sd"] == 0.0 and row["seeds"] == [0]
+    assert row["gap"] == pytest.approx(0.635 - 0.835)
     assert row["verdict"] == "worse"
 
 
+def test_a_learned_row_with_one_seed_is_compared_on_that_seed_only():
+    # cmca ran with seed 1 only (the others failed) and equals the full model's seed 1 exactly
+    row = comparison._stats(_results({"full": FULL, "cmca": {1: FULL[1]}}), "mr2us", "dsc")["cmca"]
+    assert row["n_cases"] == 8 and row["gap"] == pytest.approx(0.0) and row["p"] == 1.0
+
+
 def test_lower_is_better_for_errors():
-    ants = {0: [0.60, 0.61, 0.62, 0.63]}  # read as TRE values: lower than the full model's, so better
+    ants = {0: [0.60 + 0.01 * i for i in range(8)]}  # read as TRE values: lower than the full model's, so better
     row = comparison._stats(_results({"full": FULL, "ants_syn": ants}), "mr2us", "dsc", higher_is_better=False)
     assert row["ants_syn"]["verdict"] == "better"
+
+
+def test_without_the_reference_no_row_gets_a_verdict():
+    table = comparison._stats(_results({"ants_syn": {0: BASE}}), "mr2us", "dsc")
+    assert "p" not in table["ants_syn"] and "verdict" not in table["ants_syn"]
 
 
 def test_a_work_folder_refuses_other_settings(tmp_path):

@@ -156,17 +156,19 @@ def test_difficulty_objective_is_minimal_at_its_target_and_joint_is_not():
 
 
 def test_bending_regulariser_per_chunk():
-    # u_x = a z^2 / 2: the second central difference along z is a everywhere, every other second
-    # derivative 0 -> bending energy a^2 on the first component, 0 on the others: a^2 / 3 per voxel, every chunk.
-    # A linear field has no bending energy but a gradient.
+    # u_x = a z^3 / 6: the second central difference along z is a z exactly, every other second derivative 0
+    # -> bending energy a^2 z^2 on the first component, 0 on the others: a^2 z^2 / 3 per voxel. The edge
+    # slices take their neighbour's value (z = 1 and z = D-2); chunks of 2 slices. A linear field has no
+    # bending energy but a gradient.
     a, shape = 0.01, (6, 6, 20)
     z = torch.arange(shape[2], dtype=torch.float32)
     image, label = torch.full((1, 1, *shape), 0.5), torch.zeros(1, 1, *shape)
-    quadratic, linear = torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape)
-    quadratic[0, 0], linear[0, 0] = a * z**2 / 2, a * z
+    cubic, linear = torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape)
+    cubic[0, 0], linear[0, 0] = a * z**3 / 6, a * z
     loss = RegistrationLoss(regulariser="bending", grad_weight=0.5)
-    torch.testing.assert_close(loss(quadratic, image, image, label, label)["smooth"],
-                               torch.full((1, 10), 0.5 * a**2 / 3), rtol=1e-4, atol=0)
+    per_slice = a**2 * np.clip(np.arange(20), 1, 18) ** 2 / 3
+    expected = torch.tensor(0.5 * per_slice.reshape(10, 2).mean(axis=1), dtype=torch.float32)[None]
+    torch.testing.assert_close(loss(cubic, image, image, label, label)["smooth"], expected, rtol=1e-4, atol=0)
     torch.testing.assert_close(loss(linear, image, image, label, label)["smooth"], torch.zeros(1, 10), atol=1e-9, rtol=0)
     assert RegistrationLoss()(linear, image, image, label, label)["smooth"].min() > 0
 
