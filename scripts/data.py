@@ -15,13 +15,12 @@ stored 3-D. Each returned dict names the moving and fixed files for the chosen d
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from scripts.io import InputError, load_array, read_nifti, write_json
+from scripts.io import InputError, load_array, read_json, read_nifti, write_json
 
 MODALITY_DIRS = {"mr_image": "mr_images", "us_image": "us_images", "mr_label": "mr_labels", "us_label": "us_labels"}
 DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (moving, fixed) modality
@@ -64,12 +63,7 @@ def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
 def read_datalist(datalist: str | Path, split: str) -> list[dict]:
     """Read one split of a JSON datalist (see module docstring); relative paths are taken from the JSON's folder."""
     path = Path(datalist)
-    if not path.is_file():
-        raise InputError(f"{path}: datalist file does not exist")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    content = read_json(path, "datalist file")
     if split not in content:
         raise InputError(f"{path}: has no split {split!r} (found {sorted(content)})")
     cases = []

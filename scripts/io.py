@@ -52,6 +52,17 @@ def flag(value: bool | str, name: str = "flag") -> bool:
     raise InputError(f"{name} must be true or false, got {value!r}")
 
 
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; :class:`InputError` naming the file when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = None, what: str = "image"):
     """Open a NIfTI file and check its dimensionality, raising :class:`InputError` on failure.
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from scripts.geometry import RAS2LPS, sample, world_to_voxel
-from scripts.io import InputError, load_array, read_nifti, write_json, write_nifti, write_text
+from scripts.io import InputError, load_array, read_json, read_nifti, write_json, write_nifti, write_text
 from scripts.transform_io import read_field_nifti, warp
 
 __all__ = [
@@ -120,12 +119,7 @@ def read_markups(path) -> tuple[dict, list[tuple[int, int]], np.ndarray]:
     mapped control point (positions defined, point-only markup types), and their (N, 3) LPS mm positions.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: markups file does not exist")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    document = read_json(path, "markups file")
     if not isinstance(document, dict) or "markups" not in document or "@schema" not in document:
         raise InputError(f"{path}: not a 3D Slicer markups file (needs '@schema' and 'markups')")
     refs, points = [], []
