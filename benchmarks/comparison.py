@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
 from scripts.io import write_json, write_text  # noqa: E402
+from scripts.demo import bundle_run, small_segmenter  # noqa: E402
 
 # learned rows: name -> (label, model files (train.json and inference.json), training-only files), in configs/
 BASELINE = ["baselines/training.json"]
@@ -70,6 +71,8 @@ CLASSICAL = {
     "ants_seg_syn": "ANTs affine + SyN on predicted gland masks",
     "bundle_rigid": "bundle rigid on predicted masks (no network)",
 }
+# classical rows run by benchmarks/phantom_difficulty.py's ants_transforms (the masks are the predicted ones here)
+ANTS_METHODS = {"ants_rigid": "ants_rigid_mi", "ants_syn": "ants_syn_mi", "ants_seg_syn": "ants_syn_masks"}
 DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (moving, fixed) modality
 
 
@@ -83,32 +86,19 @@ def _env(threads: int) -> dict:
             "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n}
 
 
-def _bundle_run(config_files: list, overrides: dict, threads: int, log: Path) -> None:
-    """``python -m monai.bundle run training`` with ``--key value`` overrides; output in ``log``."""
-    files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files]
-    for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    with open(log, "w") as fh:
-        proc = subprocess.run(command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed ({' '.join(command)}); see {log}")
-
-
 # ---------------------------------------------------------------- shared pre-stage (once per work folder)
 
 def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int, threads: int) -> None:
     """Train the gland segmenter, predict the test masks, and the bundle's rigid per case and direction."""
     seg_weights = work / "seg_model.pt"
-    seg_net = {"seg_network_def#channels": [8, 16, 32, 64], "seg_network_def#strides": [2, 2, 2],
-               "seg_network_def#num_res_units": 1}
+    seg_net = small_segmenter()
     seg_grid = [32, 32, 32]
     if not seg_weights.is_file():
         print(f"training the gland segmenter ({seg_epochs} epochs)", flush=True)
-        _bundle_run([ROOT / "configs" / "seg_train.json"], {
+        bundle_run(["seg_train.json"], {
             "dataset_dir": str(data), "run_dir": str(work / "seg_run"), "checkpoint": str(seg_weights),
             "seed": seed, "seg_spatial_size": seg_grid, "max_epochs": seg_epochs, "learning_rate": 5e-3,
-            "progress_bar": "false", **seg_net}, threads, work / "seg_train.log")
+            "progress_bar": "false", **seg_net}, _env(threads), work / "seg_train.log")
     write_json({"seg_spatial_size": seg_grid, **seg_net}, work / "seg_overrides.json", overwrite=True)
 
     masks, rigid_file = work / "masks", work / "rigid.json"
@@ -157,6 +147,7 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
     import ants
     import nibabel as nib
 
+    from benchmarks.phantom_difficulty import ants_transforms
     from scripts.io import write_nifti
     from scripts.pipeline import register_pair
 
@@ -169,19 +160,12 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
                           rigid=rigid[f"{direction}/{case}"]["matrix"], **masks, overwrite=True)
             continue
         fixed, moving = ants.image_read(str(p["fixed"])), ants.image_read(str(p["moving"]))
-        if name == "ants_seg_syn":  # the masks drive both stages (mean squares on binary images)
-            reg = ants.registration(ants.image_read(str(masks["fixed_mask"])).astype("float32"),
-                                    ants.image_read(str(masks["moving_mask"])).astype("float32"),
-                                    type_of_transform="SyN", aff_metric="meansquares", syn_metric="meansquares",
-                                    random_seed=seed, initial_transform="Identity")
-        else:
-            reg = ants.registration(fixed, moving, type_of_transform="Rigid" if name == "ants_rigid" else "SyN",
-                                    aff_metric="mattes", syn_metric="mattes", random_seed=seed,
-                                    initial_transform="Identity")
+        gland = [ants.image_read(str(masks[k])).astype("float32") for k in ("fixed_mask", "moving_mask")]
+        transforms = ants_transforms(ANTS_METHODS[name], fixed, moving, seed, *gland)
         labels = nib.load(str(p["moving_label"]))
         stack = np.asarray(labels.dataobj, dtype=np.float32)
         warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(stack[..., c])),
-                                        reg["fwdtransforms"], interpolator="linear").numpy()
+                                        transforms, interpolator="linear").numpy()
                   for c in range(stack.shape[-1])]
         write_nifti((np.stack(warped, -1) >= 0.5).astype(np.uint8), nib.load(str(p["fixed"])).affine,
                     out / f"{case}.nii.gz", overwrite=True)
@@ -210,10 +194,10 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
     started = time.time()
     if not (run_dir / "best.pt").is_file():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        _bundle_run([ROOT / "configs" / "train.json", *files, *train_files, common], {
+        bundle_run(["train.json", *files, *train_files, common], {
             "dataset_dir": str(data), "run_dir": str(run_dir), "seed": seed, "direction": direction,
             "spatial_size": list(grid), "max_epochs": epochs, "progress_bar": "false"},
-            threads, run_dir.parent / f"seed{seed}.log")
+            _env(threads), run_dir.parent / f"seed{seed}.log")
     train_seconds = time.time() - started
 
     torch.set_num_threads(threads)
@@ -451,7 +435,8 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
     overwrite = flag(overwrite, "overwrite")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    seeds, grid = [int(s) for s in seeds], [int(g) for g in grid]
+    seeds = [int(s) for s in ([seeds] if isinstance(seeds, (int, str)) else seeds)]
+    grid = [int(g) for g in grid]
     directions = [directions] if isinstance(directions, str) else list(directions)
     rows = list(CLASSICAL) + list(LEARNED) if rows is None else ([rows] if isinstance(rows, str) else list(rows))
     unknown = [r for r in rows if r not in CLASSICAL and r not in LEARNED]

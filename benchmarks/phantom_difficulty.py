@@ -65,6 +65,23 @@ def _score(fixed_labels, warped, fixed_affine) -> dict:
             "landmarks_lost": lost}
 
 
+def ants_transforms(method: str, fixed, moving, seed: int, fixed_mask=None, moving_mask=None) -> list:
+    """ANTs forward transforms (fixed -> moving, for ``ants.apply_transforms``) of one classical method.
+
+    "ants_rigid_mi" / "ants_syn_mi": Rigid / affine + SyN on the images, Mattes MI (the antspyx
+    defaults otherwise); "ants_syn_masks": affine + SyN on two gland masks (ANTs images), mean squares.
+    Every run starts from the identity (see the module docstring).
+    """
+    if method == "ants_syn_masks":
+        reg = ants.registration(fixed_mask, moving_mask, type_of_transform="SyN", aff_metric="meansquares",
+                                syn_metric="meansquares", random_seed=seed, initial_transform="Identity")
+    else:
+        reg = ants.registration(fixed, moving, type_of_transform="Rigid" if method == "ants_rigid_mi" else "SyN",
+                                aff_metric="mattes", syn_metric="mattes", random_seed=seed,
+                                initial_transform="Identity")
+    return reg["fwdtransforms"]
+
+
 def register_pair(root: Path, split: str, case: str, direction: str, seed: int) -> dict:
     """All methods for one case and direction ("mr2us": MR moving onto TRUS; "us2mr": TRUS onto MR)."""
     fix_mod, mov_mod = ("us", "mr") if direction == "mr2us" else ("mr", "us")
@@ -86,15 +103,7 @@ def register_pair(root: Path, split: str, case: str, direction: str, seed: int) 
         elif method == "true_field":
             warped = warp([str(d / f"ddf_{direction}" / f"{case}.nii.gz")])
         else:
-            if method == "ants_syn_masks":
-                reg = ants.registration(fixed_labels[0], moving_labels[0], type_of_transform="SyN",
-                                        aff_metric="meansquares", syn_metric="meansquares", random_seed=seed,
-                                        initial_transform="Identity")
-            else:
-                kind = "Rigid" if method == "ants_rigid_mi" else "SyN"
-                reg = ants.registration(fixed, moving, type_of_transform=kind, aff_metric="mattes",
-                                        syn_metric="mattes", random_seed=seed, initial_transform="Identity")
-            warped = warp(reg["fwdtransforms"])
+            warped = warp(ants_transforms(method, fixed, moving, seed, fixed_labels[0], moving_labels[0]))
         out[method] = {**_score(fixed_labels, warped, fixed_affine), "seconds": round(time.time() - t0, 1)}
     return out
 

@@ -24,13 +24,29 @@ from scripts.io import write_json
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bundle_run(config_files, overrides: dict) -> None:
-    """``python -m monai.bundle run training`` from the bundle root, with ``--key value`` overrides."""
+def bundle_run(config_files, overrides: dict, env: dict | None = None, log=None) -> None:
+    """``python -m monai.bundle run training`` from the bundle root, with ``--key value`` overrides.
+
+    ``config_files``: names inside ``configs/`` or paths. Output goes to the console, or to the file ``log``
+    (then a failure raises ``RuntimeError`` naming it).
+    """
     files = "[" + ",".join(f"'{BUNDLE_ROOT / 'configs' / f}'" for f in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
-    subprocess.run(command, cwd=BUNDLE_ROOT, check=True)
+    if log is None:
+        subprocess.run(command, cwd=BUNDLE_ROOT, env=env, check=True)
+        return
+    with open(log, "w") as fh:
+        if subprocess.run(command, cwd=BUNDLE_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"training failed ({' '.join(command)}); see {log}")
+
+
+def small_segmenter(channels=(8, 16, 32, 64)) -> dict:
+    """Overrides of ``configs/seg_train.json`` / ``seg_inference.json`` for the small U-Net the demo trains."""
+    channels = [int(c) for c in channels]
+    return {"seg_network_def#channels": channels, "seg_network_def#strides": [2] * (len(channels) - 1),
+            "seg_network_def#num_res_units": 1}
 
 
 def _stage(title: str, start: float) -> None:
@@ -73,8 +89,6 @@ def demo(
             if path.resolve() != data:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     grid = [int(g) for g in grid]
-    seg_channels = [int(c) for c in seg_channels]
-    seg_strides = [2] * (len(seg_channels) - 1)
 
     if not data.exists():
         _stage(f"1. generating {cases} synthetic phantom cases in {data}", start)
@@ -84,15 +98,14 @@ def demo(
 
     _stage("2a. training the gland segmenter (configs/seg_train.json)", start)
     seg_weights = work / "seg_model.pt"
-    seg_net = {"seg_network_def#channels": seg_channels, "seg_network_def#strides": seg_strides,
-               "seg_network_def#num_res_units": 1}
-    _bundle_run(["seg_train.json"], {
+    seg_net = small_segmenter(seg_channels)
+    bundle_run(["seg_train.json"], {
         "dataset_dir": data, "run_dir": work / "seg_run", "checkpoint": seg_weights, "seed": seed,
         "seg_spatial_size": grid, "max_epochs": seg_epochs, "learning_rate": 5e-3, **seg_net,
     })
 
     _stage("2b. training the registration network (configs/train.json)", start)
-    _bundle_run(["train.json"], {
+    bundle_run(["train.json"], {
         "dataset_dir": data, "run_dir": work / "run", "seed": seed, "spatial_size": grid, "max_epochs": epochs,
         "progress_bar": "false",
     })
