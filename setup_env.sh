@@ -6,7 +6,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(basename "$req")"
 if [ ! -f "$stamp" ] || ! cmp -s "$stamp" <(cat requirements*.txt); then
-    .venv/bin/python -m pip install --quiet -r "$req"
+    .venv/bin/python -m pip install --quiet --no-cache-dir -r "$req"
     cat requirements*.txt > "$stamp"
 fi
 source .venv/bin/activate

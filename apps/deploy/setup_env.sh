@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && cmp -s "$stamp" <(cat "${reqs[@]}"); then
 else
     echo "setup_env: installing ${reqs[*]} into $env_dir (a few minutes the first time)"
     start=$SECONDS
-    "$env_dir/bin/python" -m pip install --quiet -r "${reqs[0]}" -r "${reqs[1]}"
+    "$env_dir/bin/python" -m pip install --quiet --no-cache-dir -r "${reqs[0]}" -r "${reqs[1]}"
     cat "${reqs[@]}" > "$stamp"
     echo "setup_env: installed in $((SECONDS - start)) s"
 fi
