@@ -52,6 +52,7 @@ LEARNED = {
     "full": ("ours: full model (compact LSTM)", [], []),
     "full_paper_lstm": ("ours: full model (paper LSTM)", ["train_paper_lstm.json"], []),
     "fast_msfa": ("ours: full model, dilated 3³ MSFA (fast)", ["fast_msfa.json"], []),
+    "cpu_net": ("ours: CPU-sized (full-resolution layers 8/16 channels, dilated MSFA)", ["cpu_net.json"], []),
     "cmca": ("ablation: CMCA (no MSFA, no DCA)", ["ablations/cmca.json"], []),
     "no_lstm": ("ablation: no LSTM", ["ablations/no_lstm.json"], []),
     "no_task_mask": ("ablation: no task mask", ["ablations/no_task_mask.json"], []),
@@ -466,7 +467,7 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
                        str(data_dir), test_split, json.dumps(grid), str(epochs), str(threads)]
             log = work / "logs" / f"{direction}_{name}_seed{seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as fh:
+            with open(log, "a") as fh:  # a resumed run appends: the first run's log stays
                 code = subprocess.run(command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT).returncode
             print(f"{'ok' if code == 0 else 'FAILED'}: {direction} {name} seed {seed} ({log})", flush=True)
             return code

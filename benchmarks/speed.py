@@ -9,6 +9,8 @@
   fp32), memory layout (contiguous / channels-last-3d) and ``torch.compile`` on/off;
 * ``ours train``: one full training step at ``train_batch`` through ``RegistrationIteration`` (forward,
   fp32 loss, backward, Adam step, and the task-mask subnet's own step) inside a MONAI SupervisedTrainer;
+* ``ours infer ... onnxruntime``: the same network exported to ONNX (``scripts.export.write_onnx``, fp32)
+  and run by ONNX Runtime's CPU provider (``scripts.onnx_runtime.OnnxRegistrationNet``), then the same warp;
 * ``voxelmorph``: MONAI ``VoxelMorph`` (its documented 3-D U-Net backbone, 7 integration steps),
   inference with its own warp;
 * ``ants syn``: antspyx ``registration(type_of_transform="SyN")`` with its defaults (Mattes mutual
@@ -32,6 +34,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +47,11 @@ from monai.engines import SupervisedTrainer  # noqa: E402
 from monai.networks.blocks import Warp  # noqa: E402
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet  # noqa: E402
 
-from scripts.io import write_text  # noqa: E402
+from scripts.export import write_onnx  # noqa: E402
+from scripts.io import read_json, write_text  # noqa: E402
 from scripts.losses import RegistrationLoss  # noqa: E402
 from scripts.network import GridCachedWarp, RegistrationNet  # noqa: E402
+from scripts.onnx_runtime import OnnxRegistrationNet  # noqa: E402
 from scripts.task_mask import RegistrationIteration  # noqa: E402
 
 AMP = {"fp32": None, "bf16": torch.bfloat16}
@@ -166,9 +171,23 @@ def checkpoint_mib(net: torch.nn.Module) -> float:
     return buffer.getbuffer().nbytes / 2**20
 
 
-def make_net(msfa_mode: str, grid, device, channels_last: bool, grid_cache: bool = False) -> RegistrationNet:
+def variant_kwargs(variant: str) -> dict:
+    """``RegistrationNet`` arguments of a variant: an MSFA mode ("paper", "dilated") or a config override file
+    of ``network_def#key`` entries (e.g. ``configs/cpu_net.json``, relative to the bundle root or absolute)."""
+    if not variant.endswith(".json"):
+        return {"msfa_mode": variant}
+    path = Path(variant) if Path(variant).is_absolute() else Path(__file__).resolve().parents[1] / variant
+    prefix = "network_def#"
+    return {k[len(prefix):]: v for k, v in read_json(path, "network override").items() if k.startswith(prefix)}
+
+
+def variant_name(variant: str) -> str:
+    return Path(variant).stem if variant.endswith(".json") else variant
+
+
+def make_net(variant: str, grid, device, channels_last: bool, grid_cache: bool = False) -> RegistrationNet:
     torch.manual_seed(0)
-    net = RegistrationNet(msfa_mode=msfa_mode, spatial_size=list(grid), grid_cache=grid_cache).to(device)
+    net = RegistrationNet(**variant_kwargs(variant), spatial_size=list(grid), grid_cache=grid_cache).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     return net
@@ -197,9 +216,9 @@ def inference_fn(net, warp, image, dtype, channels_last: bool, compile_mode: str
     return run
 
 
-def training_fn(msfa_mode: str, grid, device, batch: dict, dtype, channels_last: bool, grid_cache: bool):
+def training_fn(variant: str, grid, device, batch: dict, dtype, channels_last: bool, grid_cache: bool):
     """A callable doing one SupervisedTrainer iteration (RegistrationIteration with the task-mask step)."""
-    net = make_net(msfa_mode, grid, device, channels_last, grid_cache)
+    net = make_net(variant, grid, device, channels_last, grid_cache)
     loss = RegistrationLoss()
     trainer = SupervisedTrainer(
         device=device,
@@ -334,6 +353,7 @@ def main(
     compile_variants="dilated:bf16",
     train: bool = True,
     train_amp="fp32,bf16",
+    onnx: bool = False,
     voxelmorph: bool = True,
     ants: bool = True,
     ants_repeats: int = 1,
@@ -349,7 +369,8 @@ def main(
         grid: network grid "H,W,D" (voxels). device: "cpu" or "cuda".
         batch: pairs per inference call; train_batch: pairs per training step.
         warmup, repeats: untimed and timed calls per unit (median reported; training uses repeats // 2).
-        variants: MSFA modes; amp: "fp32" and/or "bf16" (inference); train_amp: the same for training.
+        variants: MSFA modes ("paper", "dilated") or network override files (``configs/cpu_net.json``, rows
+            named by the file's stem); amp: "fp32" and/or "bf16" (inference); train_amp: the same for training.
         channels_last: "off", "on" or "off,on" (each layout is a row, inference and training).
         grid_cache: "off", "on" or "off,on": ``RegistrationNet(grid_cache=...)`` and the same cached-grid
             warp for the moving image (inference rows; training and compiled rows use the last value).
@@ -357,6 +378,7 @@ def main(
             applied to the "variant:amp" entries of ``compile_variants`` with the last layout of
             ``channels_last`` and ``grid_cache``; timed last (compilation takes minutes), its first call reported apart.
         train, voxelmorph, ants: include these units (ANTs runs on the CPU even with --device cuda).
+        onnx: add an ONNX Runtime (CPU provider, fp32) inference row per variant (export not timed).
         ants_repeats: timed ANTs registrations (no warm-up: nothing to warm).
         threads: CPU threads for torch and ITK (default: all cores of this process's affinity).
         profile: per-part times and the top operators of one eager inference (first variant, last amp,
@@ -381,10 +403,11 @@ def main(
         say(f"GPU: {torch.cuda.get_device_name(device)}")
         torch.backends.cudnn.benchmark = True
     say(f"grid {grid}, inference batch {batch}, training batch {train_batch}, warmup {warmup}, repeats {repeats}")
-    for mode in _as_list(variants):
-        net = RegistrationNet(msfa_mode=mode)
+    nets = {variant_name(v): v for v in _as_list(variants)}  # row name -> variant
+    for mode, variant in nets.items():
+        net = RegistrationNet(**variant_kwargs(variant))
         params = sum(p.numel() for p in net.parameters())
-        say(f"checkpoint msfa={mode}: {checkpoint_mib(net):.1f} MiB ({params:,} parameters, fp32 state dict)")
+        say(f"checkpoint {mode}: {checkpoint_mib(net):.1f} MiB ({params:,} parameters, fp32 state dict)")
     say()
 
     data = synthetic_batch(max(batch, train_batch), grid, labels, device)
@@ -428,10 +451,10 @@ def main(
                     say(f"ANTs SyN / {name}: {ants_ms / ms:.1f}x")
 
     say("timing ...")
-    for mode in _as_list(variants):
+    for mode, variant in nets.items():
         for cl in layouts:
             for gc in caches:
-                net = make_net(mode, grid, device, cl, gc).eval()
+                net = make_net(variant, grid, device, cl, gc).eval()
                 for amp_name in _as_list(amp):
                     fn = inference_fn(net, warps[gc], image, AMP[amp_name], cl)
                     ddf = fn()[0].float()
@@ -443,14 +466,28 @@ def main(
                     name = f"ours infer {mode} {amp_name}" + (" cl" if cl else "") + (" gc" if gc else "")
                     record(name, fn, batch, note)
                 del net
+    if onnx:
+        for mode, variant in nets.items():
+            net = make_net(variant, grid, "cpu", False).eval()
+            with tempfile.TemporaryDirectory() as folder:
+                write_onnx(net, image.cpu(), Path(folder) / "model.onnx")
+                ort_net = OnnxRegistrationNet(Path(folder) / "model.onnx", threads=threads)
+            moving = image[:, :1].float()
+
+            def ort_run(ort_net=ort_net, moving=moving):
+                ddf = ort_net(image)
+                return ddf, warps[False](moving, ddf)
+
+            record(f"ours infer {mode} onnxruntime fp32", ort_run, batch, field_note(mode, ort_run()[0]))
+            del net, ort_net
     if train:
         steps = -(-65 // train_batch)  # one epoch of the 65 training pairs
-        for mode in _as_list(variants):
+        for mode, variant in nets.items():
             for cl in layouts:
                 for amp_name in _as_list(train_amp):
                     name = f"ours train step {mode} {amp_name}" + (" cl" if cl else "") + (" gc" if caches[-1] else "")
                     subset = {k: v[:train_batch] for k, v in data.items()}
-                    fn = training_fn(mode, grid, device, subset, AMP[amp_name], cl, caches[-1])
+                    fn = training_fn(variant, grid, device, subset, AMP[amp_name], cl, caches[-1])
                     record(name, fn, train_batch, f"batch {train_batch}", max(warmup, 1), max(repeats // 2, 1))
                     step_ms = rows[-1][1] * train_batch
                     note = f"batch {train_batch}: {step_ms:.0f} ms/step; 100 epochs x 65 pairs ~ {100 * steps * step_ms / 60000:.1f} min"
@@ -475,8 +512,8 @@ def main(
     table()
 
     if profile:
-        mode, amp_name, cl, gc = _as_list(variants)[0], _as_list(amp)[-1], layouts[-1], caches[-1]
-        net = make_net(mode, grid, device, cl, gc).eval()
+        (mode, variant), amp_name, cl, gc = next(iter(nets.items())), _as_list(amp)[-1], layouts[-1], caches[-1]
+        net = make_net(variant, grid, device, cl, gc).eval()
         fn = inference_fn(net, warps[gc], image, AMP[amp_name], cl)
         time_unit(fn, device, 2, 1)
         say()
@@ -498,7 +535,7 @@ def main(
         say("compiled ...")
         for entry in _as_list(compile_variants):
             mode, amp_name = entry.split(":")
-            net = make_net(mode, grid, device, layouts[-1], caches[-1]).eval()
+            net = make_net(nets.get(mode, mode), grid, device, layouts[-1], caches[-1]).eval()
             for compile_mode in _as_list(compile):
                 name = f"ours infer {mode} {amp_name}" + (" cl" if layouts[-1] else "") + (" gc" if caches[-1] else "")
                 name += f" compile {compile_mode}"

@@ -9,8 +9,9 @@ next to the checkpoint, all for ONE input shape (1, C, *grid) with the grid of t
   tried first; if it fails (MONAI's ``Warp``/``DVF2DDF`` inside the registration network do not script)
   the network is traced at the configured grid, and the reason is logged and returned.
 - ``<stem>.pt2``: ``torch.export`` program (``torch.export.load(f).module()``).
-- ``<stem>.onnx``: ONNX, opset >= 20 (5-D ``GridSample``), from the same exported program; run it with
-  ONNX Runtime.
+- ``<stem>.onnx``: ONNX, opset >= 20 (5-D ``GridSample``); output ``pred`` (the network's output) and,
+  for networks that integrate a velocity, ``velocity`` (N, 3, *grid) too, so that the inverse field can be
+  integrated exactly. Run it with ONNX Runtime (``scripts.onnx_runtime``, ``configs/inference_onnx.json``).
 
 Traced, exported and ONNX models are specialised to that input shape: feed exactly (1, C, *grid).
 """
@@ -27,7 +28,7 @@ from monai.bundle import ConfigParser, ckpt_export
 from scripts.io import InputError, atomic_write
 from scripts.pipeline import load_weights
 
-__all__ = ["NETWORKS", "FORMATS", "export", "adaptive_avg_pool3d_as_matmul"]
+__all__ = ["NETWORKS", "FORMATS", "export", "write_onnx", "adaptive_avg_pool3d_as_matmul"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,44 @@ def adaptive_avg_pool3d_as_matmul(x: torch.Tensor, output_size) -> torch.Tensor:
     return x
 
 
+class _FieldAndVelocity(torch.nn.Module):
+    """``image -> (ddf, velocity)`` of a network whose ``forward_train`` returns both (RegistrationNet, VoxelMorph)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net.forward_train(image)
+        return out["ddf"], out["velocity"]
+
+
+def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = MIN_ONNX_OPSET, program=None) -> list[str]:
+    """Write ``net`` at ``example``'s shape as ONNX to ``path``; returns the output names.
+
+    Outputs: ``pred`` (the network's output) and, for a network that integrates a velocity (it has an
+    ``integrate`` module: RegistrationNet, VoxelMorph), ``velocity`` too. ``program``: ``net``'s
+    ``torch.export`` program at ``example`` when already made (used when there is no velocity output).
+    """
+    import onnxscript  # only the ONNX format needs onnx/onnxscript installed
+
+    outputs = ["pred"]
+    if getattr(net, "integrate", None) is not None:  # a velocity network: export it too, for the exact inverse
+        outputs.append("velocity")
+        program = None
+    if program is None:
+        with torch.no_grad():
+            program = torch.export.export(_FieldAndVelocity(net) if len(outputs) == 2 else net, (example,))
+    table = {op: adaptive_avg_pool3d_as_matmul
+             for op in (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)}
+    onnx_program = torch.onnx.export(program.run_decompositions(table), (example,), dynamo=True, opset_version=opset,
+                                     input_names=["image"], output_names=outputs, optimize=False)
+    # fold only small constants: folding Warp's grid-sized index tensors would bloat the file
+    onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=ONNX_FOLD_LIMIT)
+    onnx_program.save(str(path), external_data=False)
+    return outputs
+
+
 def _checkpoint_key(path) -> str:
     """"model" for a training checkpoint ``{"model": state_dict, ...}``, "" for a bare state dict."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -128,21 +167,13 @@ def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, format
     if "pt2" in paths or "onnx" in paths:
         net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu")
         example = torch.rand(input_shape, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            program = torch.export.export(net, (example,))
+        program = None
         if "pt2" in paths:
+            with torch.no_grad():
+                program = torch.export.export(net, (example,))
             atomic_write(paths["pt2"], lambda tmp: torch.export.save(program, tmp), overwrite)
         if "onnx" in paths:
-            import onnxscript  # only the ONNX format needs onnx/onnxscript installed
-
-            table = {op: adaptive_avg_pool3d_as_matmul
-                     for op in (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)}
-            decomposed = program.run_decompositions(table)
-            onnx_program = torch.onnx.export(decomposed, (example,), dynamo=True, opset_version=opset,
-                                             input_names=["image"], output_names=["pred"], optimize=False)
-            # fold only small constants: folding Warp's grid-sized index tensors would bloat the file
-            onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=ONNX_FOLD_LIMIT)
-            atomic_write(paths["onnx"], lambda tmp: onnx_program.save(tmp, external_data=False), overwrite)
+            atomic_write(paths["onnx"], lambda tmp: write_onnx(net, example, tmp, opset, program), overwrite)
     result.update({fmt: str(p) for fmt, p in paths.items()})
     return result
 

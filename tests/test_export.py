@@ -6,6 +6,12 @@ bundle config), so a wrong config, wrong weights or a wrong conversion in the ex
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,6 +22,8 @@ from monai.networks.nets import UNet
 from scripts.export import adaptive_avg_pool3d_as_matmul, export
 from scripts.io import InputError
 from scripts.network import RegistrationNet
+from scripts.onnx_runtime import OnnxRegistrationNet
+from scripts.pipeline import OUTPUTS, register_pair
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -144,3 +152,72 @@ def test_adaptive_pool_as_matmul_by_hand():
     out = adaptive_avg_pool3d_as_matmul(x, (2, 4, 1))
     expected = torch.tensor([[101.0, 111.0, 121.0, 131.0], [301.0, 311.0, 321.0, 331.0]])[None, None, :, :, None]
     assert torch.allclose(out, expected)
+
+
+def test_onnx_runtime_network_gives_the_eager_field_and_velocity(exported):
+    result, reg, *_ = exported
+    x = synthetic_pair(seed=3)
+    with torch.no_grad():
+        eager = reg.forward_train(x)
+    ort_net = OnnxRegistrationNet(result["registration"]["onnx"], int_steps=7, threads=1)
+    assert ort_net.outputs == ["pred", "velocity"] and ort_net.integrate is not None
+    out = ort_net.forward_train(x)
+    assert np.abs(eager["velocity"].numpy()).max() > 0.5  # not a trivial agreement
+    for key in ("ddf", "velocity"):
+        assert out[key].shape == (1, 3, *GRID)
+        assert (out[key] - eager[key]).abs().max() <= TOL, (key, (out[key] - eager[key]).abs().max())
+    assert (ort_net(x) - eager["ddf"]).abs().max() <= TOL
+
+
+def test_onnx_runtime_network_refuses_another_grid_and_missing_or_bad_files(exported, tmp_path):
+    result, *_ = exported
+    ort_net = OnnxRegistrationNet(result["registration"]["onnx"])
+    with pytest.raises(InputError, match=r"exported for input shape \[1, 2, 32, 32, 32\], got \[1, 2, 32, 32, 24\]"):
+        ort_net(torch.zeros(1, 2, 32, 32, 24))
+    with pytest.raises(InputError, match="none.onnx: ONNX file does not exist"):
+        OnnxRegistrationNet(tmp_path / "none.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="bad.onnx: ONNX Runtime cannot load it"):
+        OnnxRegistrationNet(tmp_path / "bad.onnx")
+
+
+def _pair_files(root: Path) -> tuple[Path, Path]:
+    """A moving and a fixed NIfTI (40 x 36 x 34, 1.5 mm) holding the two blobs, the fixed one shifted by 3 mm."""
+    x = synthetic_pair(seed=4)[0].numpy()
+    paths = []
+    for name, image in (("moving", x[0]), ("fixed", x[1])):
+        padded = np.pad(image, ((4, 4), (2, 2), (1, 1)), mode="edge")
+        affine = np.diag([1.5, 1.5, 1.5, 1.0])
+        affine[:3, 3] = (0.0, 0.0, 3.0) if name == "fixed" else (0.0, 0.0, 0.0)
+        paths.append(root / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(padded.astype(np.float32), affine), str(paths[-1]))
+    return paths[0], paths[1]
+
+
+def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_path):
+    """register_pair with the eager network vs. the ONNX file (Python API, then configs/inference_onnx.json
+    through ``python -m monai.bundle run``): the same fields, the inverse integrated from the velocity."""
+    result, reg, *_ = exported
+    moving, fixed = _pair_files(tmp_path)
+    common = dict(spatial_size=GRID, depth_crop=0, use_rigid=False, roi_mask=False)
+    eager = register_pair(moving, fixed, tmp_path / "eager", network=reg, **common)
+    onnx_file = result["registration"]["onnx"]
+    api = register_pair(moving, fixed, tmp_path / "api", network=OnnxRegistrationNet(onnx_file), **common)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "['configs/inference.json','configs/inference_onnx.json']", "--onnx_file", onnx_file,
+           "--moving", str(moving), "--fixed", str(fixed), "--output_dir", str(tmp_path / "runner"),
+           "--spatial_size", str(list(GRID)), "--depth_crop", "0", "--use_rigid", "False", "--roi_mask", "False",
+           "--use_seg", "False"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runner = json.loads((tmp_path / "runner" / OUTPUTS["result"]).read_text())
+    assert eager["inverse"] == api["inverse"] == runner["inverse"] == "integrated -velocity"
+
+    def field(folder, key):
+        return nib.load(str(tmp_path / folder / OUTPUTS[key])).get_fdata()
+
+    for key in ("forward_field", "inverse_field"):
+        reference = field("eager", key)
+        assert np.abs(reference).max() > 1.0  # mm: the random network deforms
+        for folder in ("api", "runner"):
+            np.testing.assert_allclose(field(folder, key), reference, atol=1e-3, err_msg=f"{folder} {key}")

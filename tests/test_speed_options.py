@@ -43,3 +43,28 @@ def test_grid_cache_switch_gives_the_default_output_and_gradients():
     out_fast.square().sum().backward()
     for (name, p_default), p_fast in zip(default.named_parameters(), fast.parameters()):
         assert torch.allclose(p_fast.grad, p_default.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_benchmark_variant_file_builds_the_network_of_the_config():
+    """benchmarks/speed.py times ``configs/cpu_net.json`` as the bundle config builds it (same layers)."""
+    import sys
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from speed import variant_kwargs, variant_name
+
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs/inference.json"), str(root / "configs/cpu_net.json")])
+    parser["spatial_size"] = [32, 32, 32]
+    configured = parser.get_parsed_content("network_def")
+    timed = RegistrationNet(**variant_kwargs("configs/cpu_net.json"), spatial_size=[32, 32, 32])
+    shapes = {k: v.shape for k, v in configured.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in timed.state_dict().items()}
+    assert configured.flow.in_channels == 8
+    assert any(m.dilation[0] > 1 for m in configured.modules() if isinstance(m, torch.nn.Conv3d))  # dilated MSFA
+    assert variant_name("configs/cpu_net.json") == "cpu_net" and variant_kwargs("paper") == {"msfa_mode": "paper"}
+    # the default network is larger: the override file is applied, not ignored
+    assert sum(p.numel() for p in RegistrationNet().parameters()) > sum(p.numel() for p in timed.parameters())
