@@ -47,10 +47,11 @@ from monai.engines import SupervisedTrainer  # noqa: E402
 from monai.networks.blocks import Warp  # noqa: E402
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet  # noqa: E402
 
+from scripts.blocks import GridCachedWarp  # noqa: E402
 from scripts.export import write_onnx  # noqa: E402
 from scripts.io import read_json, write_text  # noqa: E402
 from scripts.losses import RegistrationLoss  # noqa: E402
-from scripts.network import GridCachedWarp, RegistrationNet  # noqa: E402
+from scripts.network import RegistrationNet  # noqa: E402
 from scripts.onnx_runtime import OnnxRegistrationNet  # noqa: E402
 from scripts.task_mask import RegistrationIteration  # noqa: E402
 
@@ -219,7 +220,7 @@ def inference_fn(net, warp, image, dtype, channels_last: bool, compile_mode: str
 def training_fn(variant: str, grid, device, batch: dict, dtype, channels_last: bool, grid_cache: bool):
     """A callable doing one SupervisedTrainer iteration (RegistrationIteration with the task-mask step)."""
     net = make_net(variant, grid, device, channels_last, grid_cache)
-    loss = RegistrationLoss()
+    loss = RegistrationLoss(grid_cache=grid_cache)
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=1,
@@ -373,7 +374,8 @@ def main(
             named by the file's stem); amp: "fp32" and/or "bf16" (inference); train_amp: the same for training.
         channels_last: "off", "on" or "off,on" (each layout is a row, inference and training).
         grid_cache: "off", "on" or "off,on": ``RegistrationNet(grid_cache=...)`` and the same cached-grid
-            warp for the moving image (inference rows; training and compiled rows use the last value).
+            warp for the moving image (inference rows) or in ``RegistrationLoss(grid_cache=...)`` (training
+            rows); training and compiled rows use the last value.
         compile: ``torch.compile`` modes to add as rows, e.g. "default,reduce-overhead" (empty: none);
             applied to the "variant:amp" entries of ``compile_variants`` with the last layout of
             ``channels_last`` and ``grid_cache``; timed last (compilation takes minutes), its first call reported apart.

@@ -19,7 +19,7 @@ from monai.losses.deform import spatial_gradient
 from monai.networks.blocks import Warp
 from torch import nn
 
-from scripts.blocks import chunk_bounds, chunk_matrix
+from scripts.blocks import GridCachedWarp, chunk_bounds, chunk_matrix
 
 __all__ = ["masked_mutual_information", "RegistrationLoss", "composite_loss"]
 
@@ -75,6 +75,8 @@ class RegistrationLoss(nn.Module):
         mi_region: "gland" (the dilated gland union above, the paper's) or "image" (every box voxel).
         regulariser: "gradient" (first-order, the paper's) or "bending" (second-order bending energy);
             ``grad_weight`` weighs either.
+        grid_cache: speed option, warp with :class:`scripts.blocks.GridCachedWarp` (identity grid kept on the
+            device) instead of MONAI's ``Warp``; same output (the network's switch of the same name).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class RegistrationLoss(nn.Module):
         smooth: float = 1e-5,
         mi_region: str = "gland",
         regulariser: str = "gradient",
+        grid_cache: bool = False,
     ):
         super().__init__()
         if mi_region not in ("gland", "image"):
@@ -98,7 +101,7 @@ class RegistrationLoss(nn.Module):
         self.mi_region, self.regulariser = mi_region, regulariser
         self.grad_weight, self.dice_weight, self.mi_weight = grad_weight, dice_weight, mi_weight
         self.chunks, self.num_bins, self.sigma_ratio, self.mask_dilation = chunks, num_bins, sigma_ratio, mask_dilation
-        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.warp = (GridCachedWarp if grid_cache else Warp)(mode="bilinear", padding_mode="border")
         self.dice = DiceLoss(smooth_nr=smooth, smooth_dr=smooth, reduction="none")
         self.diffusion = DiffusionLoss()
         self.bending = BendingEnergyLoss(reduction="none")

@@ -11,34 +11,16 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF, UpSample, Warp
+from monai.networks.blocks import DVF2DDF, UpSample
 from torch import nn
 
-from scripts.blocks import ECMCA, CompactLSTMRefiner, FuseConv, PaperLSTMRefiner, TaskMaskNet, conv_block
+from scripts.blocks import (
+    ECMCA, CompactLSTMRefiner, FuseConv, GridCachedWarp, PaperLSTMRefiner, TaskMaskNet, conv_block,
+)
 
-__all__ = ["RegistrationNet", "GridCachedWarp"]
+__all__ = ["RegistrationNet"]
 
 LSTM_MODES = ("compact", "paper", "none")
-
-
-class GridCachedWarp(Warp):
-    """MONAI ``Warp`` whose identity grid is built on the field's device and reused while its shape holds.
-
-    Hand-written because MONAI 1.6.1's ``Warp.get_reference_grid`` compares the cached grid's shape
-    (N, 3, H, W, D)[1:] with the field's (H, W, D), so its cache never hits: every call rebuilds the grid
-    on the host and copies it to the device (on an H100 at 128 x 128 x 120 most of VecInt's time).
-    Same arithmetic, same output; no jitter.
-    """
-
-    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
-        if jitter:
-            raise ValueError("GridCachedWarp does not jitter its grid")
-        grid = self.ref_grid
-        if grid is None or grid.shape[2:] != ddf.shape[2:] or grid.device != ddf.device or grid.dtype != ddf.dtype:
-            with torch.inference_mode(False):  # a normal tensor, usable later with autograd too
-                axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
-                self.ref_grid = grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]  # (1, 3, H, W, D)
-        return grid.expand(ddf.shape[0], *grid.shape[1:])
 
 
 class RegistrationNet(nn.Module):

@@ -1,9 +1,11 @@
-"""Speed options of RegistrationNet give the default's output: grid_cache (GridCachedWarp)."""
+"""Speed options give the default's output: grid_cache (GridCachedWarp) in the network and the loss; the
+benchmark's network override files build the configs' network."""
 
 import torch
 from monai.networks.blocks import Warp
 
-from scripts.network import GridCachedWarp, RegistrationNet
+from scripts.blocks import GridCachedWarp
+from scripts.network import RegistrationNet
 
 
 def _field(n, shape, scale, seed):
@@ -68,3 +70,27 @@ def test_benchmark_variant_file_builds_the_network_of_the_config():
     assert variant_name("configs/cpu_net.json") == "cpu_net" and variant_kwargs("paper") == {"msfa_mode": "paper"}
     # the default network is larger: the override file is applied, not ignored
     assert sum(p.numel() for p in RegistrationNet().parameters()) > sum(p.numel() for p in timed.parameters())
+
+
+def test_loss_grid_cache_gives_the_default_loss_and_gradients():
+    """RegistrationLoss(grid_cache=True) warps with GridCachedWarp; value and ddf gradient as MONAI's Warp."""
+    from scripts.losses import RegistrationLoss
+
+    g = torch.Generator().manual_seed(3)
+    shape = (12, 10, 20)
+    moving, fixed = torch.rand(2, 1, *shape, generator=g), torch.rand(2, 1, *shape, generator=g)
+    labels = torch.zeros(2, 2, *shape)
+    labels[:, :, 3:9, 2:8, 4:16] = 1.0
+    fixed_labels = torch.roll(labels, 1, dims=2)
+    results = []
+    for grid_cache in (False, True):
+        loss = RegistrationLoss(chunks=4, grid_cache=grid_cache)
+        assert isinstance(loss.warp, GridCachedWarp) == grid_cache
+        ddf = _field(2, shape, 1.5, seed=7).requires_grad_(True)
+        out = loss(ddf, moving, fixed, labels, fixed_labels)
+        total = out["reg"].sum() + out["smooth"].sum()
+        total.backward()
+        results.append((total.detach(), ddf.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert results[0][1].abs().max() > 0  # the warp is differentiated, not bypassed
