@@ -38,7 +38,8 @@ def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
     exist, a warning is printed and the network is ``None`` (rigid-only registration). A ``checkpoint``
     given explicitly must exist. When the config's gland segmenter weights (``seg_checkpoint``,
     ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
-    both glands (used by the rigid step, ``roi_mask`` and the QC).
+    both glands (used by the rigid step, ``roi_mask`` and the QC). A config whose ``network`` is an object
+    of its own (``configs/inference_onnx.json``: the ONNX file on ONNX Runtime) gives that network instead.
     """
     files = [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
     for path in files:
@@ -57,6 +58,11 @@ def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
         print(f"WARNING: no gland segmenter weights at {seg_weights}: the network gets whole images, not the ROI "
               "images it was trained on (roi_mask); train configs/seg_train.json for the paper's ROI step.",
               file=sys.stderr)
+    if isinstance(parser.get("network"), dict):  # the config builds its own network (configs/inference_onnx.json)
+        if checkpoint is not None:
+            raise InputError(f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
+                             "does not load PyTorch checkpoints; leave --checkpoint out")
+        return parser.get_parsed_content("network"), settings
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise InputError(f"{checkpoint}: checkpoint file does not exist")
     weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))

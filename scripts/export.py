@@ -99,8 +99,10 @@ def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = M
     """Write ``net`` at ``example``'s shape as ONNX to ``path``; returns the output names.
 
     Outputs: ``pred`` (the network's output) and, for a network that integrates a velocity (it has an
-    ``integrate`` module: RegistrationNet, VoxelMorph), ``velocity`` too. ``program``: ``net``'s
-    ``torch.export`` program at ``example`` when already made (used when there is no velocity output).
+    ``integrate`` module, MONAI ``DVF2DDF``: RegistrationNet, VoxelMorph), ``velocity`` too, with that
+    integration's settings in the file's metadata (``int_steps``, ``int_mode``, ``int_padding``) so that
+    the inverse is integrated as the network does. ``program``: ``net``'s ``torch.export`` program at
+    ``example`` when already made (used when there is no velocity output).
     """
     import onnxscript  # only the ONNX format needs onnx/onnxscript installed
 
@@ -117,6 +119,11 @@ def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = M
                                      input_names=["image"], output_names=outputs, optimize=False)
     # fold only small constants: folding Warp's grid-sized index tensors would bloat the file
     onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=ONNX_FOLD_LIMIT)
+    if len(outputs) == 2:
+        warp = net.integrate.warp_layer  # MONAI Warp: the grid_sample settings it resolved
+        onnx_program.model.metadata_props.update(int_steps=str(net.integrate.num_steps),
+                                                 int_mode=str(warp._interp_mode_native),
+                                                 int_padding=str(warp._padding_mode_native))
     onnx_program.save(str(path), external_data=False)
     return outputs
 

@@ -28,14 +28,18 @@ class OnnxRegistrationNet:
 
     Args:
         path: the ``.onnx`` file (input ``image``; outputs ``pred`` = DDF and, optionally, ``velocity``).
-        int_steps, int_padding: scaling-and-squaring steps and padding for the inverse (integrating -velocity
-            in PyTorch, fp32): the network's own (``network_def#int_steps``, ``#int_padding``).
+        int_steps, int_padding: scaling-and-squaring steps and padding of the inverse (integrating -velocity
+            in PyTorch, fp32); None (default): the network's own, stored in the file by ``scripts.export``.
         threads: ORT intra-op threads; 0 = ``torch.get_num_threads()`` (so ``OMP_NUM_THREADS`` and
             ``torch.set_num_threads`` apply to both runtimes alike).
     """
 
-    def __init__(self, path, int_steps: int = 7, int_padding: str = "border", threads: int = 0):
-        import onnxruntime as ort  # optional: only this backend needs it
+    def __init__(self, path, int_steps: int | None = None, int_padding: str | None = None, threads: int = 0):
+        try:
+            import onnxruntime as ort  # optional: only this backend needs it
+        except ImportError as err:
+            raise InputError(f"{path}: running an ONNX file needs onnxruntime, which this environment lacks "
+                             "(pip install onnxruntime==1.32.0)") from err
 
         path = Path(path)
         if not path.is_file():
@@ -54,7 +58,14 @@ class OnnxRegistrationNet:
                              f"{[i.name for i in inputs]} and outputs {self.outputs}")
         self.input_name, self.input_shape = inputs[0].name, list(inputs[0].shape)
         self.path = path
-        self.integrate = DVF2DDF(num_steps=int(int_steps), padding_mode=int_padding) if "velocity" in self.outputs else None
+        self.integrate = None
+        if "velocity" in self.outputs:
+            stored = self.session.get_modelmeta().custom_metadata_map
+            if None in (int_steps, int_padding) and not {"int_steps", "int_padding"} <= stored.keys():
+                raise InputError(f"{path}: has a velocity output but no integration settings (int_steps, int_padding) "
+                                 "in its metadata; export it again with `python -m scripts export`, or pass them")
+            self.integrate = DVF2DDF(num_steps=int(int_steps or stored["int_steps"]), mode=stored.get("int_mode", "bilinear"),
+                                     padding_mode=int_padding or stored["int_padding"])
 
     def _run(self, image: torch.Tensor) -> dict:
         if list(image.shape) != self.input_shape:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 GRID = (32, 32, 32)
 TOL = 1e-4  # max abs difference allowed: voxels for the field, logits for the segmentation
 REG = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
-           compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16)
+           compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16,
+           int_steps=5, int_padding="zeros")  # not the defaults: the ONNX file must carry them to the inverse
 SEG = dict(channels=[4, 8], strides=[2], num_res_units=1)
 
 
@@ -159,8 +160,9 @@ def test_onnx_runtime_network_gives_the_eager_field_and_velocity(exported):
     x = synthetic_pair(seed=3)
     with torch.no_grad():
         eager = reg.forward_train(x)
-    ort_net = OnnxRegistrationNet(result["registration"]["onnx"], int_steps=7, threads=1)
-    assert ort_net.outputs == ["pred", "velocity"] and ort_net.integrate is not None
+    ort_net = OnnxRegistrationNet(result["registration"]["onnx"], threads=1)
+    assert ort_net.outputs == ["pred", "velocity"]
+    assert ort_net.integrate.num_steps == 5 and ort_net.integrate.warp_layer._padding_mode_native == "zeros"
     out = ort_net.forward_train(x)
     assert np.abs(eager["velocity"].numpy()).max() > 0.5  # not a trivial agreement
     for key in ("ddf", "velocity"):
@@ -221,3 +223,22 @@ def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_
         assert np.abs(reference).max() > 1.0  # mm: the random network deforms
         for folder in ("api", "runner"):
             np.testing.assert_allclose(field(folder, key), reference, atol=1e-3, err_msg=f"{folder} {key}")
+
+
+def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_path):
+    """scripts.cli.load_registration (CLI, MONAI Label, Deploy) honours configs/inference_onnx.json."""
+    from scripts.cli import load_registration
+
+    result, reg, *_ = exported
+    root = Path(__file__).resolve().parents[1]
+    override = tmp_path / "onnx_here.json"
+    override.write_text(json.dumps({"onnx_file": result["registration"]["onnx"], "spatial_size": list(GRID),
+                                    "use_seg": False, "roi_mask": False}))
+    files = [str(root / "configs/inference.json"), str(root / "configs/inference_onnx.json"), str(override)]
+    network, settings = load_registration(files)
+    assert isinstance(network, OnnxRegistrationNet) and settings["spatial_size"] == list(GRID)
+    x = synthetic_pair(seed=5)
+    with torch.no_grad():
+        assert (network(x) - reg(x)).abs().max() <= TOL
+    with pytest.raises(InputError, match="does not load PyTorch checkpoints"):
+        load_registration(files, checkpoint=str(tmp_path / "model.pt"))

@@ -94,3 +94,26 @@ def test_loss_grid_cache_gives_the_default_loss_and_gradients():
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     assert results[0][1].abs().max() > 0  # the warp is differentiated, not bypassed
+
+
+def test_benchmark_runs_file_variants_and_onnx_rows(tmp_path):
+    """benchmarks/speed.py end to end on a 32^3 grid (a smoke run of the command, no time asserted): the
+    override-file variant and its ONNX Runtime row are timed, and the ONNX field matches PyTorch's fp32 one."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from speed import main, variant_kwargs
+
+    torch.set_num_threads(1)
+    out = tmp_path / "speed.txt"
+    main(grid="32,32,32", variants="configs/cpu_net.json", amp="fp32", train=False, voxelmorph=False, ants=False,
+         onnx=True, warmup=0, repeats=1, threads=1, out=str(out))
+    report = out.read_text()
+    params = sum(p.numel() for p in RegistrationNet(**variant_kwargs("configs/cpu_net.json")).parameters())
+    assert "checkpoint cpu_net: " in report and f"({params:,} parameters" in report
+    table = report.split("reference row")[1]
+    assert re.search(r"^ours infer cpu_net fp32 +\d", table, re.M)
+    row = re.search(r"^ours infer cpu_net onnxruntime fp32 .*ddf rel\.diff vs fp32 ([0-9.e+-]+)", table, re.M)
+    assert row and float(row.group(1)) < 1e-4
