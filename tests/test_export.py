@@ -92,9 +92,11 @@ def test_registration_exports_match_eager(exported):
         ddf = reg(x).numpy()
     assert ddf.shape == (1, 3, *GRID)
     assert np.abs(ddf).max() > 1.0  # a real deformation (voxels), so agreement is not trivial
+    print(f"registration: max |ddf| {np.abs(ddf).max():.3g} voxels")
     for fmt, out in run_all(result["registration"], x).items():
         assert out.shape == ddf.shape, fmt
         assert np.abs(out - ddf).max() <= TOL, (fmt, np.abs(out - ddf).max())
+        print(f"registration {fmt}: max |difference| {np.abs(out - ddf).max():.2g}")
 
 
 def test_segmentation_exports_match_eager(exported):
@@ -103,9 +105,11 @@ def test_segmentation_exports_match_eager(exported):
     with torch.no_grad():
         logits = seg(x).numpy()
     assert np.abs(logits).max() > 0.5
+    print(f"segmentation: max |logit| {np.abs(logits).max():.3g}")
     for fmt, out in run_all(result["segmentation"], x).items():
         assert out.shape == (1, 2, *GRID), fmt
         assert np.abs(out - logits).max() <= TOL, (fmt, np.abs(out - logits).max())
+        print(f"segmentation {fmt}: max |difference| {np.abs(out - logits).max():.2g}")
 
 
 def test_torchscript_mode_and_embedded_metadata(exported):
