@@ -11,6 +11,8 @@
   fp32 loss, backward, Adam step, and the task-mask subnet's own step) inside a MONAI SupervisedTrainer;
 * ``ours infer ... onnxruntime``: the same network exported to ONNX (``scripts.export.write_onnx``, fp32)
   and run by ONNX Runtime's CPU provider (``scripts.onnx_runtime.OnnxRegistrationNet``), then the same warp;
+* ``ours infer ... net HxWxD`` (``--net_grid``): the network on a coarser grid than the images (what a model
+  trained with ``spatial_size`` = that grid costs), the field resampled back, the warp at full resolution;
 * ``voxelmorph``: MONAI ``VoxelMorph`` (its documented 3-D U-Net backbone, 7 integration steps),
   inference with its own warp;
 * ``ants syn``: antspyx ``registration(type_of_transform="SyN")`` with its defaults (Mattes mutual
@@ -217,6 +219,34 @@ def inference_fn(net, warp, image, dtype, channels_last: bool, compile_mode: str
     return run
 
 
+def resize_field(ddf: torch.Tensor, size) -> torch.Tensor:
+    """Field (N, 3, h, w, d) in voxels of a coarse grid -> (N, 3, *size) in voxels of the fine grid over the same box.
+
+    Trilinear resampling with voxel centres aligned as ``F.interpolate(align_corners=False)`` places them; each
+    component is multiplied by its axis's voxel ratio size / (h, w, d).
+    """
+    scale = torch.tensor([s / c for s, c in zip(size, ddf.shape[2:])], dtype=ddf.dtype, device=ddf.device)
+    return F.interpolate(ddf, size=tuple(size), mode="trilinear", align_corners=False) * scale.view(1, 3, 1, 1, 1)
+
+
+def coarse_inference_fn(net, warp, image, dtype, net_grid):
+    """Like :func:`inference_fn` (eager, contiguous) with the network on a coarser grid: both images resampled
+    (trilinear) to ``net_grid``, the field brought back with :func:`resize_field`, the moving image warped at
+    full resolution. What ``spatial_size`` = net_grid does in the pipeline (a model trained at that grid)."""
+    image = image.contiguous()
+    moving = image[:, :1].float()
+
+    def run():
+        with torch.inference_mode():
+            small = F.interpolate(image, size=tuple(net_grid), mode="trilinear", align_corners=False)
+            with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                ddf = net(small)
+            ddf = resize_field(ddf.float(), image.shape[2:])
+            return ddf, warp(moving, ddf)
+
+    return run
+
+
 def training_fn(variant: str, grid, device, batch: dict, dtype, channels_last: bool, grid_cache: bool):
     """A callable doing one SupervisedTrainer iteration (RegistrationIteration with the task-mask step)."""
     net = make_net(variant, grid, device, channels_last, grid_cache)
@@ -355,6 +385,7 @@ def main(
     train: bool = True,
     train_amp="fp32,bf16",
     onnx: bool = False,
+    net_grid: str | None = None,
     voxelmorph: bool = True,
     ants: bool = True,
     ants_repeats: int = 1,
@@ -381,6 +412,8 @@ def main(
             ``channels_last`` and ``grid_cache``; timed last (compilation takes minutes), its first call reported apart.
         train, voxelmorph, ants: include these units (ANTs runs on the CPU even with --device cuda).
         onnx: add an ONNX Runtime (CPU provider, fp32) inference row per variant (export not timed).
+        net_grid: e.g. "64,64,60": add inference rows per variant and amp with the network on this coarser grid
+            (:func:`coarse_inference_fn`: resampling in and out and the full-resolution warp are timed).
         ants_repeats: timed ANTs registrations (no warm-up: nothing to warm).
         threads: CPU threads for torch and ITK (default: all cores of this process's affinity).
         profile: per-part times and the top operators of one eager inference (first variant, last amp,
@@ -482,6 +515,15 @@ def main(
 
             record(f"ours infer {mode} onnxruntime fp32", ort_run, batch, field_note(mode, ort_run()[0]))
             del net, ort_net
+    if net_grid:
+        coarse = tuple(int(v) for v in _as_list(net_grid))
+        for mode, variant in nets.items():
+            net = make_net(variant, coarse, device, False).eval()
+            for amp_name in _as_list(amp):
+                fn = coarse_inference_fn(net, warps[False], image, AMP[amp_name], coarse)
+                name = f"ours infer {mode} {amp_name} net {'x'.join(map(str, coarse))}"
+                record(name, fn, batch, "field resampled to the grid, full-resolution warp")
+            del net
     if train:
         steps = -(-65 // train_batch)  # one epoch of the 65 training pairs
         for mode, variant in nets.items():

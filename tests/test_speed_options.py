@@ -98,7 +98,8 @@ def test_loss_grid_cache_gives_the_default_loss_and_gradients():
 
 def test_benchmark_runs_file_variants_and_onnx_rows(tmp_path):
     """benchmarks/speed.py end to end on a 32^3 grid (a smoke run of the command, no time asserted): the
-    override-file variant and its ONNX Runtime row are timed, and the ONNX field matches PyTorch's fp32 one."""
+    override-file variant, its ONNX Runtime row and its coarse-grid row are timed, and the ONNX field matches
+    PyTorch's fp32 one."""
     import re
     import sys
     from pathlib import Path
@@ -109,7 +110,7 @@ def test_benchmark_runs_file_variants_and_onnx_rows(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "speed.txt"
     main(grid="32,32,32", variants="configs/cpu_net.json", amp="fp32", train=False, voxelmorph=False, ants=False,
-         onnx=True, warmup=0, repeats=1, threads=1, out=str(out))
+         onnx=True, net_grid="16,16,16", warmup=0, repeats=1, threads=1, out=str(out))
     report = out.read_text()
     params = sum(p.numel() for p in RegistrationNet(**variant_kwargs("configs/cpu_net.json")).parameters())
     assert "checkpoint cpu_net: " in report and f"({params:,} parameters" in report
@@ -117,3 +118,25 @@ def test_benchmark_runs_file_variants_and_onnx_rows(tmp_path):
     assert re.search(r"^ours infer cpu_net fp32 +\d", table, re.M)
     row = re.search(r"^ours infer cpu_net onnxruntime fp32 .*ddf rel\.diff vs fp32 ([0-9.e+-]+)", table, re.M)
     assert row and float(row.group(1)) < 1e-4
+    assert re.search(r"^ours infer cpu_net fp32 net 16x16x16 +\d", table, re.M)  # the coarse-grid row
+
+
+def test_resize_field_scales_voxel_displacements_by_the_grid_ratio():
+    """benchmarks/speed.py's coarse-grid rows: a field on a coarse grid, brought to the image grid, moves the same
+    physical distance (voxel displacements times the voxel ratio per axis), and a warp with it shifts the image."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from speed import resize_field
+
+    coarse = torch.zeros(1, 3, 8, 6, 5)
+    coarse[:, 0], coarse[:, 1], coarse[:, 2] = 1.0, -0.5, 0.25  # constant, in coarse voxels
+    fine = resize_field(coarse, (16, 18, 20))  # voxel ratios 2, 3, 4
+    assert fine.shape == (1, 3, 16, 18, 20)
+    for axis, value in enumerate((2.0, -1.5, 1.0)):
+        assert torch.allclose(fine[:, axis], torch.full_like(fine[:, axis], value))
+    # warping a ramp along axis 0 with the resized field reads 2 voxels further on, away from the border
+    ramp = torch.arange(16.0).view(1, 1, 16, 1, 1).expand(1, 1, 16, 18, 20).contiguous()
+    warped = GridCachedWarp(mode="bilinear", padding_mode="border")(ramp, fine)
+    assert torch.allclose(warped[0, 0, :12], ramp[0, 0, 2:14], atol=1e-4)
