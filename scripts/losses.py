@@ -1,5 +1,8 @@
 """Registration loss: 0.4 * gradient + 1.0 * Dice + 1.0 * masked mutual information, per depth chunk.
 
+``dice_channels="all"`` scores every label channel (gland, urethra, landmarks: μ-RegPro's weak supervision)
+instead of the gland alone; ``field_weight`` > 0 adds a supervised term on a known true field (the phantom's).
+
 Two switches give the baselines' native losses (configs/baselines/): ``mi_region="image"`` (MI over the
 whole box, no label needed: unsupervised VoxelMorph) and ``regulariser="bending"`` (MONAI's bending
 energy in place of the gradient term: LocalNet as Hu et al. 2018).
@@ -21,7 +24,11 @@ from torch import nn
 
 from scripts.blocks import GridCachedWarp, chunk_bounds, chunk_matrix
 
-__all__ = ["masked_mutual_information", "RegistrationLoss", "composite_loss"]
+__all__ = ["DICE_CHANNELS", "EMPTY_LABEL_VOXELS", "masked_mutual_information", "RegistrationLoss", "composite_loss"]
+
+DICE_CHANNELS = ("gland", "all")
+# a fixed label channel counts as present in a depth chunk when its (soft) voxel sum there reaches this
+EMPTY_LABEL_VOXELS = 0.5
 
 
 def masked_mutual_information(
@@ -72,6 +79,13 @@ class RegistrationLoss(nn.Module):
         mask_dilation: the MI region is the union of the warped and fixed gland (channel 0, > 0.5),
             dilated by this many voxels (a (2r+1)^3 max filter).
         smooth: numerator/denominator smoothing of MONAI's Dice (an empty chunk in both labels scores 0).
+        dice_channels: "gland" (channel 0 only, the default) or "all": per sample and chunk, the mean Dice
+            loss over the channels present in the FIXED label there (soft voxel sum >= ``EMPTY_LABEL_VOXELS``);
+            absent channels do not enter the mean. A chunk with no channel present scores the gland channel
+            (as "gland" does, so a warped gland spilling into it is still penalised).
+        field_weight: weight of the true-field term (0 = off). When > 0, ``forward`` needs ``true_ddf`` and adds
+            ``field`` (N,) = field_weight * mean over the dilated fixed gland (see ``mask_dilation``) of
+            |ddf - true_ddf|^2, the squared Euclidean error in box voxels (voxel^2).
         mi_region: "gland" (the dilated gland union above, the paper's) or "image" (every box voxel).
         regulariser: "gradient" (first-order, the paper's) or "bending" (second-order bending energy);
             ``grad_weight`` weighs either.
@@ -92,8 +106,15 @@ class RegistrationLoss(nn.Module):
         mi_region: str = "gland",
         regulariser: str = "gradient",
         grid_cache: bool = False,
+        dice_channels: str = "gland",
+        field_weight: float = 0.0,
     ):
         super().__init__()
+        if dice_channels not in DICE_CHANNELS:
+            raise ValueError(f"dice_channels must be one of {DICE_CHANNELS}, got {dice_channels!r}")
+        if field_weight < 0:
+            raise ValueError(f"field_weight must be >= 0, got {field_weight}")
+        self.dice_channels, self.field_weight = dice_channels, float(field_weight)
         if mi_region not in ("gland", "image"):
             raise ValueError(f"mi_region must be 'gland' or 'image', got {mi_region!r}")
         if regulariser not in ("gradient", "bending"):
@@ -106,13 +127,33 @@ class RegistrationLoss(nn.Module):
         self.diffusion = DiffusionLoss()
         self.bending = BendingEnergyLoss(reduction="none")
 
+    def _dilate(self, binary: torch.Tensor) -> torch.Tensor:
+        r = self.mask_dilation
+        return F.max_pool3d(binary, 2 * r + 1, stride=1, padding=r) if r > 0 else binary
+
     def _mi_region(self, warped_gland: torch.Tensor, fixed_gland: torch.Tensor) -> torch.Tensor:
         """Dilated union of the two glands (N, 1, H, W, D), binary, no gradient (all ones for "image")."""
         if self.mi_region == "image":
             return torch.ones_like(fixed_gland)
-        union = ((warped_gland.detach() > 0.5) | (fixed_gland > 0.5)).float()
-        r = self.mask_dilation
-        return F.max_pool3d(union, 2 * r + 1, stride=1, padding=r) if r > 0 else union
+        return self._dilate(((warped_gland.detach() > 0.5) | (fixed_gland > 0.5)).float())
+
+    def _chunk_dice(self, warped_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
+        """Dice loss (N,) of one chunk (or the whole volume): the gland, or the mean over present channels."""
+        if self.dice_channels == "gland":
+            return self.dice(warped_label[:, :1], fixed_label[:, :1]).flatten()
+        per_channel = self.dice(warped_label, fixed_label).flatten(1)  # (N, C)
+        present = (fixed_label.flatten(2).sum(dim=2) >= EMPTY_LABEL_VOXELS).float()  # (N, C)
+        count = present.sum(dim=1)
+        mean = (per_channel * present).sum(dim=1) / count.clamp_min(1.0)
+        return torch.where(count > 0, mean, per_channel[:, 0])
+
+    def _field_error(self, ddf: torch.Tensor, true_ddf: torch.Tensor, fixed_gland: torch.Tensor) -> torch.Tensor:
+        """Mean squared voxel error (N,) of ``ddf`` against ``true_ddf`` over the dilated fixed gland (0 if empty)."""
+        if true_ddf.shape != ddf.shape:
+            raise ValueError(f"true_ddf has shape {tuple(true_ddf.shape)}, the predicted ddf {tuple(ddf.shape)}")
+        region = self._dilate((fixed_gland > 0.5).float()).flatten(1)
+        squared = ((ddf - true_ddf.float()) ** 2).sum(dim=1).flatten(1)
+        return (squared * region).sum(dim=1) / region.sum(dim=1).clamp_min(1.0)
 
     def _regulariser_map(self, ddf: torch.Tensor) -> torch.Tensor:
         """The regulariser per voxel, (N, 3, H, W, D).
@@ -133,13 +174,19 @@ class RegistrationLoss(nn.Module):
         fixed_image: torch.Tensor,
         moving_label: torch.Tensor,
         fixed_label: torch.Tensor,
+        true_ddf: Optional[torch.Tensor] = None,
     ) -> dict:
-        """ddf (N, 3, H, W, D) voxels; images (N, 1, ...) in [0, 1]; labels (N, C, ...), channel 0 = gland.
+        """ddf (N, 3, H, W, D) voxels; images (N, 1, ...) in [0, 1]; labels (N, C, ...), channel 0 = gland;
+        ``true_ddf`` (N, 3, H, W, D) voxels, same convention as ``ddf`` (needed when ``field_weight`` > 0).
 
         Returns ``reg`` (N, T) = dice_weight * Dice_t + mi_weight * (-MI_t), ``smooth`` (N, T) =
-        grad_weight * regulariser_t, the whole-volume unweighted scalars ``dice``, ``mi`` (the loss, -MI),
-        ``grad`` (detached), and ``warped_image`` (N, 1, ...), ``warped_label`` (N, C, ...).
+        grad_weight * regulariser_t, the whole-volume unweighted scalars ``dice`` (per ``dice_channels``),
+        ``mi`` (the loss, -MI), ``grad`` (detached), ``warped_image`` (N, 1, ...), ``warped_label`` (N, C, ...),
+        and with ``field_weight`` > 0 ``field`` (N,) (weighted) and ``field_error`` (detached scalar, voxel^2).
         """
+        if self.field_weight > 0 and true_ddf is None:
+            raise ValueError("RegistrationLoss(field_weight > 0) needs true_ddf: set true_field true in the config "
+                             "(scripts.transforms.PairToBoxd) or field_weight 0")
         with torch.autocast(device_type=ddf.device.type, enabled=False):
             ddf = ddf.float()
             warped_image = self.warp(moving_image.float(), ddf)
@@ -151,7 +198,7 @@ class RegistrationLoss(nn.Module):
             depth = ddf.shape[-1]
             dice_t, mi_t = [], []
             for start, stop in chunk_bounds(depth, self.chunks):
-                dice_t.append(self.dice(warped_gland[..., start:stop], fixed_gland[..., start:stop]).flatten())
+                dice_t.append(self._chunk_dice(warped_label[..., start:stop], fixed_label[..., start:stop]))
                 mi_t.append(
                     -masked_mutual_information(
                         warped_image[..., start:stop],
@@ -166,19 +213,23 @@ class RegistrationLoss(nn.Module):
 
             with torch.no_grad():  # whole-volume diagnostics, no graph
                 diagnostics = {
-                    "dice": self.dice(warped_gland, fixed_gland).mean(),
+                    "dice": self._chunk_dice(warped_label, fixed_label).mean(),
                     "mi": -masked_mutual_information(
                         warped_image, fixed_image, region, self.num_bins, self.sigma_ratio
                     ).mean(),
                     "grad": self.diffusion(ddf),
                 }
-            return {
+            terms = {
                 "reg": self.dice_weight * dice_t + self.mi_weight * mi_t,
                 "smooth": self.grad_weight * grad_t,
                 **diagnostics,
                 "warped_image": warped_image,
                 "warped_label": warped_label,
             }
+            if self.field_weight > 0:
+                error = self._field_error(ddf, true_ddf.to(ddf.device), fixed_gland)
+                terms.update(field=self.field_weight * error, field_error=error.detach().mean())
+            return terms
 
 
 def composite_loss(terms: dict, task_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -186,9 +237,11 @@ def composite_loss(terms: dict, task_mask: Optional[torch.Tensor] = None) -> tor
 
     With ``task_mask`` (N, T, 2): mean over samples and chunks of M0 * reg + M1 * smooth, the mask
     DETACHED (the registration network never changes the mask; the subnet has its own objective).
-    Without: mean of reg + smooth (fixed weights, the "no task mask" ablation).
+    Without: mean of reg + smooth (fixed weights, the "no task mask" ablation). A true-field term
+    ``field`` (N,) is added as its sample mean, outside the task mask (it is supervision, not a chunk weight).
     """
+    field = terms["field"].mean() if "field" in terms else 0.0
     if task_mask is None:
-        return (terms["reg"] + terms["smooth"]).mean()
+        return (terms["reg"] + terms["smooth"]).mean() + field
     mask = task_mask.detach()
-    return (mask[..., 0] * terms["reg"] + mask[..., 1] * terms["smooth"]).mean()
+    return (mask[..., 0] * terms["reg"] + mask[..., 1] * terms["smooth"]).mean() + field

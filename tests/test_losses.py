@@ -191,3 +191,71 @@ def test_loss_switches_reject_unknown_values():
         RegistrationLoss(mi_region="box")
     with pytest.raises(ValueError, match="regulariser"):
         RegistrationLoss(regulariser="elastic")
+
+
+def _box(shape, x, y, z) -> torch.Tensor:
+    """(1, 1, *shape) 0/1 volume, ones on the index ranges x, y, z (slices)."""
+    out = torch.zeros(1, 1, *shape)
+    out[..., x, y, z] = 1
+    return out
+
+
+def test_all_channel_dice_counts_present_channels_only():
+    shape = (8, 8, 10)  # chunks=2: depth slices 0-4 and 5-9
+    gland = _box(shape, slice(1, 7), slice(1, 7), slice(0, 10))
+    # landmark in chunk 0 only: 2x2x3 = 12 voxels, the moving copy shifted by one voxel along x (6 overlap)
+    fixed_mark = _box(shape, slice(2, 4), slice(2, 4), slice(1, 4))
+    moving_mark = _box(shape, slice(3, 5), slice(2, 4), slice(1, 4))
+    fixed, moving = torch.cat([gland, fixed_mark], 1), torch.cat([gland, moving_mark], 1)
+    image = torch.full((1, 1, *shape), 0.5)  # constant: MI = 0
+    ddf = torch.zeros(1, 3, *shape)
+    gland_only = RegistrationLoss(chunks=2)(ddf, image, image, moving, fixed)
+    every = RegistrationLoss(chunks=2, dice_channels="all")(ddf, image, image, moving, fixed)
+    torch.testing.assert_close(gland_only["reg"], torch.zeros(1, 2), atol=1e-4, rtol=0)
+    # chunk 0: mean of gland (0) and landmark (1 - 2*6/24 = 0.5); chunk 1: the landmark is absent, gland only
+    torch.testing.assert_close(every["reg"], torch.tensor([[0.25, 0.0]]), atol=1e-4, rtol=0)
+    assert every["dice"] > gland_only["dice"] + 0.2
+
+    # a channel empty in the fixed label changes nothing, whether the moving one is empty or not
+    spill = _box(shape, slice(0, 8), slice(0, 8), slice(0, 10))
+    empty = torch.zeros_like(gland)
+    more = RegistrationLoss(chunks=2, dice_channels="all")(
+        ddf, image, image, torch.cat([moving, spill, empty], 1), torch.cat([fixed, empty, empty], 1))
+    torch.testing.assert_close(more["reg"], every["reg"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(more["dice"], every["dice"], atol=1e-6, rtol=0)
+
+
+def test_all_channel_dice_falls_back_to_the_gland_where_nothing_is_present():
+    shape = (6, 6, 4)
+    fixed = torch.cat([_box(shape, slice(1, 5), slice(1, 5), slice(0, 2)), torch.zeros(1, 1, *shape)], 1)
+    moving = torch.cat([_box(shape, slice(1, 5), slice(1, 5), slice(0, 4)), torch.zeros(1, 1, *shape)], 1)
+    image = torch.full((1, 1, *shape), 0.5)
+    terms = RegistrationLoss(chunks=2, dice_channels="all")(torch.zeros(1, 3, *shape), image, image, moving, fixed)
+    # chunk 1: no fixed channel present, the moving gland spills there: the gland's Dice loss 1 (as "gland")
+    torch.testing.assert_close(terms["reg"], torch.tensor([[0.0, 1.0]]), atol=1e-4, rtol=0)
+
+
+def test_true_field_term_is_the_squared_error_over_the_dilated_fixed_gland():
+    shape = (8, 8, 8)
+    gland = _box(shape, slice(3, 5), slice(3, 5), slice(3, 5))
+    label = gland.clone()
+    image = torch.full((1, 1, *shape), 0.5)
+    true_ddf = torch.full((1, 3, *shape), 10.0)  # far off outside the region ...
+    true_ddf[..., 2:6, 2:6, 2:6] = 1.0  # ... 1 voxel per component inside the gland dilated by 1
+    ddf = torch.zeros(1, 3, *shape, requires_grad=True)
+    loss = RegistrationLoss(chunks=2, mask_dilation=1, field_weight=0.5)
+    terms = loss(ddf, image, image, label, label, true_ddf=true_ddf)
+    torch.testing.assert_close(terms["field"], torch.tensor([0.5 * 3.0]))  # weight * (1^2 + 1^2 + 1^2)
+    torch.testing.assert_close(terms["field_error"], torch.tensor(3.0))
+    plain = {k: v for k, v in terms.items() if k != "field"}
+    torch.testing.assert_close(composite_loss(terms) - composite_loss(plain), torch.tensor(1.5))
+    mask = torch.full((1, 2, 2), 0.5)
+    torch.testing.assert_close(composite_loss(terms, mask) - composite_loss(plain, mask), torch.tensor(1.5))
+    composite_loss(terms).backward()
+    assert ddf.grad[..., 3, 3, 3].abs().sum() > 0 and ddf.grad[..., 0, 0, 0].abs().sum() < 1e-6
+    # off by default: no term; on without a true field: a clear error
+    assert "field" not in RegistrationLoss(chunks=2)(ddf.detach(), image, image, label, label, true_ddf=true_ddf)
+    with pytest.raises(ValueError, match="true_field"):
+        loss(ddf.detach(), image, image, label, label)
+    with pytest.raises(ValueError, match="dice_channels"):
+        RegistrationLoss(dice_channels="landmarks")
