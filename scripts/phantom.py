@@ -1,9 +1,10 @@
 """Synthetic MR–TRUS prostate phantom with known ground truth, written in the μ-RegPro layout.
 
-``python -m scripts synth --out DIR --cases N --seed S --size small|full`` writes, per case,
-``<split>/{mr_images,us_images,mr_labels,us_labels}/caseNNNNNN.nii.gz`` plus the ground truth
-``<split>/ddf_mr2us/``, ``<split>/ddf_us2mr/`` (dense displacement fields), ``<split>/truth/*.json``
-and ``<split>/preview/*.png``. docs/phantom.md documents every frame, unit and channel.
+``python -m scripts synth --out DIR --cases N --seed S --size small|full --preset basic|realistic|shifted``
+writes, per case, ``<split>/{mr_images,us_images,mr_labels,us_labels}/caseNNNNNN.nii.gz`` plus the ground
+truth ``<split>/ddf_mr2us/``, ``<split>/ddf_us2mr/`` (dense displacement fields), ``<split>/truth/*.json``
+(with the observer presets also the analytic labels ``<split>/truth/{mr,us}_labels/``) and
+``<split>/preview/*.png``. docs/phantom.md documents every frame, unit, channel and preset.
 
 Pipeline of one case (deterministic from (seed, case index)): draw the anatomy (scripts/phantom_anatomy.py)
 and the transform phi (scripts/phantom_transform.py); render the MR labels and image at the MR voxels;
@@ -14,18 +15,20 @@ pull the TRUS voxels back through phi^-1 and render the TRUS labels and image th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from scripts.io import InputError, atomic_write, write_json, write_nifti
-from scripts.phantom_anatomy import Anatomy, AnatomyParams
+from scripts.phantom_anatomy import N_CHANNELS, Anatomy, AnatomyParams
 from scripts.phantom_appearance import MRParams, USParams, render_mr, render_us
 from scripts.phantom_transform import PhantomTransform, TransformParams, rotation_matrix
 
-__all__ = ["synth", "generate_case", "SIZES", "Geometry", "RAS_TO_LPS", "ddf_to_nifti_array", "jacobian_determinant"]
+__all__ = ["synth", "generate_case", "SIZES", "PRESETS", "Preset", "ObserverParams", "Geometry", "RAS_TO_LPS",
+           "ddf_to_nifti_array", "jacobian_determinant"]
 
 SPLITS = ("train", "val", "holdout")
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # x_LPS = diag(-1, -1, 1) x_RAS (same for displacement vectors)
@@ -49,6 +52,66 @@ SIZES = {
     "full": Geometry((120, 128, 128), (81, 118, 88), 0.8),
     "small": Geometry((40, 43, 43), (27, 39, 29), 2.4),
 }
+
+
+@dataclass(frozen=True)
+class ObserverParams:
+    """How the labels written in the μ-RegPro folders differ from the analytic truth (one observer per image).
+
+    Off by default (labels = truth). Each image's labels are drawn from their own random stream, so
+    the observer can change without changing any image.
+    """
+
+    enabled: bool = False
+    boundary_bias_mm: float = 0.6  # std of a per-image gland dilation (+) / erosion (-)
+    boundary_wobble_mm: float = 0.8  # amplitude of a smooth boundary wobble
+    boundary_wavelength_mm: tuple[float, float] = (15.0, 30.0)
+    urethra_bias_mm: float = 0.5  # std of a per-image urethra radius error
+    landmark_jitter_mm: float = 0.7  # std, per axis, of each drawn landmark's centre error
+    landmark_scale: tuple[float, float] = (0.8, 1.25)  # drawn / true landmark radius
+    landmark_miss_probability: float = 0.08  # a landmark left undrawn in one image (its channel empty there)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every random range of a phantom case: anatomy, transform, MR and TRUS appearance, observer."""
+
+    anatomy: AnatomyParams = field(default_factory=AnatomyParams)
+    transform: TransformParams = field(default_factory=TransformParams)
+    mr: MRParams = field(default_factory=MRParams)
+    us: USParams = field(default_factory=USParams)
+    observer: ObserverParams = field(default_factory=ObserverParams)
+
+
+def _realistic(shifted: bool = False) -> Preset:
+    """The ``realistic`` preset (calibrated in docs/phantom.md) or its ``shifted`` variant (a held-out distribution)."""
+    sh = shifted
+    anatomy = AnatomyParams(
+        gland_volume_cc=(50.0, 110.0) if sh else (20.0, 100.0), median_lobe_probability=0.6 if sh else 0.35,
+        seminal_vesicles=True, bph_nodules=(1, 6) if sh else (0, 4), lesions=(0, 2),
+        cyst_radius_mm=(1.8, 4.5), calcification_radius_mm=(1.2, 3.0), landmark_elongation=(1.0, 1.6))
+    transform = TransformParams(
+        rotation_deg=(5.0, 10.0) if sh else (3.0, 8.0), translation_mm=(3.0, 7.0) if sh else (2.0, 6.0),
+        elastic_centres=10, elastic_spread_mm=14.0, elastic_sigma_mm=12.0, elastic_amplitude_mm=3.0,
+        compression_mm=(0.0, 0.0), bladder_filling_mm=(0.0, 4.0), rectal_filling_mm=(-2.0, 3.0),
+        sliding_deg=(1.0, 4.0), indentation_mm=(10.0, 18.0) if sh else (5.0, 15.0))
+    mr = MRParams(
+        intensity=dict(MRParams().intensity, cyst=(0.60, 1.00), seminal_vesicle=(0.70, 0.95),
+                       bph_nodule=(0.25, 0.60), lesion=(0.18, 0.35)),
+        texture=dict(MRParams().texture, bph_nodule=0.40), noise_sigma=(0.04, 0.08) if sh else (0.02, 0.06),
+        slice_thickness_mm=(3.5, 4.5) if sh else (2.5, 4.0), coil_gain=(0.3, 1.0))
+    us = USParams(
+        echogenicity=dict(USParams().echogenicity, cyst=(0.01, 0.15), calcification=(0.9, 2.5),
+                          seminal_vesicle=(0.15, 0.35), bph_nodule=(0.20, 0.60), lesion=(0.25, 0.45)),
+        capsule_gain=(0.2, 1.2) if sh else (0.3, 2.0), capsule_fade=(0.7, 1.0) if sh else (0.5, 1.0),
+        gain_db=(-6.0, 6.0) if sh else (-4.0, 4.0), tgc_db=3.0, reverberation=(0.1, 0.4), side_lobe=(0.05, 0.2),
+        contact_shadows=(1, 3) if sh else (0, 2), noise_floor=0.03 if sh else 0.02,
+        dynamic_range_db=(40.0, 55.0) if sh else (45.0, 60.0))
+    return Preset(anatomy, transform, mr, us, ObserverParams(enabled=True))
+
+
+# basic = the original phantom, frozen byte for byte (fast tests); realistic = the benchmark default
+PRESETS = {"basic": Preset(), "realistic": _realistic(), "shifted": _realistic(shifted=True)}
 
 
 def voxel_to_world(affine: np.ndarray, shape) -> np.ndarray:
@@ -113,10 +176,54 @@ def _grids(anat: Anatomy, geom: Geometry, index: int, rng):
     return mr_affine, us_affine, probe_point, rot @ np.array([0.0, 0, 1]), probe_vox, bool(oblique)
 
 
-def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyParams = AnatomyParams(),
-                  transform: TransformParams = TransformParams(), mr: MRParams = MRParams(),
-                  us: USParams = USParams()) -> dict:
-    """Build one case in memory (no files). Deterministic from (seed, index).
+def _observer_labels(anat: Anatomy, s: dict, anatomy_points, world, shape, rng, p: ObserverParams) -> np.ndarray:
+    """One observer's (X, Y, Z, 6) uint8 labels of one image: the truth with a biased, wobbling gland boundary,
+    a biased urethra, landmarks drawn off-centre, resized, or missed. ``world``: the image's own voxel
+    positions (the wobble is attached to the image); ``anatomy_points``: the same voxels in the anatomy frame."""
+    k = rng.normal(size=(6, 3))
+    k *= (2 * np.pi / rng.uniform(*p.boundary_wavelength_mm, (6, 1))) / np.linalg.norm(k, axis=1, keepdims=True)
+    wobble = np.cos(world @ k.T + rng.uniform(0, 2 * np.pi, 6)).sum(1) / np.sqrt(3)
+    gland = s["gland_mm"] - rng.normal(0, p.boundary_bias_mm) - p.boundary_wobble_mm * wobble < 0
+    out = np.zeros((len(gland), N_CHANNELS), np.uint8)
+    out[:, 0] = gland
+    out[:, 1] = gland & (s["urethra"] - rng.normal(0, p.urethra_bias_mm) < 0)
+    for i, lm in enumerate(anat.landmarks[: N_CHANNELS - 2]):
+        centre = lm["centre"] + rng.normal(0, p.landmark_jitter_mm, 3)
+        radii = np.asarray(lm.get("radii", lm["radius"])) * rng.uniform(*p.landmark_scale)
+        if rng.random() >= p.landmark_miss_probability:
+            out[:, 2 + i] = np.linalg.norm((anatomy_points - centre) / radii, axis=1) < 1
+    return out.reshape(*shape, -1)
+
+
+def _capsule_site(anat: Anatomy, points) -> np.ndarray:
+    """(N,) in [0, 1]: 1 towards the apex, the base and the anterior face, where a real TRUS capsule fades."""
+    y = (points - anat.gland_centre) / anat.gland_radii
+    rho = np.maximum(np.linalg.norm(y, axis=1), 1e-9)
+    ramp = lambda v: np.clip(v, 0, 1) ** 2 * (3 - 2 * np.clip(v, 0, 1))  # noqa: E731  smoothstep
+    return np.maximum(ramp((np.abs(y[:, 2]) / rho - 0.55) / 0.35), ramp((y[:, 1] / rho - 0.3) / 0.5))
+
+
+def draw_geometry(seed: int, index: int, size: str, anatomy: AnatomyParams, transform: TransformParams):
+    """The geometric part of a case, no images: (rng, anatomy, phi, grids); ``rng`` continues into the rendering.
+    ``grids`` = (MR affine, TRUS affine, probe point, probe axis, probe voxel, oblique flag)."""
+    geom = SIZES[size]
+    rng = np.random.default_rng([int(seed), int(index)])
+    anat = Anatomy.random(rng, anatomy)
+    grids = _grids(anat, geom, index, rng)
+    half = np.array(geom.mr_shape) * geom.spacing / 2 + 40.0  # elastic gradient checked on the MR FOV + margin
+    check = np.stack(np.meshgrid(*(np.arange(-h, h + 1e-6, 5.0) for h in half), indexing="ij"), -1).reshape(-1, 3)
+    phi = PhantomTransform.random(rng, anat.gland_centre, grids[2], grids[3], check, transform, anat)
+    return rng, anat, phi, grids
+
+
+def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyParams | None = None,
+                  transform: TransformParams | None = None, mr: MRParams | None = None,
+                  us: USParams | None = None, preset: str = "basic") -> dict:
+    """Build one case in memory (no files). Deterministic from (seed, index, preset).
+
+    ``preset`` picks every range (:data:`PRESETS`); ``anatomy``/``transform``/``mr``/``us`` replace its parts.
+    With an observer preset, ``mr_label``/``us_label`` are the observer's and ``mr_true_label``/``us_true_label``
+    the analytic truth.
 
     Returns a dict with ``mr_image``/``us_image`` (X, Y, Z) float32, ``mr_label``/``us_label`` (X, Y, Z, 6) uint8,
     ``ddf_mr2us`` (TRUS grid) / ``ddf_us2mr`` (MR grid) as (X, Y, Z, 1, 3) float32 LPS mm, ``mr_affine``/``us_affine``
@@ -124,20 +231,22 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
     """
     if size not in SIZES:
         raise InputError(f"size={size!r}: expected one of {sorted(SIZES)}")
+    if preset not in PRESETS:
+        raise InputError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    pre = PRESETS[preset]
+    anatomy, transform, mr, us = (given if given is not None else default for given, default in
+                                  ((anatomy, pre.anatomy), (transform, pre.transform), (mr, pre.mr), (us, pre.us)))
     geom = SIZES[size]
-    rng = np.random.default_rng([int(seed), int(index)])
-    anat = Anatomy.random(rng, anatomy)
-    mr_affine, us_affine, probe_point, probe_axis, probe_vox, oblique = _grids(anat, geom, index, rng)
+    rng, anat, phi, (mr_affine, us_affine, probe_point, probe_axis, probe_vox, oblique) = draw_geometry(
+        seed, index, size, anatomy, transform)
     sp = geom.spacing
-    half = np.array(geom.mr_shape) * sp / 2 + 40.0  # elastic gradient checked on the MR field of view + margin
-    check = np.stack(np.meshgrid(*(np.arange(-h, h + 1e-6, 5.0) for h in half), indexing="ij"), -1).reshape(-1, 3)
-    phi = PhantomTransform.random(rng, anat.gland_centre, probe_point, probe_axis, check, transform)
 
     # MR: anatomy evaluated directly at the MR voxels (MR world = anatomy frame)
     x_mr = voxel_to_world(mr_affine, geom.mr_shape)
     s_mr = anat.sample(x_mr)
     mr_label = anat.labels(s_mr).reshape(*geom.mr_shape, -1)
-    mr_image, mr_info = render_mr(anat.tissue(s_mr), s_mr["texture"], x_mr, geom.mr_shape, rng, mr)
+    mr_image, mr_info = render_mr(anat.tissue(s_mr), s_mr["texture"], x_mr, geom.mr_shape, rng, mr,
+                                  rectum_mm=s_mr["rectum"], spacing=sp)
     ddf_us2mr = ddf_to_nifti_array(phi.forward(x_mr) - x_mr, geom.mr_shape)
 
     # TRUS: voxels pulled back into the MR world through phi^-1, anatomy evaluated there
@@ -146,10 +255,11 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
     s_us = anat.sample(p)
     us_label = anat.labels(s_us).reshape(*geom.us_shape, -1)
     inv_aff = np.linalg.inv(us_affine)
-    lm_vox = [(lm["kind"], inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3], lm["radius"])
-              for lm in anat.landmarks]
+    lm_vox = [(lm["kind"], inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3],
+               float(np.mean(lm.get("radii", lm["radius"])))) for lm in anat.landmarks]
     us_image, fan, us_info = render_us(anat.tissue(s_us), s_us["texture"], s_us["gland_mm"], geom.us_shape, sp,
-                                       probe_vox, geom.probe_radius_mm, lm_vox, rng, us)
+                                       probe_vox, geom.probe_radius_mm, lm_vox, rng, us,
+                                       capsule_site=_capsule_site(anat, p) if us.capsule_fade[1] > 0 else None)
     ddf_mr2us = ddf_to_nifti_array(p - q, geom.us_shape)
 
     jac = {"mr2us": float(jacobian_determinant(ddf_mr2us, us_affine).min()),
@@ -184,9 +294,45 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
         "gland_in_trus_fan_fraction": round(float(fan[us_label[..., 0] > 0].mean()), 4),
         "appearance": {"mr": mr_info, "us": us_info},
     }
-    return {"mr_image": mr_image, "us_image": us_image, "mr_label": mr_label, "us_label": us_label,
+    case = {"mr_image": mr_image, "us_image": us_image, "mr_label": mr_label, "us_label": us_label,
             "ddf_mr2us": ddf_mr2us, "ddf_us2mr": ddf_us2mr, "mr_affine": mr_affine, "us_affine": us_affine,
             "truth": truth, "anatomy": anat, "transform": phi}
+    if preset != "basic":  # extras only here: the basic output stays byte-identical to the original phantom
+        _add_realistic_truth(case, preset, pre.observer, anat, s_mr, x_mr, s_us, p, q, geom, seed, index)
+    return case
+
+
+def _add_realistic_truth(case, preset, observer, anat, s_mr, x_mr, s_us, p, q, geom, seed, index) -> None:
+    """Observer labels (the analytic ones kept as ``*_true_label``), ideal-fit residuals and anatomy facts."""
+    from scripts.phantom_fit import ideal_fits
+
+    truth = case["truth"]
+    if observer.enabled:
+        for mod, s, anatomy_points, world, shape, stream in (("mr", s_mr, x_mr, x_mr, geom.mr_shape, 1),
+                                                             ("us", s_us, p, q, geom.us_shape, 2)):
+            case[f"{mod}_true_label"] = case[f"{mod}_label"]
+            orng = np.random.default_rng([int(seed), int(index), stream])
+            case[f"{mod}_label"] = _observer_labels(anat, s, anatomy_points, world, shape, orng, observer)
+        agree = {mod: [float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)) for a, b in (
+            (case[f"{mod}_label"][..., c] > 0, case[f"{mod}_true_label"][..., c] > 0) for c in range(N_CHANNELS))]
+            for mod in ("mr", "us")}
+        truth["observer"] = {"labels": "the label folders hold one simulated observer's labels per image; the "
+                                       "analytic labels are in truth/mr_labels and truth/us_labels",
+                             "dice_vs_truth_per_channel": {m: np.round(v, 4).tolist() for m, v in agree.items()},
+                             "params": vars(observer)}
+    fits = {d: ideal_fits(case, d) for d in ("mr2us", "us2mr")}
+    truth["ideal_fits"] = {
+        d: {"landmark_error_mm": {k: np.round(v, 4).tolist() for k, v in f["landmark_error_mm"].items()},
+            "rigid_moving_to_fixed_ras": f["rigid"].round(8).tolist(),
+            "affine_moving_to_fixed_ras": f["affine"].round(8).tolist()} for d, f in fits.items()}
+    truth["preset"] = preset
+    truth["gland_volume_cc"] = round(float(case.get("mr_true_label", case["mr_label"])[..., 0].sum()
+                                           * geom.spacing**3 / 1000), 3)
+    truth["median_lobe"] = round(anat.median_lobe, 4)
+    truth["appearance_only"] = {name: len(v) for name, v in anat.ellipsoids.items()}
+    jac = jacobian_determinant(case["ddf_us2mr"], case["mr_affine"])[case.get("mr_true_label", case["mr_label"])[..., 0] > 0]
+    truth["jacobian_determinant_in_mr_gland"] = {"mean": round(float(jac.mean()), 4), "p5": round(float(np.percentile(jac, 5)), 4),
+                                                 "p95": round(float(np.percentile(jac, 95)), 4)}
 
 
 def split_counts(cases: int, fractions) -> list[int]:
@@ -219,6 +365,9 @@ def write_case(case: dict, root: Path, split: str, name: str, overwrite: bool = 
     write_nifti(case["us_label"], case["us_affine"], d / "us_labels" / f, overwrite)
     write_nifti(case["ddf_mr2us"], case["us_affine"], d / "ddf_mr2us" / f, overwrite, intent="vector")
     write_nifti(case["ddf_us2mr"], case["mr_affine"], d / "ddf_us2mr" / f, overwrite, intent="vector")
+    for mod in ("mr", "us"):
+        if f"{mod}_true_label" in case:
+            write_nifti(case[f"{mod}_true_label"], case[f"{mod}_affine"], d / "truth" / f"{mod}_labels" / f, overwrite)
     write_json({"case": name, "split": split, **case["truth"]}, d / "truth" / f"{name}.json", overwrite)
     if preview:
         from scripts.phantom_preview import save_preview  # matplotlib only when previews are wanted
@@ -232,8 +381,14 @@ def write_case(case: dict, root: Path, split: str, name: str, overwrite: bool = 
                      overwrite)
 
 
+def _write_one(args) -> str:
+    seed, index, size, preset, root, split, overwrite, preview = args
+    write_case(generate_case(seed, index, size, preset=preset), root, split, f"case{index:06d}", overwrite, preview)
+    return f"{split}/case{index:06d} written"
+
+
 def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="0.7,0.15,0.15",
-          overwrite: bool = False, preview: bool = True) -> str:
+          overwrite: bool = False, preview: bool = True, preset: str = "basic", jobs: int = 1) -> str:
     """Generate ``cases`` synthetic MR–TRUS pairs with ground truth into ``out`` (μ-RegPro layout).
 
     Args:
@@ -244,6 +399,9 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
         splits: fractions for train, val, holdout ("0.7,0.15,0.15"); each split gets a case when cases >= 3.
         overwrite: allow writing into a non-empty folder, replacing files of the same name.
         preview: also write ``<split>/preview/caseNNNNNN.png``.
+        preset: "basic" (the original phantom, fast tests), "realistic" (the benchmark default: probe indentation,
+            sliding, faint capsule, thick-slice MR, observer labels) or "shifted" (a harder held-out distribution).
+        jobs: cases generated in parallel processes (the output does not depend on it).
     Returns:
         the output folder.
     """
@@ -252,6 +410,8 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
         raise InputError(f"cases={cases}: expected at least 1")
     if size not in SIZES:
         raise InputError(f"size={size!r}: expected one of {sorted(SIZES)}")
+    if preset not in PRESETS:
+        raise InputError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: output path exists and is not a folder")
@@ -259,10 +419,16 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
         raise FileExistsError(f"{root}: output folder is not empty; pass overwrite=True (CLI: --overwrite) to write into it")
     counts = split_counts(cases, splits)
     names = [s for s, n in zip(SPLITS, counts) for _ in range(n)]
-    for index, split in enumerate(names):
-        write_case(generate_case(seed, index, size), root, split, f"case{index:06d}", overwrite, preview)
-        print(f"{split}/case{index:06d} written", flush=True)
+    work = [(seed, i, size, preset, root, split, overwrite, preview) for i, split in enumerate(names)]
+    if int(jobs) > 1:
+        with ProcessPoolExecutor(int(jobs)) as pool:
+            for line in pool.map(_write_one, work):
+                print(line, flush=True)
+    else:
+        for item in work:
+            print(_write_one(item), flush=True)
     write_json({"generator": "scripts/phantom.py", "seed": int(seed), "cases": cases, "size": size,
+                **({"preset": preset} if preset != "basic" else {}),
                 "splits": dict(zip(SPLITS, counts)), "spacing_mm": SIZES[size].spacing,
                 "mr_shape": list(SIZES[size].mr_shape), "us_shape": list(SIZES[size].us_shape)},
                root / "phantom.json", overwrite)

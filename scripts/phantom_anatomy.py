@@ -16,8 +16,14 @@ __all__ = ["AnatomyParams", "Anatomy", "TISSUES", "N_CHANNELS"]
 N_CHANNELS = 6  # label channels: 0 gland, 1 urethra, 2..5 landmarks (μ-RegPro has 6)
 # tissue classes, in painting order (a later class overrides an earlier one)
 TISSUES = ("pelvic", "muscle", "fat", "rectal_wall", "rectal_lumen", "bladder", "peripheral_zone",
-           "central_zone", "urethra", "cyst", "calcification")
+           "central_zone", "urethra", "cyst", "calcification", "seminal_vesicle", "bph_nodule", "lesion")
 T = {name: i for i, name in enumerate(TISSUES)}
+
+
+def _rotation_about(axis, angle: float) -> np.ndarray:
+    from scripts.phantom_transform import rotation_matrix  # here: phantom_transform is independent of the anatomy
+
+    return rotation_matrix(axis, angle)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,16 @@ class AnatomyParams:
     landmark_min_gap_mm: float = 3.0
     texture_waves: int = 16
     texture_wavelength_mm: tuple[float, float] = (5.0, 16.0)
+    # realistic-preset structures; the defaults switch them off (the basic preset draws no random numbers for them)
+    gland_volume_cc: tuple[float, float] = (0.0, 0.0)  # log-uniform target volume; grows R-L most, S-I least
+    median_lobe_probability: float = 0.0  # a BPH median lobe bulging from the base into the bladder
+    median_lobe_size: tuple[float, float] = (0.15, 0.35)  # relative radius added at the lobe's centre
+    seminal_vesicles: bool = False  # two tubes above and behind the base (appearance only, not labelled)
+    bph_nodules: tuple[int, int] = (0, 0)  # nodules in the central/transition zone, inclusive (appearance only)
+    bph_nodule_radius_mm: tuple[float, float] = (3.0, 7.0)
+    lesions: tuple[int, int] = (0, 0)  # focal peripheral-zone lesions, inclusive (appearance only)
+    lesion_radius_mm: tuple[float, float] = (3.0, 6.0)
+    landmark_elongation: tuple[float, float] = (1.0, 1.0)  # landmark axis ratios (ellipsoids when > 1)
 
 
 @dataclass
@@ -74,12 +90,18 @@ class Anatomy:
     landmarks: list = field(default_factory=list)  # dicts: kind, centre (3,), radius
     tex_freq: np.ndarray = None  # (M, 3) rad/mm
     tex_phase: np.ndarray = None
+    median_lobe: float = 0.0  # relative bulge of the median lobe (0: none)
+    ellipsoids: dict = field(default_factory=dict)  # tissue name -> list of (centre (3,), radii (3,), rotation (3, 3))
 
     @classmethod
     def random(cls, rng: np.random.Generator, params: AnatomyParams = AnatomyParams()) -> "Anatomy":
         p = params
         c = np.asarray(p.gland_centre_mm) + rng.normal(0, p.gland_centre_jitter_mm, 3)
         radii = np.array([rng.uniform(*r) for r in p.gland_radii_mm])
+        if p.gland_volume_cc[1] > 0:  # realistic: rescale to a drawn volume (BPH grows the gland mostly sideways)
+            volume = np.exp(rng.uniform(*np.log(p.gland_volume_cc)))
+            s = (volume / (4 / 3 * np.pi * np.prod(radii) / 1000)) ** (1 / 3)
+            radii = radii * s ** np.array([1.2, 1.0, 0.8])
         w = p.gland_waves
         freq = rng.normal(0, 1.6, (w, 3))
         cz_radii = radii * p.central_zone_scale
@@ -101,7 +123,44 @@ class Anatomy:
                    np.array([9.0, 14.0]) * rng.uniform(0.8, 1.2, 2), [], tex_freq,
                    rng.uniform(0, 2 * np.pi, p.texture_waves))
         anat.landmarks = anat._draw_landmarks(rng, p)
+        anat._draw_realistic(rng, p)
         return anat
+
+    def _draw_realistic(self, rng, p: AnatomyParams) -> None:
+        """Median lobe, seminal vesicles, BPH nodules and lesions (each only when its parameter enables it)."""
+        if p.median_lobe_probability > 0 and rng.random() < p.median_lobe_probability:
+            self.median_lobe = float(rng.uniform(*p.median_lobe_size))
+        c, r = self.gland_centre, self.gland_radii
+        if p.seminal_vesicles:
+            self.ellipsoids["seminal_vesicle"] = [
+                (c + np.array([side * 0.5 * r[0], -0.55 * r[1], 0.95 * r[2]]) + rng.normal(0, 1.5, 3),
+                 np.array([rng.uniform(11, 17), rng.uniform(4, 6), rng.uniform(5, 8)]),
+                 _rotation_about([0.0, 1.0, 0.0], side * np.deg2rad(rng.uniform(15, 35))))
+                for side in (-1, 1)]
+        for name, count, radius, zone in (("bph_nodule", p.bph_nodules, p.bph_nodule_radius_mm, "central_zone"),
+                                          ("lesion", p.lesions, p.lesion_radius_mm, "peripheral_zone")):
+            if count[1] <= 0:
+                continue
+            out = []
+            for _ in range(int(rng.integers(count[0], count[1] + 1))):
+                for _ in range(200):  # a centre in the zone (central: inside it; peripheral: gland minus central)
+                    u = rng.normal(size=3)
+                    u *= rng.uniform(0.1, 0.85) / np.linalg.norm(u)
+                    x = (self.cz_centre + u * self.cz_radii if zone == "central_zone" else c + u * r)[None]
+                    in_cz = self.central_zone_level(x)[0] < 0
+                    if (in_cz if zone == "central_zone" else (not in_cz and self.gland_level(x)[0] < -0.1)):
+                        break
+                axis = rng.normal(size=3)
+                out.append((x[0], rng.uniform(*radius) * rng.uniform(0.7, 1.3, 3),
+                            _rotation_about(axis, rng.uniform(0, np.pi))))
+            self.ellipsoids[name] = out
+
+    def ellipsoid_inside(self, x: np.ndarray, name: str) -> np.ndarray:
+        """(N, 3) mm -> (N,) bool: inside any ellipsoid of tissue ``name``."""
+        inside = np.zeros(len(x), bool)
+        for centre, radii, rot in self.ellipsoids.get(name, []):
+            inside |= np.linalg.norm(((x - centre) @ rot) / radii, axis=1) < 1
+        return inside
 
     def _draw_landmarks(self, rng, p: AnatomyParams) -> list:
         """Place 2-5 non-overlapping cysts/calcifications well inside the gland and away from the urethra."""
@@ -121,6 +180,10 @@ class Anatomy:
             apart = all(np.linalg.norm(centre - q["centre"]) > radius + q["radius"] + p.landmark_min_gap_mm for q in out)
             if inside and clear and apart:
                 out.append({"kind": kind, "centre": centre, "radius": float(radius)})
+                if p.landmark_elongation[1] > 1:  # realistic: an axis-aligned ellipsoid, mean radius kept
+                    e = rng.uniform(*p.landmark_elongation)
+                    radii = radius * np.array([e, 1.0, 1.0 / e]) ** (2 / 3)
+                    out[-1]["radii"] = radii[rng.permutation(3)]
         if len(out) < p.landmarks[0]:
             raise RuntimeError("could not place the landmarks; the gland is too small for AnatomyParams")
         return out
@@ -133,6 +196,9 @@ class Anatomy:
         n = y / np.maximum(rho, 1e-9)[:, None]
         eps = np.cos(n @ self.wave_freq.T + self.wave_phase) @ self.wave_amp
         eps -= self.flattening * np.clip(-n[:, 1], 0, None) ** 2  # flatter against the rectum
+        if self.median_lobe:  # a bulge of the base, slightly anterior, into the bladder
+            lobe = np.array([0.0, 0.25, 1.0]) / np.hypot(0.25, 1.0)
+            eps += self.median_lobe * np.exp(-np.sum((n - lobe) ** 2, axis=1) / (2 * 0.3**2))
         return rho - (1 + eps)
 
     def central_zone_level(self, x: np.ndarray) -> np.ndarray:
@@ -147,6 +213,8 @@ class Anatomy:
 
     def landmark_level(self, x: np.ndarray, i: int) -> np.ndarray:
         lm = self.landmarks[i]
+        if "radii" in lm:
+            return np.linalg.norm((x - lm["centre"]) / lm["radii"], axis=1) - 1
         return np.linalg.norm(x - lm["centre"], axis=1) / lm["radius"] - 1
 
     def rectum_distance(self, x: np.ndarray) -> np.ndarray:
@@ -169,6 +237,7 @@ class Anatomy:
         s["muscle"] = np.zeros(len(x), bool)
         for c in self.muscle_centres:
             s["muscle"] |= np.hypot((x[:, 0] - c[0]) / self.muscle_radii[0], (x[:, 1] - c[1]) / self.muscle_radii[1]) < 1
+        s["ellipsoids"] = {name: self.ellipsoid_inside(x, name) for name in self.ellipsoids}
         return s
 
     def labels(self, s: dict) -> np.ndarray:
@@ -190,9 +259,15 @@ class Anatomy:
         out[s["rectum"] < self.rectum_radius + self.rectal_wall] = T["rectal_wall"]
         out[s["rectum"] < self.rectum_radius] = T["rectal_lumen"]
         out[s["bladder"] < 0] = T["bladder"]
+        ell = s.get("ellipsoids", {})
+        if "seminal_vesicle" in ell:
+            out[ell["seminal_vesicle"] & (s["gland"] >= 0)] = T["seminal_vesicle"]
         gland = s["gland"] < 0
         out[gland] = T["peripheral_zone"]
         out[gland & (s["central_zone"] < 0)] = T["central_zone"]
+        for name in ("bph_nodule", "lesion"):
+            if name in ell:
+                out[gland & ell[name]] = T[name]
         out[gland & (s["urethra"] < 0)] = T["urethra"]
         for lm, level in zip(self.landmarks, s["landmarks"]):
             out[level < 0] = T[lm["kind"]]

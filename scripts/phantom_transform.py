@@ -1,15 +1,27 @@
 """The phantom's known spatial transform from the MR world to the TRUS world, and its inverse.
 
-``phi = C ∘ R ∘ E`` maps a point of the MR world (RAS mm) to the TRUS world (RAS mm):
+``phi = I ∘ C ∘ R ∘ E ∘ S`` maps a point of the MR world (RAS mm) to the TRUS world (RAS mm):
 
-- ``E``: smooth random elastic field, ``x + Σ_k a_k exp(-|x - c_k|² / 2σ²)`` (MR world);
-- ``R``: rigid misalignment, a rotation about the gland centre then a translation;
+- ``S``: sliding at the capsule (``realistic``; MR world, where the capsule is known exactly): the gland
+  turns by a small angle about its centre while its surroundings do not, ``x + w(x) (Q - 1)(x - c)`` with
+  ``w`` a logistic step of the gland's signed distance (width ``sliding_width_mm``): a thin shear layer at
+  the capsule, not a cut, so ``phi`` stays one smooth diffeomorphism and its Jacobian and inverse are
+  defined everywhere;
+- ``E``: smooth elastic field, ``x + Σ_k a_k exp(-|x - c_k|² / 2σ_k²)``: random kernels around the gland,
+  and in the ``realistic`` preset also a bladder-filling and a rectal-filling kernel;
+- ``R``: rigid misalignment (patient position change), a rotation about the gland centre then a translation;
 - ``C``: probe compression in the TRUS world, a radial push away from the probe axis,
-  ``z + (a / s) z⊥ exp(-|z⊥|² / 2s²)`` with ``z⊥`` the component of ``z`` perpendicular to the axis.
+  ``z + (a / s) z⊥ exp(-|z⊥|² / 2s²)`` with ``z⊥`` the component of ``z`` perpendicular to the axis;
+- ``I``: probe indentation in the TRUS world (``realistic``): the flow of a divergence-free velocity
+  (incompressible tissue, so the gland flattens in front of the balloon and bulges sideways), integrated
+  in ``indentation_steps`` Euler steps. In the frame (l lateral, n towards the gland, a along the probe),
+  ``v_n = P g (1 - l²/w_l²)``, ``v_l = P g l (n - n0)/w_n²``, ``v_a = 0`` with
+  ``g = exp(-l²/2w_l² - (n - n0)²/2w_n² - (a - a0)²/2w_a²)``: ``div v = 0`` exactly, peak push ``P`` mm.
 
-Each of ``E`` and ``C`` is the identity plus a field whose Jacobian has spectral norm below 1, so
-both are diffeomorphisms and their inverses are found by fixed-point iteration
-``x ← y - d(x)`` (a contraction). Hand-written: no library provides this analytic model.
+Each stage (each Euler step of ``I``) is the identity plus a field whose Jacobian has spectral norm
+below 1, so all are diffeomorphisms and their inverses are found by fixed-point iteration
+``x ← y - d(x)`` (a contraction), applied stage by stage in reverse order. Hand-written: no library
+provides this analytic model.
 """
 
 from __future__ import annotations
@@ -36,6 +48,16 @@ class TransformParams:
     compression_width_mm: float = 13.0  # s; a / s < 1 keeps C diffeomorphic
     inverse_tolerance_mm: float = 1e-5  # fixed-point inversion stops when the update is below this
     inverse_max_iterations: int = 100
+    # realistic-preset stages; the defaults switch them off (the basic preset draws no random numbers for them)
+    bladder_filling_mm: tuple[float, float] = (0.0, 0.0)  # push of the gland base, inferior-posterior
+    rectal_filling_mm: tuple[float, float] = (0.0, 0.0)  # push of the posterior face, anterior (negative: emptier)
+    filling_sigma_mm: float = 14.0  # width of the two filling kernels
+    sliding_deg: tuple[float, float] = (0.0, 0.0)  # turn of the gland against its surroundings
+    sliding_width_mm: float = 1.5  # width of the shear layer at the capsule
+    indentation_mm: tuple[float, float] = (0.0, 0.0)  # P: peak push of the probe balloon
+    indentation_width_mm: tuple[float, float, float] = (14.0, 11.0, 16.0)  # w_l, w_n, w_a
+    indentation_depth_mm: tuple[float, float] = (2.0, 6.0)  # n0: kernel centre beyond the gland's posterior face
+    indentation_steps: int = 6  # Euler steps of the flow (each step must stay a contraction)
 
 
 def rotation_matrix(axis, angle_rad: float) -> np.ndarray:
@@ -61,13 +83,19 @@ class PhantomTransform:
     """
 
     def __init__(self, rotation, centre, translation, elastic_centres, elastic_amplitudes, elastic_sigma,
-                 probe_point, probe_axis, compression, compression_width, tolerance=1e-6, max_iterations=100):
+                 probe_point, probe_axis, compression, compression_width, tolerance=1e-6, max_iterations=100,
+                 sliding=None, indentation=None):
+        """``elastic_sigma``: mm, one value or one per kernel. ``sliding``: None or dict(rotation (3, 3),
+        width mm, level: callable (N, 3) MR-world mm -> (N,) signed distance to the capsule, mm, negative inside).
+        ``indentation``: None or dict(push P mm, frame (3, 3) rows l, n, a, origin (3,) TRUS world mm of
+        (l, n, a) = (0, n0, a0), widths (w_l, w_n, w_a) mm, steps)."""
+        self.sliding, self.indentation = sliding, indentation
         self.rotation = np.asarray(rotation, float)
         self.centre = np.asarray(centre, float)
         self.translation = np.asarray(translation, float)
         self.elastic_centres = np.asarray(elastic_centres, float).reshape(-1, 3)
         self.elastic_amplitudes = np.asarray(elastic_amplitudes, float).reshape(-1, 3)
-        self.elastic_sigma = float(elastic_sigma)
+        self.elastic_sigma = np.asarray(elastic_sigma, float) if np.ndim(elastic_sigma) else float(elastic_sigma)
         self.probe_point = np.asarray(probe_point, float)
         self.probe_axis = np.asarray(probe_axis, float) / np.linalg.norm(probe_axis)
         self.compression = float(compression)
@@ -101,6 +129,34 @@ class PhantomTransform:
         s = self.compression_width
         return (self.compression / s) * perp * np.exp(-np.sum(perp**2, axis=1) / (2 * s * s))[:, None]
 
+    def sliding_displacement(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3) MR-world mm -> (N, 3) mm displacement of ``S`` (zero without sliding)."""
+        if self.sliding is None:
+            return np.zeros_like(x)
+        w = 1.0 / (1.0 + np.exp(np.clip(self.sliding["level"](x) / self.sliding["width"], -50, 50)))
+        return w[:, None] * ((x - self.centre) @ (self.sliding["rotation"] - np.eye(3)).T)
+
+    def indentation_velocity(self, z: np.ndarray) -> np.ndarray:
+        """(N, 3) TRUS-world mm -> (N, 3) mm velocity of ``I`` (divergence-free; the whole flow moves ``P`` mm at the peak)."""
+        ind = self.indentation
+        l, n, a = ((z - ind["origin"]) @ ind["frame"].T).T
+        wl, wn, wa = ind["widths"]
+        g = ind["push"] * np.exp(-l**2 / (2 * wl**2) - n**2 / (2 * wn**2) - a**2 / (2 * wa**2))
+        v_l, v_n = g * l * n / wn**2, g * (1 - l**2 / wl**2)
+        return np.stack([v_l, v_n, np.zeros_like(l)], 1) @ ind["frame"]
+
+    def _indent(self, z: np.ndarray) -> np.ndarray:
+        for _ in range(self.indentation["steps"]):
+            z = z + self.indentation_velocity(z) / self.indentation["steps"]
+        return z
+
+    def _unindent(self, q: np.ndarray) -> tuple[np.ndarray, float]:
+        worst, step = 0.0, lambda p: self.indentation_velocity(p) / self.indentation["steps"]
+        for _ in range(self.indentation["steps"]):
+            q, r = self._invert(q, step)
+            worst = max(worst, r)
+        return q, worst
+
     def rigid(self, y: np.ndarray) -> np.ndarray:
         return (y - self.centre) @ self.rotation.T + self.centre + self.translation
 
@@ -123,22 +179,32 @@ class PhantomTransform:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """MR-world points (N, 3) RAS mm -> their TRUS-world positions (N, 3) RAS mm."""
         x = np.asarray(x, float).reshape(-1, 3)
-        z = self.rigid(x + self.elastic_displacement(x))
-        return z + self.compression_displacement(z)
+        y = x + self.sliding_displacement(x) if self.sliding is not None else x
+        z = self.rigid(y + self.elastic_displacement(y))
+        z = z + self.compression_displacement(z)
+        return self._indent(z) if self.indentation is not None else z
 
     def inverse(self, q: np.ndarray, return_residual: bool = False):
         """TRUS-world points (N, 3) RAS mm -> the MR-world points that ``forward`` maps onto them."""
         q = np.asarray(q, float).reshape(-1, 3)
+        r0 = 0.0
+        if self.indentation is not None:
+            q, r0 = self._unindent(q)
         z, r1 = self._invert(q, self.compression_displacement)
         x, r2 = self._invert(self.rigid_inverse(z), self.elastic_displacement)
-        return (x, max(r1, r2)) if return_residual else x
+        r3 = 0.0
+        if self.sliding is not None:
+            x, r3 = self._invert(x, self.sliding_displacement)
+        return (x, max(r0, r1, r2, r3)) if return_residual else x
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def random(cls, rng: np.random.Generator, gland_centre, probe_point, probe_axis, check_points,
-               params: TransformParams = TransformParams()) -> "PhantomTransform":
+               params: TransformParams = TransformParams(), anatomy=None) -> "PhantomTransform":
         """Draw one case's transform; the elastic field is scaled so its Jacobian norm over ``check_points``
-        (N, 3 MR-world mm, a grid covering both fields of view) stays below ``params.elastic_max_gradient``."""
+        (N, 3 MR-world mm, a grid covering both fields of view) stays below ``params.elastic_max_gradient``.
+        ``anatomy`` (a :class:`scripts.phantom_anatomy.Anatomy`) places the realistic stages; with the
+        default params none is drawn and no random number is spent on them."""
         angle = np.deg2rad(rng.uniform(*params.rotation_deg))
         rotation = rotation_matrix(_unit(rng), angle)
         translation = _unit(rng) * rng.uniform(*params.translation_mm)
@@ -154,7 +220,42 @@ class PhantomTransform:
             t.elastic_amplitudes *= params.elastic_max_gradient / norm
         if compression / params.compression_width_mm >= 1:
             raise ValueError("compression_mm must stay below compression_width_mm to keep the transform invertible")
+        if max(params.bladder_filling_mm + params.rectal_filling_mm + params.sliding_deg + params.indentation_mm,
+               key=abs) != 0:
+            if anatomy is None:
+                raise ValueError("the realistic transform stages need the anatomy")
+            t._draw_realistic(rng, params, anatomy)
         return t
+
+    def _draw_realistic(self, rng, p: TransformParams, anat) -> None:
+        """Add the filling kernels to ``E``, and the sliding ``S`` and indentation ``I`` stages."""
+        radii = anat.gland_radii
+        # bladder filling pushes the base inferior-posterior; rectal filling pushes the posterior face anterior
+        base = anat.gland_centre + np.array([0.0, 0.0, radii[2]])
+        rectal = np.array([anat.rectum_xy[0], anat.rectum_xy[1] + anat.rectum_radius, anat.gland_centre[2]])
+        push = np.array([[0.0, -0.35, -1.0] / np.linalg.norm([0.0, -0.35, -1.0]), [0.0, 1.0, 0.0]])
+        amp = np.array([rng.uniform(*p.bladder_filling_mm), rng.uniform(*p.rectal_filling_mm)])[:, None] * push
+        sigma = np.full(len(self.elastic_centres), float(self.elastic_sigma))
+        self.elastic_centres = np.vstack([self.elastic_centres, base, rectal])
+        self.elastic_amplitudes = np.vstack([self.elastic_amplitudes, amp])
+        self.elastic_sigma = np.concatenate([sigma, [p.filling_sigma_mm] * 2])
+
+        q = rotation_matrix(_unit(rng), np.deg2rad(rng.uniform(*p.sliding_deg)))
+        scale = float(np.mean(radii))
+        self.sliding = {"rotation": q, "width": p.sliding_width_mm, "angle_deg": float(np.degrees(
+            np.arccos(np.clip((np.trace(q) - 1) / 2, -1, 1)))), "level": lambda x: anat.gland_level(x) * scale}
+
+        a_dir = self.probe_axis
+        centre_us = self.rigid(anat.gland_centre[None])[0]
+        rel = centre_us - self.probe_point
+        n_dir = rel - (rel @ a_dir) * a_dir
+        face = np.linalg.norm(n_dir) - radii[1] * (1 - anat.flattening)  # probe axis to the posterior face, mm
+        n_dir /= np.linalg.norm(n_dir)
+        frame = np.stack([np.cross(n_dir, a_dir), n_dir, a_dir])
+        n0 = face + rng.uniform(*p.indentation_depth_mm)
+        origin = self.probe_point + n0 * n_dir + (rel @ a_dir) * a_dir
+        self.indentation = {"push": float(rng.uniform(*p.indentation_mm)), "frame": frame, "origin": origin,
+                            "widths": tuple(float(w) for w in p.indentation_width_mm), "steps": int(p.indentation_steps)}
 
     def describe(self) -> dict:
         """JSON-ready parameters (mm, RAS, MR world for E and R's centre, TRUS world for the probe)."""
@@ -170,7 +271,7 @@ class PhantomTransform:
             "elastic": {
                 "centres_ras_mm": self.elastic_centres.round(4).tolist(),
                 "amplitudes_ras_mm": self.elastic_amplitudes.round(4).tolist(),
-                "sigma_mm": self.elastic_sigma,
+                "sigma_mm": np.round(self.elastic_sigma, 4).tolist() if np.ndim(self.elastic_sigma) else self.elastic_sigma,
                 "definition": "x -> x + sum_k a_k exp(-|x - c_k|^2 / (2 sigma^2)) (MR world)",
             },
             "probe_compression": {
@@ -180,5 +281,19 @@ class PhantomTransform:
                 "s_mm": self.compression_width,
                 "definition": "z -> z + (a/s) z_perp exp(-|z_perp|^2 / (2 s^2)), z_perp = offset from the probe axis",
             },
-            "composition": "phi = compression o rigid o elastic (MR world -> TRUS world)",
+            **({"sliding": {
+                "rotation_matrix": self.sliding["rotation"].round(8).tolist(),
+                "angle_deg": round(self.sliding["angle_deg"], 4), "shear_layer_width_mm": self.sliding["width"],
+                "definition": "x -> x + w(x) (Q - I)(x - centre), w = 1 / (1 + exp(d(x) / width)), d = gland signed "
+                              "distance (mm, negative inside; MR world, applied first)"}} if self.sliding else {}),
+            **({"probe_indentation": {
+                "peak_push_mm": round(self.indentation["push"], 4),
+                "frame_rows_l_n_a": self.indentation["frame"].round(8).tolist(),
+                "origin_ras_mm": self.indentation["origin"].round(4).tolist(),
+                "widths_mm": list(self.indentation["widths"]), "euler_steps": self.indentation["steps"],
+                "definition": "flow of v_n = P g (1 - l^2/w_l^2), v_l = P g l n / w_n^2, v_a = 0, "
+                              "g = exp(-l^2/2w_l^2 - n^2/2w_n^2 - a^2/2w_a^2) (TRUS world, applied last)"}}
+               if self.indentation else {}),
+            "composition": ("phi = indentation o compression o rigid o elastic o sliding (MR world -> TRUS world)"
+                            if self.indentation else "phi = compression o rigid o elastic (MR world -> TRUS world)"),
         }
