@@ -15,6 +15,8 @@ stored 3-D. Each returned dict names the moving and fixed files for the chosen d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -26,7 +28,8 @@ MODALITY_DIRS = {"mr_image": "mr_images", "us_image": "us_images", "mr_label": "
 DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (moving, fixed) modality
 NAMES = {"mr": "MR", "us": "TRUS"}
 
-__all__ = ["load_split", "find_cases", "read_datalist", "check_case", "with_direction", "write_datalist", "DIRECTIONS"]
+__all__ = ["load_split", "find_cases", "read_datalist", "check_case", "with_direction", "write_datalist", "DIRECTIONS",
+           "case_cache_key", "settings_cache_key"]
 
 
 def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
@@ -163,3 +166,33 @@ def write_datalist(dataset_dir: str, out: str, splits: str = "train,val,holdout"
         raise InputError(f"{dataset_dir}: none of the splits {splits} exist")
     write_json(content, out_path, overwrite=overwrite)
     return str(out_path)
+
+
+def case_cache_key(item: dict) -> bytes:
+    """``PersistentDataset`` key of a case dict: its entries plus each named file's size and modification time.
+
+    A regenerated or edited input file therefore gets a new cache entry instead of a stale one.
+    """
+    files = {k: (os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items()
+             if isinstance(v, (str, Path)) and os.path.isfile(v)}
+    dump = json.dumps({"item": item, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(dump.encode()).hexdigest().encode()
+
+
+def settings_cache_key(transforms) -> bytes:
+    """``PersistentDataset(hash_transform=...)`` key of the cached transforms: each one's class and settings.
+
+    MONAI's own ``json_hashing`` cannot serialise transform objects and falls back to their class names,
+    so a change of grid, depth crop or rigid settings would reuse a cache computed with the old ones.
+    Here every transform's class and attributes enter the key, nested objects alike (other values, e.g. dtypes,
+    by repr).
+    """
+    dump = json.dumps(list(transforms), sort_keys=True, default=_settings)
+    return hashlib.sha256(dump.encode()).hexdigest().encode()
+
+
+def _settings(obj):
+    """JSON stand-in of an object for :func:`settings_cache_key`: its class and attributes, else its repr."""
+    if hasattr(obj, "__dict__"):
+        return {"class": type(obj).__module__ + "." + type(obj).__qualname__, **vars(obj)}
+    return repr(obj)

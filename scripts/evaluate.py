@@ -237,7 +237,7 @@ def evaluate(
         extra = ("tre_mm", "n_landmarks_used", "n_landmarks_empty_fixed", "n_landmarks_empty_warped")
         row.update({k: m[k] for k in extra})
         row.update({k: m[k] for k in ("jacobian_nonpositive_pct", "log_jacobian_std") if k in m})
-        row.update({k: m[k] for k in ("ddf_error_mean_mm", "ddf_error_max_mm") if k in m})
+        row.update({k: m[k] for k in ("ddf_error_mean_mm", "ddf_error_p95_mm", "ddf_error_max_mm") if k in m})
         rows.append(row)
 
     tre_mm = [m["tre_mm"] for m in per_case]
@@ -264,7 +264,7 @@ def evaluate(
     }
     groups = {
         "regularity": ("jacobian_nonpositive_pct", "log_jacobian_std"),
-        "field_error": ("ddf_error_mean_mm", "ddf_error_max_mm"),
+        "field_error": ("ddf_error_mean_mm", "ddf_error_p95_mm", "ddf_error_max_mm"),
     }
     for group, keys in groups.items():
         if keys[0] in per_case[0]:  # mean over cases, NaN (e.g. an empty gland) left out

@@ -140,3 +140,30 @@ def test_overwrite_given_as_text_on_the_command_line_is_understood(tmp_path):
     assert path.read_text() == "third"
     with pytest.raises(InputError, match="overwrite must be true or false"):
         write_text("fourth", path, overwrite="maybe")
+
+
+def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
+    import os
+
+    import torch
+    from monai.transforms import EnsureTyped
+
+    from scripts.data import case_cache_key, settings_cache_key
+    from scripts.transforms import PairToBoxd
+
+    def chain(size, crop=4):
+        return [PairToBoxd(size, depth_crop=crop), EnsureTyped(keys=["image"], dtype=torch.float32)]
+
+    # equal settings in fresh objects give one key (no memory addresses in it); any setting change a new one
+    assert settings_cache_key(chain([48, 48, 40])) == settings_cache_key(chain([48, 48, 40]))
+    assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 32]))
+    assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 40], crop=2))
+
+    image = tmp_path / "mr.nii.gz"
+    image.write_bytes(b"first")
+    item = {"case": "case000000", "moving_image": str(image)}
+    before = case_cache_key(item)
+    assert case_cache_key(dict(item)) == before
+    image.write_bytes(b"second, longer")  # a regenerated input file must not reuse the old cache entry
+    os.utime(image, ns=(1, 1))
+    assert case_cache_key(item) != before

@@ -275,4 +275,13 @@ def test_field_error_inside_the_gland_in_mm():
     pred[0], pred[1] = 3.0, 2.0  # (3, 2, 0) voxels -> (3*1, 2*2, 0) mm = 5 mm everywhere
     pred[:, 0] = 50.0  # large errors outside the gland must not count
     gland = labels((10, 10, 10), GLAND)[0] > 0.5
-    assert ddf_error_mm(pred, true, gland, (1.0, 2.0, 0.5)) == pytest.approx({"mean": 5.0, "max": 5.0})
+    assert ddf_error_mm(pred, true, gland, (1.0, 2.0, 0.5)) == pytest.approx({"mean": 5.0, "p95": 5.0, "max": 5.0})
+
+
+def test_field_error_p95_is_the_95th_percentile_of_the_error_norms():
+    true = np.zeros((3, 10, 10, 1))
+    pred = np.zeros((3, 10, 10, 1))
+    pred[2] = np.arange(1.0, 101.0).reshape(10, 10, 1)  # errors 1, 2, ..., 100 mm along z, unit spacing
+    err = ddf_error_mm(pred, true, np.ones((10, 10, 1), bool), (1.0, 1.0, 1.0))
+    # linear-interpolated 95th percentile of 1..100: 1 + 0.95 * 99 = 95.05
+    assert err == pytest.approx({"mean": 50.5, "p95": 95.05, "max": 100.0})
