@@ -170,7 +170,7 @@ def main(data: str, run_dir: str, work: str = "/tmp/first_model", out: str = "do
             v = column(row, key)
             cells.append("-" if np.all(np.isnan(v)) else f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}")
         score = scores[row]["official"].get("score", scores[row]["official"].get("metrics", {}).get("score"))
-        lines.append(f"| {names[row]} | " + " | ".join(cells) + f" | {score if score is not None else '-'} | "
+        lines.append(f"| {names[row]} | " + " | ".join(cells) + f" | {'-' if score is None else f'{float(score):.3f}'} | "
                      + ("-" if row == "none" else f"{secs(row):.1f}") + " |")
     lines += ["", "Paired two-sided Wilcoxon signed-rank, network vs its rigid stage:", ""]
     for key, label, better in (("dsc", "gland Dice", 1), ("tre_mm", "TRE", -1), ("ddf_error_mean_mm", "field error mean", -1),
@@ -181,6 +181,7 @@ def main(data: str, run_dir: str, work: str = "/tmp/first_model", out: str = "do
         p = wilcoxon(a[ok], b[ok]).pvalue if np.any(diff != 0) else 1.0
         wins = int(np.sum(better * diff > 0))
         lines.append(f"- {label}: mean difference {diff.mean():+.3f}, network better in {wins}/{ok.sum()} cases, p = {p:.2g}")
+    lines += ["", "s/pair: the rigid row includes computing the rigid; the network row reuses that matrix."]
     text = "\n".join(lines) + "\n"
     write_text(text, out, overwrite=overwrite)
     print(text)
