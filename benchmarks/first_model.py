@@ -35,12 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
+from benchmarks.comparison import _cases, _float  # noqa: E402
 from scripts.data import DIRECTIONS  # noqa: E402
 from scripts.io import write_nifti, write_text  # noqa: E402
-
-
-def _cases(data: Path, split: str) -> list[str]:
-    return sorted(p.name.split(".")[0] for p in (data / split / "mr_images").glob("*.nii.gz"))
 
 
 def _gland_mask(label_path: Path, out: Path) -> Path:
@@ -98,8 +95,8 @@ def _score(data: Path, split: str, direction: str, work: Path, row: str) -> dict
     return out
 
 
-def _num(text) -> float:
-    return float(text) if text not in ("", "nan", "None", None) else float("nan")
+def _nan(value) -> float:
+    return float("nan") if value is None else value
 
 
 def _ideal(data: Path, split: str, direction: str) -> dict:
@@ -144,7 +141,7 @@ def main(data: str, run_dir: str, work: str = "/tmp/first_model", out: str = "do
     cases = _cases(data, split)
 
     def column(row, key):
-        return np.array([_num(scores[row]["per_case"][c].get(key)) for c in cases])
+        return np.array([_nan(_float(scores[row]["per_case"][c].get(key, ""))) for c in cases])
 
     def secs(row):
         return np.mean([float((work / row / c / "seconds.txt").read_text()) for c in cases])

@@ -29,7 +29,7 @@ DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (mov
 NAMES = {"mr": "MR", "us": "TRUS"}
 
 __all__ = ["load_split", "find_cases", "read_datalist", "check_case", "with_direction", "write_datalist", "DIRECTIONS",
-           "case_cache_key", "settings_cache_key"]
+           "case_cache_key", "settings_cache_key", "prime_cache"]
 
 
 def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
@@ -189,6 +189,22 @@ def settings_cache_key(transforms) -> bytes:
     """
     dump = json.dumps(list(transforms), sort_keys=True, default=_settings)
     return hashlib.sha256(dump.encode()).hexdigest().encode()
+
+
+def prime_cache(dataset, name: str = "cases") -> int:
+    """Run a ``PersistentDataset``'s cached transforms for every case now; return the number of cases.
+
+    Called at ``initialize``, before the run folder is touched: each case's pre-stage is computed (or
+    found in the cache) and so every file is read and checked, and a bad case stops the training with
+    its :class:`InputError` before anything is written into the run folder. Cached cases cost a file read.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    for i, item in enumerate(dataset.data):
+        dataset._cachecheck(item)  # MONAI's own compute-or-load of one cache entry (no public per-item call)
+        log.info(f"pre-stage {name}: {i + 1}/{len(dataset.data)}")
+    return len(dataset.data)
 
 
 def _settings(obj):
