@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": "demo:demo",
     "export": "export:export",
     "package": "package:package",
+    "make-model": "trained_model:make_model",
     "register": "cli:register",
     "register-folder": "cli:register_folder",
     "map-points": "cli:map_points",

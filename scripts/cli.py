@@ -18,6 +18,7 @@ from scripts.data import load_split
 from scripts.io import InputError, flag
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
+from scripts.trained_model import settings_of
 from scripts.points import map_files
 from scripts.qc import quality_check
 
@@ -31,15 +32,16 @@ CONFIG_KEYS = ("spatial_size", "depth_crop", "axcodes", "rigid_args", "int_steps
 GLAND_SOURCES = ("auto", "predicted", "label", "none")
 
 
-def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
+def load_registration(config_file=None, checkpoint=None, use_network: bool = True) -> tuple[object, dict]:
     """The network (``network_def`` of the inference config, weights loaded) and the other ``register_pair`` settings.
 
     Without a ``checkpoint`` argument the config's (``models/model.pt``) is used; if that file does not
     exist, a warning is printed and the network is ``None`` (rigid-only registration). A ``checkpoint``
-    given explicitly must exist. When the config's gland segmenter weights (``seg_checkpoint``,
-    ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
+    given explicitly must exist. When the config's ``use_seg`` is on and its gland segmenter weights
+    (``seg_checkpoint``, ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
     both glands (used by the rigid step, ``roi_mask`` and the QC). A config whose ``network`` is an object
     of its own (``configs/inference_onnx.json``: the ONNX file on ONNX Runtime) gives that network instead.
+    ``use_network=False``: no network (``None``: the rigid step only, for comparison), the rest as above.
     """
     files = [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
     for path in files:
@@ -51,13 +53,15 @@ def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
     settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
     seg_weights = parser.get("seg_checkpoint") and Path(parser.get_parsed_content("seg_checkpoint"))
     roi_mask = flag(parser.get_parsed_content("roi_mask"), "roi_mask")
-    if seg_weights and seg_weights.is_file():
+    if flag(parser.get_parsed_content("use_seg"), "use_seg") and seg_weights and seg_weights.is_file():
         parser["use_seg"] = True
         settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
     elif roi_mask:
         print(f"WARNING: no gland segmenter weights at {seg_weights}: the network gets whole images, not the ROI "
               "images it was trained on (roi_mask); train configs/seg_train.json for the paper's ROI step.",
               file=sys.stderr)
+    if not flag(use_network, "use_network"):
+        return None, settings
     if isinstance(parser.get("network"), dict):  # the config builds its own network (configs/inference_onnx.json)
         if checkpoint is not None:
             raise InputError(f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
@@ -70,7 +74,9 @@ def load_registration(config_file=None, checkpoint=None) -> tuple[object, dict]:
         print(f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
               "part). Train the network (configs/train.json) or pass --checkpoint.", file=sys.stderr)
         return None, settings
-    return load_weights(parser.get_parsed_content("network_def"), str(weights), settings["device"]), settings
+    network = load_weights(parser.get_parsed_content("network_def"), str(weights), settings["device"],
+                           settings=settings_of(parser))
+    return network, settings
 
 
 def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
@@ -103,8 +109,8 @@ def _report(name: str, qc: dict, write=print) -> None:
 
 
 def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str = "LPS",
-             fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, pictures: bool = True,
-             qc: dict | None = None, overwrite: bool = False) -> None:
+             fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
+             pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
     """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
 
     Args:
@@ -118,11 +124,13 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
             predicts when the segmenter's weights (models/seg_model.pt) exist, else no Dice.
         config_file: inference config (default configs/inference.json), or a list of config files merged in
             order (e.g. the inference config and an override file); checkpoint: weights (default its own).
-        use_rigid: run the ANTs rigid step. pictures: write the PNGs.
+        use_rigid: run the ANTs rigid step. use_network: run the trained network after it (false: the rigid
+            step alone, for comparison). pictures: write the PNGs.
         qc: QC thresholds overriding :func:`scripts.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
         overwrite: replace existing outputs.
     """
-    network, settings = load_registration(config_file, checkpoint)
+    use_rigid = flag(use_rigid, "use_rigid")
+    network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
     case = _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, source,
                           points, frame, use_rigid, pictures, qc, overwrite)
@@ -133,8 +141,8 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
 
 
 def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "mr2us", gland: str = "auto",
-                    config_file=None, checkpoint=None, use_rigid: bool = True, pictures: bool = True,
-                    qc: dict | None = None, overwrite: bool = False) -> None:
+                    config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
+                    pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
     """Register every case of a μ-RegPro split (outputs in ``out/<case>/``) and write ``out/index.html``.
 
     Args:
@@ -143,12 +151,12 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
             "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
         Other arguments as for :func:`register`.
     """
-    overwrite = flag(overwrite, "overwrite")
+    overwrite, use_rigid = flag(overwrite, "overwrite"), flag(use_rigid, "use_rigid")
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)
     refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"])
-    network, settings = load_registration(config_file, checkpoint)
+    network, settings = load_registration(config_file, checkpoint, use_network)
     predicted = "seg_network" in settings
     if gland == "predicted" and not predicted:
         raise InputError("gland='predicted' needs the gland segmenter's weights (models/seg_model.pt)")

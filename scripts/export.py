@@ -27,6 +27,7 @@ from monai.bundle import ConfigParser, ckpt_export
 
 from scripts.io import InputError, atomic_write
 from scripts.pipeline import load_weights
+from scripts.trained_model import settings_of
 
 __all__ = ["NETWORKS", "FORMATS", "export", "write_onnx", "adaptive_avg_pool3d_as_matmul"]
 
@@ -172,7 +173,8 @@ def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, format
 
         atomic_write(paths["ts"], write_ts, overwrite)
     if "pt2" in paths or "onnx" in paths:
-        net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu")
+        kind = {"keys": (spec.grid_id,), "network": spec.net_id}
+        net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu", settings=settings_of(parser, kind))
         example = torch.rand(input_shape, generator=torch.Generator().manual_seed(0))
         program = None
         if "pt2" in paths:

@@ -336,7 +336,8 @@ def _add_realistic_truth(case, preset, observer, anat, s_mr, x_mr, s_us, p, q, g
 
 
 def split_counts(cases: int, fractions) -> list[int]:
-    """Cases per split (train, val, holdout): largest remainders, and at least one each when cases >= 3."""
+    """Cases per split (train, val, holdout): largest remainders, and at least one in each split of a
+    non-zero fraction when cases >= 3 (``"0,0,1"``: every case in holdout)."""
     if isinstance(fractions, str):
         fractions = fractions.split(",")
     try:
@@ -349,7 +350,7 @@ def split_counts(cases: int, fractions) -> list[int]:
     n = np.floor(raw).astype(int)
     n[np.argsort(-(raw - n), kind="stable")[: cases - n.sum()]] += 1
     if cases >= 3:
-        for s in np.where(n == 0)[0]:
+        for s in np.where((n == 0) & (f > 0))[0]:
             n[s] += 1
             n[np.argmax(n)] -= 1
     return n.tolist()
@@ -396,7 +397,8 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
         cases: number of cases, numbered case000000.. across train, then val, then holdout.
         seed: random seed; case i depends only on (seed, i).
         size: "full" (MR 120×128×128, TRUS 81×118×88, 0.8 mm) or "small" (MR 40×43×43, TRUS 27×39×29, 2.4 mm).
-        splits: fractions for train, val, holdout ("0.7,0.15,0.15"); each split gets a case when cases >= 3.
+        splits: fractions for train, val, holdout ("0.7,0.15,0.15"); each split of a non-zero fraction gets a
+            case when cases >= 3 ("0,0,1": all in holdout).
         overwrite: allow writing into a non-empty folder, replacing files of the same name.
         preview: also write ``<split>/preview/caseNNNNNN.png``.
         preset: "basic" (the original phantom, fast tests), "realistic" (the benchmark default: probe indentation,

@@ -34,6 +34,7 @@ from scripts.geometry import (
 )
 from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.rigid import rigid_prealign
+from scripts.trained_model import check_settings
 from scripts.weights import verify_weights
 from scripts.transform_io import (
     compose_field,
@@ -68,11 +69,14 @@ MASK_OUTPUTS = {"moving_mask": "moving_gland.nii.gz", "fixed_mask": "fixed_gland
 
 
 def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = False,
-                 bundle_root=BUNDLE_ROOT) -> torch.nn.Module:
+                 bundle_root=BUNDLE_ROOT, settings: dict | None = None) -> torch.nn.Module:
     """Load a checkpoint (a state dict, or a training checkpoint with a ``"model"`` entry) if ``path`` exists.
 
     A file listed in ``bundle_root/large_files.yml`` must match its SHA-256 first
     (:func:`scripts.weights.verify_weights`; unlisted files, e.g. locally trained weights, are not checked).
+    A weights file written by ``python -m scripts make-model`` stores the settings it was trained with;
+    ``settings`` (of the running config, :func:`scripts.trained_model.settings_of`) must equal them.
+    Weights holding NaN/Inf are refused.
     Loads with ``weights_only=True``. A missing file is an :class:`InputError` when ``required``, else a warning
     (the network keeps its initial weights: for the registration network, a near-identity field).
     """
@@ -88,6 +92,10 @@ def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = 
                              f"run code; {type(err).__name__}: {reason})") from None
         weights = state.get("model", state) if isinstance(state, dict) else state
         _check_fits(network, weights, path)
+        check_settings(path, state.get("settings") if isinstance(state, dict) else None, settings)
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise InputError(f"{path}: {len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}); a diverged training?")
         network.load_state_dict(weights)
     elif required:
         raise InputError(f"{path}: checkpoint does not exist (train the network first, or pass another checkpoint)")

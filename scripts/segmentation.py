@@ -19,6 +19,7 @@ from monai.bundle import ConfigParser
 from scripts.data import load_split
 from scripts.io import InputError, flag, read_nifti, write_nifti
 from scripts.pipeline import load_weights
+from scripts.trained_model import SEGMENTATION, settings_of
 
 __all__ = ["MODALITIES", "gland_items", "GlandSegmenter", "load_segmenter", "mask_outputs", "segment_files",
            "check_new_output"]
@@ -89,7 +90,8 @@ def load_segmenter(config_file, checkpoint=None, device="cpu", overrides: dict |
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
     segmenter = parser.get_parsed_content("segmenter")
-    load_weights(segmenter.network, parser.get_parsed_content("checkpoint"), device, required=True)
+    load_weights(segmenter.network, parser.get_parsed_content("checkpoint"), device, required=True,
+                 settings=settings_of(parser, SEGMENTATION))
     return segmenter
 
 

@@ -87,6 +87,8 @@ class RegistrationIteration:
         mask_floor, mask_temperature: of :func:`difficulty_targets`.
         amp: False, or "bfloat16" / "float16" (True = "bfloat16"): autocast of the network forward;
             losses, VecInt and the task mask run in fp32; "float16" adds a gradient scaler.
+        grad_clip: None, or the largest L2 norm of the registration gradient (over the trainer
+            optimiser's parameters, ``torch.nn.utils.clip_grad_norm_``) before each step.
 
     Returns (as ``engine.state.output``): "image", "label" (= fixed_label), "pred" (ddf, voxels),
     "loss" (detached scalar), "mask_loss", "dice", "mi", "grad", "warped_image", "warped_label",
@@ -101,6 +103,7 @@ class RegistrationIteration:
         mask_floor: float = 0.1,
         mask_temperature: float = 1.0,
         amp: bool | str = False,
+        grad_clip: float | None = None,
     ):
         if mask_objective not in MASK_OBJECTIVES:
             raise ValueError(f"mask_objective must be one of {MASK_OBJECTIVES}, got {mask_objective!r}")
@@ -112,6 +115,14 @@ class RegistrationIteration:
         self.objective, self.floor, self.temperature = mask_objective, mask_floor, mask_temperature
         self.amp_dtype = AMP_DTYPES[amp] if amp else None
         self.scaler = None  # created on first use for float16
+        if grad_clip is not None and not float(grad_clip) > 0:
+            raise ValueError(f"grad_clip must be None or a positive number, got {grad_clip!r}")
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+
+    def _clip(self, optimizer) -> None:
+        if self.grad_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
 
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -140,11 +151,15 @@ class RegistrationIteration:
                 self.scaler = torch.amp.GradScaler(torch.device(device).type)
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            if self.grad_clip is not None:
+                self.scaler.unscale_(engine.optimizer)
+            self._clip(engine.optimizer)
             self.scaler.step(engine.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self._clip(engine.optimizer)
             engine.optimizer.step()
 
         output = {

@@ -33,6 +33,7 @@ def dataset(tmp_path_factory):
     write_case(swapped, root / "data", "train", "case000001", preview=False)
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     config["checkpoint"] = str(root / "no_such_model.pt")  # the default checkpoint is missing: rigid-only fallback
+    config["use_seg"] = False  # the glands come from the labels here, not from the shipped segmenter
     (root / "rigid_only.json").write_text(json.dumps(config))
     return {"root": root, "data": root / "data", "train": root / "data" / "train", "config": root / "rigid_only.json"}
 
@@ -108,12 +109,13 @@ def _check_index_in_chromium(out, tmp_path):
 def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     small = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-                 lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8)
+                 lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
     config["network_def"].update(small)
     config["spatial_size"] = [16, 16, 16]
     torch.manual_seed(0)
     torch.save(RegistrationNet(**small, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
     config["checkpoint"] = str(tmp_path / "weights.pt")
+    config["use_seg"] = False
     (tmp_path / "small.json").write_text(json.dumps(config))
     case = _case(dataset["train"], "case000000")
     main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
@@ -123,6 +125,13 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["deformable"] == "network" and result["network_box"]["shape"] == [16, 16, 16]
     assert (tmp_path / "out" / "qc.json").is_file() and not (tmp_path / "out" / "qa_grid.png").exists()
+    # the same weights, --use-network false: no network; lower-case "false" also switches the rigid step off
+    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "alone"),
+          "--config-file", str(tmp_path / "small.json"), "--use-rigid", "false", "--use-network", "false",
+          "--pictures", "False"])
+    alone = json.loads((tmp_path / "alone" / "result.json").read_text())
+    assert alone["deformable"] == "none (rigid only)"
+    assert np.allclose(alone["rigid"]["matrix_lps_fixed_to_moving"], np.eye(4))
 
 
 def test_map_points_command_applies_the_written_rigid(dataset, tmp_path, capsys):

@@ -1,13 +1,36 @@
-"""The configs that must agree: a model trained with train.json is run by inference.json."""
+"""The configs that must agree: the shipped weights are trained by these configs and run by inference.json."""
 
 import json
 from pathlib import Path
 
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.trained_model import REGISTRATION, SEGMENTATION, settings_of
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# the configs that train the shipped weights (docs/model_card.md)
+SHIPPED_TRAINING = ("train.json", "cpu_net.json", "cpu_recipe.json")
+SHIPPED_SEG_TRAINING = ("seg_train.json", "cpu_seg_recipe.json")
 
-def test_inference_builds_the_network_and_box_that_training_trains():
-    train, infer = (json.loads((CONFIGS / name).read_text()) for name in ("train.json", "inference.json"))
-    assert infer["network_def"] == train["network_def"]
-    for key in ("spatial_size", "depth_crop", "roi_mask", "use_rigid", "direction"):
-        assert infer[key] == train[key], key
+
+def _settings(names, kind):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / n) for n in names])
+    return settings_of(parser, kind)
+
+
+def test_inference_configs_describe_the_shipped_recipe_and_weights():
+    """inference.json / seg_inference.json build the networks and grids that the shipped recipe trains,
+    and the settings stored in the shipped weights (make-model) are those configs' settings."""
+    infer = _settings(["inference.json"], REGISTRATION)
+    assert infer == _settings(SHIPPED_TRAINING, REGISTRATION)
+    seg = _settings(["seg_inference.json"], SEGMENTATION)
+    assert seg == _settings(SHIPPED_SEG_TRAINING, SEGMENTATION)
+    train, inference = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
+    for key in ("use_rigid", "direction"):
+        assert inference[key] == train[key], key
+    for weights, expected in (("models/model.pt", infer), ("models/seg_model.pt", seg)):
+        stored = torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True)["settings"]
+        assert stored == expected, weights

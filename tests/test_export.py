@@ -32,7 +32,7 @@ GRID = (32, 32, 32)
 TOL = 1e-4  # max abs difference allowed: voxels for the field, logits for the segmentation
 REG = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
            compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16,
-           int_steps=5, int_padding="zeros")  # not the defaults: the ONNX file must carry them to the inverse
+           int_steps=5, int_padding="zeros", msfa_mode="paper")  # int_*: not the defaults, the ONNX file must carry them
 SEG = dict(channels=[4, 8], strides=[2], num_res_units=1)
 
 

@@ -246,3 +246,30 @@ def test_task_mask_stays_inside_while_joint_objective_collapses(objective):
         assert (masks[-1] - 0.5).abs().max() > 0.02  # and it did learn a non-uniform weighting
     else:  # the negative control: the paper-literal objective drives chunks towards a one-hot
         assert not ((masks[-1] >= 0.05) & (masks[-1] <= 0.95)).all()
+
+
+def test_grad_clip_bounds_the_registration_step():
+    """With SGD (lr 1) one step moves the registration parameters by exactly the gradient; with
+    ``grad_clip`` c that move's L2 norm is at most c, while the unclipped move is larger."""
+    from types import SimpleNamespace
+
+    from test_multi_gpu import TINY_NET, _batch
+
+    def step_norm(grad_clip):
+        torch.manual_seed(0)
+        net = RegistrationNet(**TINY_NET)
+        before = [p.detach().clone() for p in net.registration_parameters()]
+        engine = SimpleNamespace(
+            state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net,
+            optimizer=torch.optim.SGD(net.registration_parameters(), lr=1.0), fire_event=lambda event: None,
+        )  # fmt: skip
+        mask_optimizer = torch.optim.SGD(net.task_mask_parameters(), lr=0.0)
+        RegistrationIteration(RegistrationLoss(chunks=TINY_NET["chunks"]), mask_optimizer=mask_optimizer,
+                              grad_clip=grad_clip)(engine, _batch(0))
+        return torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.registration_parameters(), before)))
+
+    clip = 1e-3
+    assert step_norm(None) > 10 * clip
+    assert 0 < step_norm(clip) <= clip * (1 + 1e-4)
+    with pytest.raises(ValueError, match="grad_clip"):
+        RegistrationIteration(RegistrationLoss(), grad_clip=0)

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 GRID = [32, 32, 32]
 TINY = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
-            compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16)
+            compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16, msfa_mode="paper")
 URL = "https://example.org/weights"
 # keys the model zoo and MONAI Label look up in an inference config (docs of the bundle format)
 INFERENCE_KEYS = ("bundle_root", "device", "network_def", "inferer", "preprocessing", "postprocessing",

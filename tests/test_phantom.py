@@ -199,6 +199,8 @@ def test_split_counts_by_hand():
     assert split_counts(20, (0.7, 0.15, 0.15)) == [14, 3, 3]
     assert split_counts(3, "0.7,0.15,0.15") == [1, 1, 1]
     assert split_counts(1, "0.7,0.15,0.15") == [1, 0, 0]
+    assert split_counts(4, "0,0,1") == [0, 0, 4]  # a zero fraction stays empty
+    assert split_counts(5, "0,1,1") == [0, 3, 2]
     with pytest.raises(InputError):
         split_counts(5, "0.7,0.3")
 

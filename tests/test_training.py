@@ -335,3 +335,43 @@ def test_warpd_moves_a_label_by_the_field():
     expected = torch.zeros_like(label)
     expected[0, 2, 2, 3] = 1.0
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
+    """``make-model`` writes the run's best weights with its grid and network; the CLI loader runs them with
+    those settings and stops, naming the difference, when the config gives another grid or width."""
+    from scripts.cli import load_registration
+    from scripts.trained_model import make_model
+
+    _, run, _, _ = trained
+    out = tmp_path / "model.pt"
+    make_model(str(run), out=str(out))
+    stored = load(out)
+    assert set(stored) == {"model", "settings"}
+    best = load(run / "best.pt")["model"]
+    assert all(torch.equal(stored["model"][k], best[k]) for k in best)
+    settings = stored["settings"]
+    assert settings["spatial_size"] == [24, 24, 24] and settings["network_def"]["spatial_size"] == [24, 24, 24]
+    assert settings["roi_mask"] is False and settings["depth_crop"] == 0  # the run's NO_RIGID overrides
+    # the config the run was trained with, written as inference overrides: loads, weights equal
+    overrides = {"spatial_size": [24, 24, 24], "depth_crop": 0, "roi_mask": False, "device": "cpu",
+                 "seg_checkpoint": str(tmp_path / "none.pt")}
+    overrides.update({SMALL_NET[i][2:]: json.loads(SMALL_NET[i + 1]) for i in range(0, len(SMALL_NET), 2)})
+    (tmp_path / "same.json").write_text(json.dumps(overrides))
+    config = [str(ROOT / "configs" / "inference.json"), str(tmp_path / "same.json")]
+    network, _ = load_registration(config, str(out))
+    assert all(torch.equal(network.state_dict()[k], best[k]) for k in best)
+    (tmp_path / "other.json").write_text(json.dumps({**overrides, "spatial_size": [32, 32, 32]}))
+    with pytest.raises(InputError, match=r"spatial_size: trained with \[24, 24, 24\], configured \[32, 32, 32\]"):
+        load_registration([config[0], str(tmp_path / "other.json")], str(out))
+    with pytest.raises(FileExistsError):  # never replaced silently
+        make_model(str(run), out=str(out))
+    # a diverged run (NaN weights) does not become a model
+    nan_run = tmp_path / "nan_run"
+    shutil.copytree(run, nan_run, ignore=shutil.ignore_patterns("tensorboard"))
+    ckpt = load(nan_run / "best.pt")
+    first = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][first].fill_(float("nan"))
+    torch.save(ckpt, nan_run / "best.pt")
+    with pytest.raises(InputError, match="NaN"):
+        make_model(str(nan_run), out=str(tmp_path / "nan.pt"))
