@@ -357,6 +357,7 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     overrides = {"spatial_size": [24, 24, 24], "depth_crop": 0, "roi_mask": False, "device": "cpu",
                  "seg_checkpoint": str(tmp_path / "none.pt")}
     overrides.update({SMALL_NET[i][2:]: json.loads(SMALL_NET[i + 1]) for i in range(0, len(SMALL_NET), 2)})
+    overrides["network_def#msfa_mode"] = "paper"  # train.json's default (inference.json has the shipped model's)
     (tmp_path / "same.json").write_text(json.dumps(overrides))
     config = [str(ROOT / "configs" / "inference.json"), str(tmp_path / "same.json")]
     network, _ = load_registration(config, str(out))
