@@ -53,8 +53,8 @@ def _stage(title: str, start: float) -> None:
 
 
 def demo(workdir: str = "demo", data: str | None = None, cases: int = 4, seed: int = 1000, jobs: int = 2,
-         overwrite: bool = False) -> dict:
-    """Run the demo; print the metrics and return the float-mode summaries by row.
+         overwrite: bool = False) -> None:
+    """Run the demo and print the metrics (the summaries are in ``<workdir>/eval/*/summary.json``).
 
     Args:
         workdir: output folder (registrations, pictures, metrics).
@@ -104,7 +104,6 @@ def demo(workdir: str = "demo", data: str | None = None, cases: int = 4, seed: i
     _print_gain(work / "eval")
     print(f"\npictures: {rows['rigid + network'] / 'index.html'}; metrics: {work / 'eval'}")
     _stage("done — synthetic phantom data, not a clinical result", start)
-    return {name: s for (name, mode), s in summaries.items() if mode == "float"}
 
 
 def _print_gain(eval_dir: Path) -> None:

@@ -343,7 +343,7 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     from scripts.cli import load_registration
     from scripts.trained_model import make_model
 
-    _, run, _, _ = trained
+    data, run, _, _ = trained
     out = tmp_path / "model.pt"
     make_model(str(run), out=str(out))
     stored = load(out)
@@ -367,6 +367,16 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
         load_registration([config[0], str(tmp_path / "other.json")], str(out))
     with pytest.raises(FileExistsError):  # never replaced silently
         make_model(str(run), out=str(out))
+    # fine-tuning: a fresh run starts from these weights (learning rate 0: they come out unchanged) ...
+    rc, log = run_bundle("training", data, tmp_path / "finetune", "--max_epochs", "1", "--seed", "0", *NO_RIGID,
+                         "--init_weights", str(out), "--learning_rate", "0.0")
+    assert rc == 0, log[-3000:]
+    tuned = load(tmp_path / "finetune" / "last.pt")["model"]
+    assert all(torch.equal(tuned[k], best[k]) for k in best)
+    # ... and refuses weights trained on another grid, naming it
+    rc, log = run_bundle("training", data, tmp_path / "other_grid", "--max_epochs", "1", *NO_RIGID,
+                         "--init_weights", str(out), grid="[32,32,32]")
+    assert rc != 0 and "spatial_size: trained with [24, 24, 24], configured [32, 32, 32]" in log
     # a diverged run (NaN weights) does not become a model
     nan_run = tmp_path / "nan_run"
     shutil.copytree(run, nan_run, ignore=shutil.ignore_patterns("tensorboard"))
