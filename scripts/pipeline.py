@@ -34,7 +34,7 @@ from scripts.geometry import (
 )
 from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.rigid import rigid_prealign
-from scripts.trained_model import check_settings
+from scripts.trained_model import check_finite_weights, check_settings
 from scripts.weights import verify_weights
 from scripts.transform_io import (
     compose_field,
@@ -93,9 +93,7 @@ def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = 
         weights = state.get("model", state) if isinstance(state, dict) else state
         _check_fits(network, weights, path)
         check_settings(path, state.get("settings") if isinstance(state, dict) else None, settings)
-        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise InputError(f"{path}: {len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}); a diverged training?")
+        check_finite_weights(path, weights)
         network.load_state_dict(weights)
     elif required:
         raise InputError(f"{path}: checkpoint does not exist (train the network first, or pass another checkpoint)")

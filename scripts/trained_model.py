@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
 
-__all__ = ["REGISTRATION", "SEGMENTATION", "settings_of", "check_settings", "make_model"]
+__all__ = ["REGISTRATION", "SEGMENTATION", "settings_of", "check_settings", "check_finite_weights", "make_model"]
 
 # what a weights file depends on: plain config ids, and the network definition whose arguments count
 REGISTRATION = {"keys": ("spatial_size", "depth_crop", "roi_mask"), "network": "network_def"}
@@ -68,6 +68,13 @@ def check_settings(path, stored: dict | None, current: dict | None) -> None:
                          "pass the trained values as overrides (--id value), or use weights trained with these settings")
 
 
+def check_finite_weights(path, weights: dict) -> None:
+    """Raise :class:`InputError` naming ``path`` when a floating-point tensor of ``weights`` holds NaN/Inf."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{path}: {len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}); a diverged training?")
+
+
 def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict]:
     """``(state_dict, settings)`` of a finished run: the weights of ``checkpoint`` and the run config's settings."""
     record, weights = run_dir / "run_config.json", Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
@@ -81,9 +88,7 @@ def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{weights}: holds no state dict of tensors")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise InputError(f"{weights}: {len(bad)} tensors hold NaN/Inf (e.g. {bad[0]}); a diverged training?")
+    check_finite_weights(weights, state)
     return state, settings_of(json.loads(record.read_text())["config"], kind)
 
 
