@@ -34,3 +34,35 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     for weights, expected in (("models/model.pt", infer), ("models/seg_model.pt", seg)):
         stored = torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True)["settings"]
         assert stored == expected, weights
+
+
+def _imported_modules(config: dict) -> set[str]:
+    lines = config.get("imports", []) + config.get("+imports", [])
+    return {line.split()[-1] for line in lines if line.startswith("$import ")}
+
+
+def test_every_scripts_module_an_expression_uses_is_imported():
+    """A `$` expression that names `scripts.<module>` needs `$import scripts.<module>` in its config
+    (an override's `+imports` adds to train.json's); `$import scripts` alone does not load submodules,
+    so a missing line fails only in a fresh process, as `init_weights` once did."""
+    import re
+
+    train = json.loads((CONFIGS / "train.json").read_text())
+    for path in sorted(CONFIGS.glob("**/*.json")):
+        config = json.loads(path.read_text())
+        if "imports" not in config and "+imports" not in config:
+            continue
+        imported = _imported_modules(config) | (_imported_modules(train) if "+imports" in config else set())
+        used = set(re.findall(r"\bscripts\.[a-z_]+", " ".join(s for s in _strings(config) if s.startswith("$"))))
+        assert used <= imported, f"{path.name}: expressions use {sorted(used - imported)} without importing them"
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
