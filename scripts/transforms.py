@@ -26,7 +26,7 @@ from scripts.io import load_array, read_nifti
 from scripts.transform_io import ants_image
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["Warpd", "PairToBoxd"]
+__all__ = ["Warpd", "PairToBoxd", "LandmarkErrord"]
 
 
 class Warpd(MapTransform):
@@ -132,3 +132,49 @@ class PairToBoxd(Transform):
             out[key] = torch.as_tensor(np.moveaxis(sample(label, affine, points), -1, 0), dtype=torch.float32)
         out["rigid"] = torch.as_tensor(rigid, dtype=torch.float32)
         return out
+
+
+class LandmarkErrord(MapTransform):
+    """Landmark error (mm) between pairs of box-grid labels, for validation curves.
+
+    For each ``(moving_key, fixed_key)`` pair of (C, H, W, D) labels on the network box of one case
+    (already thresholded), the error is the mean over landmark channels (1..C-1; the gland, channel 0,
+    when C == 1) of the distance in mm between the two channels' centroids. A channel empty in either
+    label (e.g. cut off by the depth crop) is left out; none left gives NaN. Centroids go to mm through
+    the box affine, rebuilt from the fixed image's header (``fixed_image`` path of the case dict) with
+    :func:`scripts.geometry.network_box`, so anisotropic box voxels are measured correctly. This is the
+    float-centroid TRE of :mod:`scripts.metrics` on the box grid (written here: MONAI has no centroid metric).
+
+    Args:
+        keys: the moving-side labels, e.g. ``("warped_label", "moving_label")``.
+        fixed_key: the fixed label, same grid.
+        output_keys: where each (0-d tensor) error goes, one per key.
+        spatial_size, depth_crop, axcodes: the box settings of :class:`PairToBoxd`.
+    """
+
+    def __init__(self, keys: KeysCollection, fixed_key: str, output_keys: KeysCollection, spatial_size,
+                 depth_crop: int = 4, axcodes: str = "RAS"):
+        super().__init__(keys)
+        self.fixed_key, self.output_keys = fixed_key, ensure_tuple_rep(output_keys, len(self.keys))
+        self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
+
+    @staticmethod
+    def _centroids(label: torch.Tensor) -> list:
+        out = []
+        for channel in torch.as_tensor(label).detach().cpu().numpy():
+            idx = np.argwhere(channel > 0.5)
+            out.append(idx.mean(axis=0) if len(idx) else None)
+        return out
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        header = read_nifti(d["fixed_image"], ndim=3, what="fixed image")
+        box = network_box(header.affine, header.shape[:3], self.spatial_size, self.depth_crop, self.axcodes)
+        fixed = self._centroids(d[self.fixed_key])
+        channels = range(1, len(fixed)) if len(fixed) > 1 else range(1)
+        for key, out in self.key_iterator(d, self.output_keys):
+            moving = self._centroids(d[key])
+            errors = [np.linalg.norm(apply_affine(box.affine, moving[c]) - apply_affine(box.affine, fixed[c]))
+                      for c in channels if moving[c] is not None and fixed[c] is not None]
+            d[out] = torch.tensor(float(np.mean(errors)) if errors else float("nan"))
+        return d

@@ -29,7 +29,7 @@ from scripts.training import (
     config_fingerprint,
     prepare_run_dir,
 )
-from scripts.transforms import Warpd
+from scripts.transforms import LandmarkErrord, Warpd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,6 +210,9 @@ def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
     registered, rigid_only = scalars(tmp_path / "run", "val_gland_dice"), scalars(tmp_path / "run", "val_gland_dice_rigid_only")
     assert max(registered.values()) >= unregistered + 0.05
     assert registered[10] > rigid_only[10]  # the network adds to the rigid step
+    tre, tre_rigid = scalars(tmp_path / "run", "val_landmark_tre_mm"), scalars(tmp_path / "run", "val_landmark_tre_mm_rigid_only")
+    assert sorted(tre) == sorted(tre_rigid) == list(range(1, 11)) and all(np.isfinite(list(tre.values())))
+    assert len(set(tre_rigid.values())) == 1  # the rigid-only error does not depend on the network
 
 
 # ---------------------------------------------------------------- run folder rules (in-process)
@@ -335,6 +338,22 @@ def test_warpd_moves_a_label_by_the_field():
     expected = torch.zeros_like(label)
     expected[0, 2, 2, 3] = 1.0
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_landmark_error_measures_centroid_shifts_in_mm_on_the_box(tmp_path):
+    """Box of 8x8x4 on a 16x16x12 fixed grid of 1 mm voxels with a depth crop of 2: box voxels are
+    2 x 2 x 1.5 mm; a landmark moved by one box voxel along x and two along z is sqrt(2² + 3²) mm away."""
+    fixed_image = tmp_path / "fixed.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.float32), np.eye(4)), str(fixed_image))
+    fixed, moving = torch.zeros(3, 8, 8, 4), torch.zeros(3, 8, 8, 4)
+    fixed[0, 2:6, 2:6, 1:3] = moving[0, 2:6, 2:6, 1:3] = 1  # gland: left out when landmarks exist
+    fixed[1, 3, 3, 0], moving[1, 4, 3, 2] = 1, 1
+    fixed[2, 5, 5, 1] = 1  # absent from the moving label: left out
+    transform = LandmarkErrord("moving", fixed_key="fixed", output_keys="error", spatial_size=(8, 8, 4), depth_crop=2)
+    error = transform({"moving": moving, "fixed": fixed, "fixed_image": str(fixed_image)})["error"]
+    assert error.item() == pytest.approx(np.hypot(2.0, 3.0))
+    moving[1] = 0  # no landmark left in both: NaN, not a made-up number
+    assert torch.isnan(transform({"moving": moving, "fixed": fixed, "fixed_image": str(fixed_image)})["error"])
 
 
 def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
