@@ -92,24 +92,106 @@ def _register(row: str, network, parser, data: Path, split: str, direction: str,
         print(f"{row} {case} {seconds[-1]:.1f} s", flush=True)
 
 
-def _curve(run_dir: Path, out: Path, steps_per_epoch: int) -> Path:
-    """PNG of the validation gland Dice (network, and rigid stage alone) against optimiser steps."""
+# ANTs SyN rows (benchmarks/phantom_difficulty.py's calls): on the images (Mattes MI) and on the true gland masks
+ANTS_ROWS = {"ants_syn": "ants_syn_mi", "ants_syn_masks": "ants_syn_masks"}
+
+
+def _register_ants(row: str, data: Path, split: str, direction: str, work: Path, seed: int = 0) -> None:
+    """ANTs affine + SyN from the identity for every test pair, written in the pipeline's layout.
+
+    ``<work>/<row>/<case>/``: ``warped_label.nii.gz`` (each moving label channel through the ANTs transforms,
+    linear, thresholded at 0.5) and ``transform_fixed_to_moving.nii.gz``, the ANTs transforms composed into one
+    displacement field on the fixed grid by ``antsApplyTransforms`` (ITK convention, LPS mm, as the bundle's);
+    ``seconds.txt``: the registration alone.
+    """
+    import shutil
+    import tempfile
+
+    import ants
+    import nibabel as nib
+
+    from benchmarks.phantom_difficulty import ants_transforms
+
+    mov, fix = DIRECTIONS[direction]
+    d = data / split
+    for case in _cases(data, split):
+        out = work / row / case
+        if (out / "result.json").is_file():
+            continue
+        fixed_path, moving_path = d / f"{fix}_images" / f"{case}.nii.gz", d / f"{mov}_images" / f"{case}.nii.gz"
+        fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
+        masks = [ants.image_read(str(_gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz")))
+                 .astype("float32") for m in (fix, mov)]
+        started = time.time()
+        transforms = ants_transforms(ANTS_ROWS[row], fixed, moving, seed, *masks)
+        seconds = time.time() - started
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            field = ants.apply_transforms(fixed, moving, transforms, compose=str(Path(tmp) / "field_"))
+            shutil.copyfile(field, out / "transform_fixed_to_moving.nii.gz")
+        labels = np.asarray(nib.load(str(d / f"{mov}_labels" / f"{case}.nii.gz")).dataobj, dtype=np.float32)
+        labels = labels if labels.ndim == 4 else labels[..., None]
+        warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(labels[..., c])), transforms,
+                                        interpolator="linear").numpy() for c in range(labels.shape[-1])]
+        write_nifti((np.stack(warped, -1) >= 0.5).astype(np.uint8), nib.load(str(fixed_path)).affine,
+                    out / "warped_label.nii.gz", overwrite=True)
+        (out / "seconds.txt").write_text(f"{seconds:.2f}\n")
+        (out / "result.json").write_text(json.dumps({"method": ANTS_ROWS[row], "seconds": seconds}) + "\n")
+        print(f"{row} {case} {seconds:.1f} s", flush=True)
+
+
+def _trained_network(model: str):
+    """(inference.json parser set to the settings stored in ``model``, the loaded network, those settings)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.pipeline import load_weights
+    from scripts.trained_model import settings_of
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser["device"] = "cpu"
+    trained = torch.load(model, map_location="cpu", weights_only=True)["settings"]
+    parser.update({k: v for k, v in trained.items() if k != "network_def"})
+    parser["network_def"] = trained["network_def"]  # the trained variant, whole (another class for a baseline)
+    if "int_steps" not in trained["network_def"]:  # a baseline integrates with its own steps (VoxelMorph) or not at all
+        parser["int_steps"] = trained["network_def"].get("integration_steps", 0)
+    network = load_weights(parser.get_parsed_content("network"), model, "cpu", required=True, settings=settings_of(parser))
+    return parser, network, trained
+
+
+def _curve(run_dirs: list, out: Path, steps_per_epoch: int) -> Path:
+    """PNG of the validation gland Dice and landmark TRE (network, and rigid stage alone) against optimiser steps.
+
+    ``run_dirs`` are consecutive runs (each a fine-tune of the previous one's weights): their steps add up.
+    A run logged before the TRE curve existed contributes to the Dice panel only.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for tag, label in (("val_gland_dice", "rigid + network"), ("val_gland_dice_rigid_only", "rigid stage alone")):
-        events = acc.Scalars(tag)
-        ax.plot([e.step * steps_per_epoch for e in events], [e.value for e in events], marker=".", label=label)
-    ax.set_xlabel("optimiser steps")
-    ax.set_ylabel("validation gland Dice (network box)")
-    ax.set_title("CPU recipe on the realistic phantom (synthetic)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = (("val_gland_dice", "validation gland Dice (network box)"), ("val_landmark_tre_mm", "validation landmark TRE (mm)"))
+    for ax, (tag, ylabel) in zip(axes, panels):
+        offset = 0
+        for i, run_dir in enumerate(run_dirs):
+            acc = EventAccumulator(str(run_dir / "tensorboard"))
+            acc.Reload()
+            tags = acc.Tags()["scalars"]
+            for suffix, label in (("", "rigid + network"), ("_rigid_only", "rigid stage alone")):
+                if tag + suffix in tags:
+                    events = acc.Scalars(tag + suffix)
+                    ax.plot([offset + e.step * steps_per_epoch for e in events], [e.value for e in events],
+                            marker=".", color="C0" if not suffix else "C1", label=label if i == len(run_dirs) - 1 else None)
+            offset += max(e.step for e in acc.Scalars("val_gland_dice")) * steps_per_epoch
+            if i < len(run_dirs) - 1:
+                ax.axvline(offset, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("optimiser steps (dotted: fine-tune restarts from the previous weights)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle("CPU recipe on the realistic phantom (synthetic)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -148,49 +230,60 @@ def _ideal(data: Path, split: str, direction: str) -> dict:
 
 
 def main(data: str, model: str = "models/model.pt", seg_model: str | None = "models/seg_model.pt",
-         run_dir: str | None = None, work: str = "/tmp/first_model", out: str = "docs/first_model.md",
-         split: str = "holdout", direction: str = "mr2us", threads: int = 2, overwrite: bool = False) -> str:
+         run_dir: str | list | None = None, work: str = "/tmp/first_model", out: str = "docs/first_model.md",
+         split: str = "holdout", direction: str = "mr2us", threads: int = 2, baselines: dict | None = None,
+         ants: bool = True, overwrite: bool = False) -> str:
     """Register the test split with the rigid stage and with the trained network, score the rows, write ``out``.
 
     ``configs/inference.json`` runs with the grid, depth crop, ROI switch and network settings stored in
     ``model`` (written by ``python -m scripts make-model``), so inference repeats the training's.
+
+    Args:
+        run_dir: the training run folder, or a list of them run one after the other (a fine-tune from the
+            previous one's weights): the curve's steps add up.
+        baselines: ``{row name: weights file}`` of other trained networks (make-model files, e.g. MONAI
+            VoxelMorph, the synthetic pre-training), each run after the same rigid matrix on the true masks.
+        ants: add the ANTs SyN rows (images, Mattes MI; true gland masks, mean squares).
     """
     import torch
-    from monai.bundle import ConfigParser
     from scipy.stats import wilcoxon
 
-    from scripts.pipeline import load_weights
     from scripts.segmentation import load_segmenter
-    from scripts.trained_model import settings_of
 
     torch.set_num_threads(threads)
     data, work = Path(data), Path(work)
     (work / "masks").mkdir(parents=True, exist_ok=True)
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser["device"] = "cpu"
     segmenter = None if seg_model is None else load_segmenter(ROOT / "configs" / "seg_inference.json", seg_model, "cpu")
     # the rigid rows need no registration weights (they can run while the network trains)
-    _register("rigid", None, parser, data, split, direction, work)
+    from monai.bundle import ConfigParser
+
+    rigid_parser = ConfigParser()
+    rigid_parser.read_config(str(ROOT / "configs" / "inference.json"))
+    rigid_parser["device"] = "cpu"
+    _register("rigid", None, rigid_parser, data, split, direction, work)
     if segmenter is not None:
-        _register("rigid_pred", None, parser, data, split, direction, work, segmenter)
+        _register("rigid_pred", None, rigid_parser, data, split, direction, work, segmenter)
     if not Path(model).is_file():
         raise SystemExit(f"{model}: no registration weights yet; the rigid rows are done in {work}")
-    trained = torch.load(model, map_location="cpu", weights_only=True)["settings"]
-    parser.update({k: v for k, v in trained.items() if k != "network_def"})
-    for key, value in trained["network_def"].items():  # the trained variant
-        parser[f"network_def#{key}"] = value
-    network = load_weights(parser.get_parsed_content("network"), model, "cpu", required=True,
-                           settings=settings_of(parser))
+    parser, network, trained = _trained_network(model)
     rows = ["none", "rigid", "network"]
     _register("network", network, parser, data, split, direction, work)
     if segmenter is not None:
         _register("network_pred", network, parser, data, split, direction, work, segmenter, rigid_row="rigid_pred")
         rows += ["rigid_pred", "network_pred"]
+    for name, path in (baselines or {}).items():
+        b_parser, b_network, _ = _trained_network(path)
+        _register(name, b_network, b_parser, data, split, direction, work)
+        rows.append(name)
+    if ants:
+        for row in ANTS_ROWS:
+            _register_ants(row, data, split, direction, work)
+        rows += list(ANTS_ROWS)
     curve = None
     if run_dir is not None:
         steps = len(_cases(data, "train"))
-        curve = _curve(Path(run_dir), Path(out).with_suffix(".png"), steps)
+        curve = _curve([Path(r) for r in ([run_dir] if isinstance(run_dir, str) else run_dir)],
+                       Path(out).with_suffix(".png"), steps)
 
     scores = {row: _score(data, split, direction, work, row) for row in rows}
     ideal = _ideal(data, split, direction)
@@ -207,7 +300,7 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
         f"{len(cases)} `{split}` pairs of `{data}` ({direction}); weights `{model}` (segmenter `{seg_model}`); "
         f"grid {trained['spatial_size']}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{threads} torch threads. Written by `python benchmarks/first_model.py --data {data} --model {model} "
-        f"--seg_model {seg_model} --run_dir {run_dir}`.\n",
+        f"--seg_model {seg_model} --run_dir {run_dir!r} --baselines {baselines!r} --ants {ants}`.\n",
         "Float-mode means over the cases (± SD); official score from μ-RegPro's integer mode. "
         "Ideal rows: least-squares rigid / affine fits of the true map over the gland (TRE at the true landmark centres only).\n",
         "| row | gland Dice | TRE mm | field error mean mm | field error p95 mm | % det J <= 0 | official score | s/pair |",
@@ -219,7 +312,10 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
     names = {"none": "no registration", "rigid": "bundle rigid stage (true gland masks)",
              "network": "rigid + trained network (true gland masks)",
              "rigid_pred": "bundle rigid stage (predicted gland masks)",
-             "network_pred": "rigid + trained network (predicted gland masks)"}
+             "network_pred": "rigid + trained network (predicted gland masks)",
+             "ants_syn": "ANTs affine + SyN, images (Mattes MI)",
+             "ants_syn_masks": "ANTs affine + SyN, true gland masks (mean squares)",
+             **{name: f"rigid + {name} (true gland masks)" for name in (baselines or {})}}
     for row in rows:
         cells = []
         for key in ("dsc", "tre_mm", "ddf_error_mean_mm", "ddf_error_p95_mm", "jacobian_nonpositive_pct"):
@@ -228,8 +324,9 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
         score = scores[row]["official"].get("score", scores[row]["official"].get("metrics", {}).get("score"))
         lines.append(f"| {names[row]} | " + " | ".join(cells) + f" | {'-' if score is None else f'{float(score):.3f}'} | "
                      + ("-" if row == "none" else f"{secs(row):.1f}") + " |")
-    for net_row, rigid_row in (("network", "rigid"), ("network_pred", "rigid_pred")):
-        if net_row not in rows:
+    pairs = [("network", "rigid"), ("network_pred", "rigid_pred")] + [("network", row) for row in rows if row in ANTS_ROWS or row in (baselines or {})]
+    for net_row, rigid_row in pairs:
+        if net_row not in rows or rigid_row not in rows:
             continue
         lines += ["", f"Paired two-sided Wilcoxon signed-rank, {names[net_row]} vs {names[rigid_row]}:", ""]
         for key, label, better in (("dsc", "gland Dice", 1), ("tre_mm", "TRE", -1),
@@ -239,10 +336,11 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
             diff = a[ok] - b[ok]
             p = wilcoxon(a[ok], b[ok]).pvalue if np.any(diff != 0) else 1.0
             wins = int(np.sum(better * diff > 0))
-            lines.append(f"- {label}: mean difference {diff.mean():+.3f}, network better in {wins}/{ok.sum()} cases, p = {p:.2g}")
+            lines.append(f"- {label}: mean difference {diff.mean():+.3f}, {net_row} better in {wins}/{ok.sum()} cases, p = {p:.2g}")
     if curve is not None:
-        lines += ["", f"![validation gland Dice against steps]({curve.name})"]
-    lines += ["", "s/pair: the rigid row includes computing the rigid; the network row reuses that matrix."]
+        lines += ["", f"![validation gland Dice and landmark TRE against steps]({curve.name})"]
+    lines += ["", "s/pair: the rigid row includes computing the rigid; the network rows reuse that matrix; "
+              "the ANTs rows count the registration alone."]
     text = "\n".join(lines) + "\n"
     write_text(text, out, overwrite=overwrite)
     print(text)
