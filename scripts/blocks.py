@@ -88,10 +88,26 @@ class MSFA(nn.Module):
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # (N, K, C, H, W, D)
+        feats = torch.stack([self._branch(branch, x) for branch in self.branches], dim=1)  # (N, K, C, H, W, D)
         flat = feats.flatten(2)
         weights = torch.softmax(flat.mean(dim=2) + flat.amax(dim=2), dim=1)  # (N, K)
         return (feats * weights[:, :, None, None, None, None]).sum(dim=1)
+
+
+    @staticmethod
+    def _branch(branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One branch; in fp32 where torch's CPU bf16 backward corrupts the heap.
+
+        torch 2.13 on CPU aborts ("double free or corruption") in the bf16-autocast backward of a Conv3d
+        whose kernel is larger than its input (a 7^3 kernel on a 4^3 bottleneck, paper MSFA at grids near
+        32^3); such a branch runs outside autocast, in fp32, and is cast back to the others' dtype.
+        """
+        conv = branch.conv if hasattr(branch, "conv") else branch
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and any(k > n for k, n in zip(conv.kernel_size, x.shape[2:]))):
+            with torch.autocast("cpu", enabled=False):
+                return branch(x.float()).to(x.dtype)
+        return branch(x)
 
 
 class DCA(nn.Module):

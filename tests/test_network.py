@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +278,29 @@ def test_grad_clip_bounds_the_registration_step():
     assert 0 < step_norm(clip) <= clip * (1 + 1e-4)
     with pytest.raises(ValueError, match="grad_clip"):
         RegistrationIteration(RegistrationLoss(), grad_clip=0)
+
+
+BF16_BACKWARD = """
+import torch
+from scripts.blocks import MSFA
+torch.manual_seed(0)
+msfa = MSFA(16, (3, 5, 7), "paper")
+x = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
+grads = []
+for amp in (False, True, True, True):
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = msfa(x)
+    y.float().square().mean().backward()
+    grads.append(x.grad.clone())
+print(float((grads[-1] - grads[0]).norm() / grads[0].norm()))
+"""
+
+
+def test_paper_msfa_bf16_backward_on_a_bottleneck_smaller_than_its_kernel_does_not_crash():
+    """torch 2.13's CPU bf16 backward of a 7^3 conv on a 4^3 map aborts the process (heap corruption);
+    MSFA runs such a branch in fp32, so the step completes and its gradient matches fp32's."""
+    run = subprocess.run([sys.executable, "-c", BF16_BACKWARD], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 0.05
