@@ -340,7 +340,10 @@ def register_pair(
         "inverse": inverse_method,
         "network_box": box.to_dict(),
         "ants_forward": [OUTPUTS["ants_warp"], OUTPUTS["ants_rigid"]],
-        "ants_inverse": [OUTPUTS["ants_rigid_inverse"], OUTPUTS["ants_inverse_warp"]],
+        # ANTs' own convention (its invtransforms): the forward .mat, inverted, then the inverse warp; antspyx's
+        # apply_transforms inverts a leading .mat by default, antsApplyTransforms needs -t [ants_rigid.mat,1]
+        "ants_inverse": [OUTPUTS["ants_rigid"], OUTPUTS["ants_inverse_warp"]],
+        "ants_inverse_whichtoinvert": [True, False],
     }
     write_json(result, paths["result"], overwrite)
     return result

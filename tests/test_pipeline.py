@@ -167,6 +167,15 @@ def test_forward_then_inverse_maps_landmarks_back(case, tmp_path):
     assert np.linalg.norm(moved - landmarks, axis=-1).max() > 1.0
     back = moved + sample(inv, inv_affine, moved)
     assert np.linalg.norm(back - landmarks, axis=-1).max() <= 0.5
+    # the ANTs inverse of result.json / docs/pipeline.md, with antspyx's defaults and with the listed
+    # whichtoinvert, equals the composed inverse field; R^-1 first with the defaults (inverted twice) does not
+    moving_ants, fixed_ants = ants.image_read(str(case["mr_image"])), ants.image_read(str(case["us_image"]))
+    reference = ants.apply_transforms(moving_ants, fixed_ants, [str(out / OUTPUTS["inverse_field"])]).numpy()
+    span, files = np.ptp(reference), [str(out / name) for name in result["ants_inverse"]]
+    for kwargs in ({}, {"whichtoinvert": result["ants_inverse_whichtoinvert"]}):
+        assert np.abs(ants.apply_transforms(moving_ants, fixed_ants, files, **kwargs).numpy() - reference).mean() <= 0.01 * span
+    twice = [str(out / OUTPUTS["ants_rigid_inverse"]), str(out / OUTPUTS["ants_inverse_warp"])]
+    assert np.abs(ants.apply_transforms(moving_ants, fixed_ants, twice).numpy() - reference).mean() > 0.03 * span
 
 
 def test_rigid_only_and_no_silent_overwrite(case, tmp_path):
