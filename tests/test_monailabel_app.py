@@ -24,6 +24,7 @@ from pathlib import Path
 import itk
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.bundle import ConfigParser
 from nibabel.processing import resample_from_to
@@ -170,6 +171,12 @@ def test_monailabel_server_registers_mr_labels_onto_trus(tmp_path):
         with urllib.request.urlopen(urllib.request.Request(f"{url}/infer/{TASK}?image={CASE}&output=all", data=form),
                                     timeout=INFER_TIMEOUT_S) as response:
             parts = _multipart(response.headers["Content-Type"], response.read())
+        # failures reach the client with their reason (3D Slicer shows it), not as a bare HTTP 500
+        (store / "mr_images" / "case000001.nii.gz").unlink()
+        for image, code, reason in (("case000009", 404, "unknown image id"), ("case000001", 400, "mr_images")):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _request(f"{url}/infer/{TASK}?image={image}&output=image", data=b"", timeout=INFER_TIMEOUT_S)
+            assert err.value.code == code and reason in json.loads(err.value.read())["detail"], image
     except Exception:
         print(log.read_text()[-6000:])
         raise

@@ -23,6 +23,7 @@ from pathlib import Path
 import itk
 import nibabel as nib
 import numpy as np
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from scripts.cli import load_registration
@@ -105,7 +106,19 @@ class MRLabelsOnTRUS(InferTask):
 
         Returns the label map file (``request["result_extension"]``, one of :data:`RESULT_EXTENSIONS`; the
         server deletes it after sending) and the response JSON with ``label_names`` (name -> label value).
+        The client gets the reason of a failure, not a bare 500: HTTP 404 for an image id the datastore does
+        not hold (MONAI Label passes an empty path), HTTP 400 with the :class:`InputError` line for a bad
+        request or case (missing MR partner and where it must be, unreadable image, too many label channels).
         """
+        if not request.get("image"):
+            raise HTTPException(status_code=404, detail=f"unknown image id: the datastore {self.datastore} lists only "
+                                                        "the TRUS NIfTI files at its top level (see docs/monailabel.md)")
+        try:
+            return self._register(request)
+        except InputError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from None
+
+    def _register(self, request) -> tuple[str, dict]:
         fixed = Path(request["image"])
         extension = request.get("result_extension") or self.config()["result_extension"]
         if extension not in RESULT_EXTENSIONS:
