@@ -21,12 +21,12 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 
 from scripts.data import DIRECTIONS
-from scripts.geometry import apply_affine, grid_points, network_box, sample
-from scripts.io import load_array, read_nifti
-from scripts.transform_io import ants_image
+from scripts.geometry import apply_affine, grid_points, mm_to_box_ddf, network_box, sample
+from scripts.io import InputError, load_array, read_nifti
+from scripts.transform_io import ants_image, read_field_nifti
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["Warpd", "PairToBoxd", "LandmarkErrord"]
+__all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd"]
 
 
 class Warpd(MapTransform):
@@ -177,4 +177,42 @@ class LandmarkErrord(MapTransform):
             errors = [np.linalg.norm(apply_affine(box.affine, moving[c]) - apply_affine(box.affine, fixed[c]))
                       for c in channels if moving[c] is not None and fixed[c] is not None]
             d[out] = torch.tensor(float(np.mean(errors)) if errors else float("nan"))
+        return d
+
+
+class TrueFieldToBoxd:
+    """The phantom's true map as the network's target, for ``loss#field_weight`` > 0 (synthetic pre-training).
+
+    Adds ``true_ddf`` (3, H, W, D), box voxels, in the network's convention: the true map T(p) = p + d(p)
+    (``<split>/ddf_<direction>/<case>.nii.gz`` beside the images folder, or ``field_dir``; fixed grid, ITK
+    convention, LPS mm) seen after the case's rigid R (``rigid`` of :class:`PairToBoxd`): u(p) = R^-1(T(p)) - p
+    at the box points, so that R(p + u(p)) = T(p) as the pipeline composes (``compose_field``).
+
+    Deliberately not a MONAI ``Transform``: ``PersistentDataset`` caches and hashes the transforms before the
+    first non-``Transform`` only, so this one, placed last, runs per step (a field read and a sampling) and the
+    pre-stage cache of the runs without it is reused as it is.
+
+    Args:
+        spatial_size, depth_crop, axcodes: the box settings of :class:`PairToBoxd`.
+        field_dir: folder of the true fields; default ``<fixed image folder>/../ddf_<direction>``.
+    """
+
+    def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", field_dir: str | None = None):
+        self.spatial_size, self.depth_crop, self.axcodes, self.field_dir = tuple(spatial_size), depth_crop, axcodes, field_dir
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        fixed = Path(d["fixed_image"])
+        folder = Path(self.field_dir) if self.field_dir else fixed.parent.parent / f"ddf_{d['direction']}"
+        path = folder / f"{d['case']}.nii.gz"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; loss#field_weight > 0 trains on each case's true field "
+                             "(the phantom writes <split>/ddf_<direction>/<case>.nii.gz)")
+        field, affine = read_field_nifti(path)
+        header = read_nifti(fixed, ndim=3, what="fixed image")
+        box = network_box(header.affine, header.shape[:3], self.spatial_size, self.depth_crop, self.axcodes)
+        points = grid_points(box.affine, box.shape)
+        moved = points + sample(field, affine, points)
+        u_mm = apply_affine(np.linalg.inv(np.asarray(d["rigid"], np.float64)), moved) - points
+        d["true_ddf"] = torch.as_tensor(mm_to_box_ddf(u_mm, box), dtype=torch.float32)
         return d

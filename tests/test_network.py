@@ -304,3 +304,24 @@ def test_paper_msfa_bf16_backward_on_a_bottleneck_smaller_than_its_kernel_does_n
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 0.05
+
+
+def test_iteration_passes_the_true_field_to_the_field_term():
+    """With loss field_weight > 0 the iteration feeds the batch's ``true_ddf`` to the loss: a target 2 voxels
+    away on each axis raises the loss by about field_weight * 12 (squared voxels) over a zero target; none is an error."""
+    from types import SimpleNamespace
+
+    from test_multi_gpu import TINY_NET, _batch
+
+    torch.manual_seed(0)
+    net = RegistrationNet(**TINY_NET)
+    engine = SimpleNamespace(state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net,
+                             optimizer=torch.optim.SGD(net.registration_parameters(), lr=0.0), fire_event=lambda e: None)
+    iteration = RegistrationIteration(RegistrationLoss(chunks=TINY_NET["chunks"], field_weight=0.5),
+                                      mask_optimizer=torch.optim.SGD(net.task_mask_parameters(), lr=0.0))
+    batch = _batch(0)
+    shape = (batch["image"].shape[0], 3, *batch["image"].shape[2:])
+    losses = [float(iteration(engine, {**batch, "true_ddf": torch.full(shape, value)})["loss"]) for value in (0.0, 2.0)]
+    assert losses[1] - losses[0] == pytest.approx(0.5 * 3 * 2.0**2, rel=0.05)  # squared norm of (2, 2, 2)
+    with pytest.raises(ValueError, match="TrueFieldToBoxd"):
+        iteration(engine, batch)

@@ -29,7 +29,7 @@ from scripts.training import (
     config_fingerprint,
     prepare_run_dir,
 )
-from scripts.transforms import LandmarkErrord, Warpd
+from scripts.transforms import LandmarkErrord, PairToBoxd, TrueFieldToBoxd, Warpd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -354,6 +354,42 @@ def test_landmark_error_measures_centroid_shifts_in_mm_on_the_box(tmp_path):
     assert error.item() == pytest.approx(np.hypot(2.0, 3.0))
     moving[1] = 0  # no landmark left in both: NaN, not a made-up number
     assert torch.isnan(transform({"moving": moving, "fixed": fixed, "fixed_image": str(fixed_image)})["error"])
+
+
+def test_true_field_target_warps_the_moving_labels_onto_the_fixed_ones(tmp_path):
+    """TrueFieldToBoxd turns the phantom's true map into the network's box field after the case's rigid:
+    warping the moving labels with it must land on the fixed labels far better than the rigid alone."""
+    from scripts.data import load_split
+    from scripts.metrics import soft_dice
+    from scripts.phantom import synth
+
+    synth(str(tmp_path / "data"), cases=2, seed=0, size="small", splits="1,0,0", preview=False)
+    item = load_split(tmp_path / "data", "train", "mr2us")[1]
+    boxed = PairToBoxd((32, 32, 24), depth_crop=2, use_rigid=True)(item)
+    out = Warpd("moving_label", ddf_key="true_ddf", output_keys="warped")(TrueFieldToBoxd((32, 32, 24), 2)(boxed))
+    fixed = out["fixed_label"][0].numpy() > 0.5
+    rigid_only = soft_dice(out["moving_label"][0].numpy() > 0.5, fixed)
+    assert soft_dice(out["warped"][0].numpy() > 0.5, fixed) >= max(0.9, rigid_only + 0.03)
+    missing = dict(item, fixed_image=str(tmp_path / "elsewhere" / "us_images" / "x.nii.gz"))
+    with pytest.raises(InputError, match="ddf_mr2us"):
+        TrueFieldToBoxd((32, 32, 24), 2)(dict(boxed, fixed_image=missing["fixed_image"]))
+
+
+def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cache(tmp_path):
+    """loss#field_weight > 0 appends TrueFieldToBoxd after the cached transforms: the PersistentDataset
+    hash (hence the cached pre-stage) stays that of the runs without it, and the iteration passes true_ddf on."""
+    from scripts.phantom import synth
+
+    synth(str(tmp_path / "data"), cases=2, seed=0, size="small", splits="1,0,0", preview=False)
+    datasets = {}
+    for weight in (0.0, 0.01):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"), "loss#field_weight": weight})
+        datasets[weight] = parser.get_parsed_content("train#dataset")
+    names = {w: [type(t).__name__ for t in d.transform.transforms] for w, d in datasets.items()}
+    assert names[0.0] == ["PairToBoxd", "EnsureTyped"] and names[0.01] == names[0.0] + ["TrueFieldToBoxd"]
+    assert datasets[0.0].transform_hash == datasets[0.01].transform_hash
 
 
 def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
