@@ -1,7 +1,8 @@
 """Does the trained network register beyond its rigid pre-alignment? The test-split table of a trained run.
 
-    python benchmarks/first_model.py --data data/realistic --model models/model.pt \\
-        --seg_model models/seg_model.pt --run_dir runs/cpu_recipe --work /tmp/first_model --out docs/first_model.md
+    python benchmarks/first_model.py --data data/realistic --model models/model.pt --seg_model models/seg_model.pt \\
+        --run_dir "['runs/cpu_recipe','runs/cpu_recipe_long']" --baselines "{'voxelmorph': 'runs/voxelmorph_model.pt'}" \\
+        --work /tmp/first_model --out docs/first_model.md
 
 Rows, on the same test pairs (``--split``, MR -> TRUS by default), every registration through
 :func:`scripts.pipeline.register_pair` (one resampling of the moving image) and scored by
@@ -13,13 +14,19 @@ Rows, on the same test pairs (``--split``, MR -> TRUS by default), every registr
 - the bundle's rigid stage on the gland channel of the label files (the masks training used);
 - the trained network after that same rigid matrix (computed once per case, shared by both rows),
   ROI-masked by the same gland masks, on the grid and network variant stored with the weights;
-- the same two rows on the masks the shipped gland segmenter predicts (``--seg_model``): what a user gets.
+- the same two rows on the masks the shipped gland segmenter predicts (``--seg_model``): what a user gets;
+- other trained networks (``--baselines``: make-model files, e.g. MONAI VoxelMorph trained with the same loss,
+  data and steps, or an earlier checkpoint), each after the same rigid matrix on the true masks;
+- ANTs affine + SyN from the identity (``--ants``): on the images (Mattes MI) and on the true gland masks
+  (mean squares), their transforms composed into one field on the fixed grid.
 
-With ``--run_dir`` (the training run folder), a PNG of the validation gland Dice against optimiser steps.
+With ``--run_dir`` (the training run folder, or consecutive ones), a PNG of the validation gland Dice and
+landmark TRE against optimiser steps.
 
 Metrics: gland Dice, landmark TRE (mm), field error in the fixed gland against the phantom's true
 field (mean and p95, mm), % non-positive Jacobian, the official μ-RegPro score, seconds per pair;
-paired Wilcoxon signed-rank (two-sided) of the network against its rigid stage over the test cases.
+paired Wilcoxon signed-rank (two-sided) of the network against its rigid stage, and against every other row
+after it, over the test cases.
 Every registered case is kept in ``<work>/<row>/<case>/``: a stopped run resumes.
 """
 
