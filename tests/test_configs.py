@@ -26,6 +26,7 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     and the settings stored in the shipped weights (make-model) are those configs' settings."""
     infer = _settings(["inference.json"], REGISTRATION)
     assert infer == _settings(SHIPPED_TRAINING, REGISTRATION)
+    assert infer == _settings(SHIPPED_TRAINING + ("cpu_recipe_continue.json",), REGISTRATION)  # the shipped stage 2
     seg = _settings(["seg_inference.json"], SEGMENTATION)
     assert seg == _settings(SHIPPED_SEG_TRAINING, SEGMENTATION)
     train, inference = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
