@@ -255,7 +255,7 @@ def test_true_field_term_is_the_squared_error_over_the_dilated_fixed_gland():
     assert ddf.grad[..., 3, 3, 3].abs().sum() > 0 and ddf.grad[..., 0, 0, 0].abs().sum() < 1e-6
     # off by default: no term; on without a true field: a clear error
     assert "field" not in RegistrationLoss(chunks=2)(ddf.detach(), image, image, label, label, true_ddf=true_ddf)
-    with pytest.raises(ValueError, match="true_field"):
+    with pytest.raises(ValueError, match="TrueFieldToBoxd"):
         loss(ddf.detach(), image, image, label, label)
     with pytest.raises(ValueError, match="dice_channels"):
         RegistrationLoss(dice_channels="landmarks")
