@@ -123,10 +123,20 @@ def field_as_network(field_path, box) -> callable:
     Used to push a ground-truth field through exactly the same post-stage as the network's output.
     Returns a callable ``image (1, 2, H, W, D) -> ddf (1, 3, H, W, D)`` in box voxels.
     """
-    field, affine = read_field_nifti(field_path)
-    box_field = sample(field, affine, grid_points(box.affine, box.shape))
-    ddf = torch.as_tensor(mm_to_box_ddf(box_field, box)[None], dtype=torch.float32)
+    ddf = torch.as_tensor(field_to_box_ddf(field_path, box)[None], dtype=torch.float32)
     return lambda image: ddf.to(image.device)
+
+
+def field_to_box_ddf(field_path, box, rigid=None) -> np.ndarray:
+    """A fixed-grid displacement field file (ITK convention, LPS mm) as the network's box field (3, H, W, D),
+    box voxels, after the LPS fixed -> moving ``rigid`` (None: identity): u(p) = R^-1(p + d(p)) - p at the box
+    points, so that R(p + u(p)) is the field's map, as :func:`scripts.transform_io.compose_field` composes."""
+    field, affine = read_field_nifti(field_path)
+    points = grid_points(box.affine, box.shape)
+    moved = points + sample(field, affine, points)
+    if rigid is not None:
+        moved = apply_affine(np.linalg.inv(np.asarray(rigid, np.float64)), moved)
+    return mm_to_box_ddf(moved - points, box)
 
 
 def _read(path, what, ndim):

@@ -21,9 +21,10 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 
 from scripts.data import DIRECTIONS
-from scripts.geometry import apply_affine, grid_points, mm_to_box_ddf, network_box, sample
+from scripts.geometry import apply_affine, grid_points, network_box, sample
 from scripts.io import InputError, load_array, read_nifti
-from scripts.transform_io import ants_image, read_field_nifti
+from scripts.metrics import centroid
+from scripts.transform_io import ants_image
 from monai.utils import ensure_tuple_rep
 
 __all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd"]
@@ -134,6 +135,12 @@ class PairToBoxd(Transform):
         return out
 
 
+def _box_of(fixed_image, spatial_size, depth_crop: int, axcodes: str):
+    """The network box of a case, rebuilt from its fixed image's header (no voxel data read)."""
+    header = read_nifti(fixed_image, ndim=3, what="fixed image")
+    return network_box(header.affine, header.shape[:3], spatial_size, depth_crop, axcodes)
+
+
 class LandmarkErrord(MapTransform):
     """Landmark error (mm) between pairs of box-grid labels, for validation curves.
 
@@ -160,16 +167,12 @@ class LandmarkErrord(MapTransform):
 
     @staticmethod
     def _centroids(label: torch.Tensor) -> list:
-        out = []
-        for channel in torch.as_tensor(label).detach().cpu().numpy():
-            idx = np.argwhere(channel > 0.5)
-            out.append(idx.mean(axis=0) if len(idx) else None)
-        return out
+        """Float centroid (voxel indices) of each channel ``> 0.5``, None for an empty one."""
+        return [centroid(c, "float") if (c > 0.5).any() else None for c in torch.as_tensor(label).detach().cpu().numpy()]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        header = read_nifti(d["fixed_image"], ndim=3, what="fixed image")
-        box = network_box(header.affine, header.shape[:3], self.spatial_size, self.depth_crop, self.axcodes)
+        box = _box_of(d["fixed_image"], self.spatial_size, self.depth_crop, self.axcodes)
         fixed = self._centroids(d[self.fixed_key])
         channels = range(1, len(fixed)) if len(fixed) > 1 else range(1)
         for key, out in self.key_iterator(d, self.output_keys):
@@ -208,11 +211,8 @@ class TrueFieldToBoxd:
         if not path.is_file():
             raise InputError(f"{path}: missing; loss#field_weight > 0 trains on each case's true field "
                              "(the phantom writes <split>/ddf_<direction>/<case>.nii.gz)")
-        field, affine = read_field_nifti(path)
-        header = read_nifti(fixed, ndim=3, what="fixed image")
-        box = network_box(header.affine, header.shape[:3], self.spatial_size, self.depth_crop, self.axcodes)
-        points = grid_points(box.affine, box.shape)
-        moved = points + sample(field, affine, points)
-        u_mm = apply_affine(np.linalg.inv(np.asarray(d["rigid"], np.float64)), moved) - points
-        d["true_ddf"] = torch.as_tensor(mm_to_box_ddf(u_mm, box), dtype=torch.float32)
+        from scripts.pipeline import field_to_box_ddf  # here: the pipeline imports ANTs, ITK
+
+        box = _box_of(fixed, self.spatial_size, self.depth_crop, self.axcodes)
+        d["true_ddf"] = torch.as_tensor(field_to_box_ddf(path, box, d["rigid"]), dtype=torch.float32)
         return d
