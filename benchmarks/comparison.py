@@ -148,7 +148,7 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
     import ants
     import nibabel as nib
 
-    from benchmarks.phantom_difficulty import ants_transforms
+    from benchmarks.phantom_difficulty import ants_transforms, ants_warp_labels
     from scripts.io import write_nifti
     from scripts.pipeline import register_pair
 
@@ -163,12 +163,7 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
         fixed, moving = ants.image_read(str(p["fixed"])), ants.image_read(str(p["moving"]))
         gland = [ants.image_read(str(masks[k])).astype("float32") for k in ("fixed_mask", "moving_mask")]
         transforms = ants_transforms(ANTS_METHODS[name], fixed, moving, seed, *gland)
-        labels = nib.load(str(p["moving_label"]))
-        stack = np.asarray(labels.dataobj, dtype=np.float32)
-        warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(stack[..., c])),
-                                        transforms, interpolator="linear").numpy()
-                  for c in range(stack.shape[-1])]
-        write_nifti((np.stack(warped, -1) >= 0.5).astype(np.uint8), nib.load(str(p["fixed"])).affine,
+        write_nifti(ants_warp_labels(fixed, moving, transforms, p["moving_label"]), nib.load(str(p["fixed"])).affine,
                     out / f"{case}.nii.gz", overwrite=True)
 
 

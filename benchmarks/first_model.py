@@ -117,7 +117,7 @@ def _register_ants(row: str, data: Path, split: str, direction: str, work: Path,
     import ants
     import nibabel as nib
 
-    from benchmarks.phantom_difficulty import ants_transforms
+    from benchmarks.phantom_difficulty import ants_transforms, ants_warp_labels
 
     mov, fix = DIRECTIONS[direction]
     d = data / split
@@ -136,12 +136,8 @@ def _register_ants(row: str, data: Path, split: str, direction: str, work: Path,
         with tempfile.TemporaryDirectory() as tmp:
             field = ants.apply_transforms(fixed, moving, transforms, compose=str(Path(tmp) / "field_"))
             shutil.copyfile(field, out / "transform_fixed_to_moving.nii.gz")
-        labels = np.asarray(nib.load(str(d / f"{mov}_labels" / f"{case}.nii.gz")).dataobj, dtype=np.float32)
-        labels = labels if labels.ndim == 4 else labels[..., None]
-        warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(labels[..., c])), transforms,
-                                        interpolator="linear").numpy() for c in range(labels.shape[-1])]
-        write_nifti((np.stack(warped, -1) >= 0.5).astype(np.uint8), nib.load(str(fixed_path)).affine,
-                    out / "warped_label.nii.gz", overwrite=True)
+        write_nifti(ants_warp_labels(fixed, moving, transforms, d / f"{mov}_labels" / f"{case}.nii.gz"),
+                    nib.load(str(fixed_path)).affine, out / "warped_label.nii.gz", overwrite=True)
         (out / "seconds.txt").write_text(f"{seconds:.2f}\n")
         (out / "result.json").write_text(json.dumps({"method": ANTS_ROWS[row], "seconds": seconds}) + "\n")
         print(f"{row} {case} {seconds:.1f} s", flush=True)

@@ -82,6 +82,16 @@ def ants_transforms(method: str, fixed, moving, seed: int, fixed_mask=None, movi
     return reg["fwdtransforms"]
 
 
+def ants_warp_labels(fixed, moving, transforms, label_path) -> np.ndarray:
+    """The moving labels (NIfTI, 3-D or channel-last 4-D, on ``moving``'s grid) through ANTs ``transforms`` onto
+    ``fixed``'s grid: each channel linear, thresholded at 0.5; uint8 (X, Y, Z, C)."""
+    labels = np.asarray(nib.load(str(label_path)).dataobj, dtype=np.float32)
+    labels = labels if labels.ndim == 4 else labels[..., None]
+    warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(labels[..., c])), transforms,
+                                    interpolator="linear").numpy() for c in range(labels.shape[-1])]
+    return (np.stack(warped, -1) >= 0.5).astype(np.uint8)
+
+
 def register_pair(root: Path, split: str, case: str, direction: str, seed: int) -> dict:
     """All methods for one case and direction ("mr2us": MR moving onto TRUS; "us2mr": TRUS onto MR)."""
     fix_mod, mov_mod = ("us", "mr") if direction == "mr2us" else ("mr", "us")

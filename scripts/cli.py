@@ -15,12 +15,13 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.data import load_split
-from scripts.io import InputError, flag
+from scripts.io import InputError, flag, write_json
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
 from scripts.trained_model import settings_of
 from scripts.points import map_files
 from scripts.qc import quality_check
+from scripts.timing import StageTimer, summary
 
 __all__ = ["register", "register_folder", "map_points", "load_registration"]
 
@@ -80,32 +81,42 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
 
 
 def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
-                   points, frame, use_rigid, pictures, qc, overwrite) -> dict:
-    """Register one pair, then QC, pictures and point mapping; returns what was written and the QC.
+                   points, frame, use_rigid, pictures, qc, overwrite, timer=None) -> dict:
+    """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
 
     ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
-    the pipeline's own prediction (``result.json``'s ``masks``) instead.
+    the pipeline's own prediction (``result.json``'s ``masks``) instead. ``result.json``'s ``seconds`` gains the
+    qc, pictures and points stages, and its total becomes the whole case's wall time (since ``timer`` started,
+    when one is given: e.g. with the network's loading).
     """
+    timer = timer or StageTimer()
     result = register_pair(moving, fixed, out, moving_labels, network=network, direction=direction,
                            use_rigid=use_rigid, overwrite=overwrite, **settings)
+    timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
     written = [str(Path(out) / name) for name in result["files"].values()] + [str(Path(out) / "result.json")]
     if gland_source == "predicted":
         fixed_gland = result["masks"]["fixed"]
-    verdict = quality_check(out, fixed_gland, gland_source if fixed_gland is not None else None,
-                            overwrite=overwrite, **(qc or {}))
+    with timer("qc"):
+        verdict = quality_check(out, fixed_gland, gland_source if fixed_gland is not None else None,
+                                overwrite=overwrite, **(qc or {}))
     written.append(str(Path(out) / "qc.json"))
-    images = case_pictures(out, moving_labels, fixed_gland, overwrite=overwrite) if pictures else []
+    with timer("pictures"):
+        images = case_pictures(out, moving_labels, fixed_gland, overwrite=overwrite) if pictures else []
     written += images
     if points is not None:
-        written += map_files(out, out, points=points, to="fixed", frame=frame, overwrite=overwrite)
-    return {"out": str(out), "written": written, "qc": verdict, "pictures": images}
+        with timer("points"):
+            written += map_files(out, out, points=points, to="fixed", frame=frame, overwrite=overwrite)
+    result["seconds"] = timer.seconds
+    write_json(result, Path(out) / "result.json", overwrite=True)  # this call's own file, now with every stage
+    return {"out": str(out), "written": written, "qc": verdict, "pictures": images, "seconds": result["seconds"]}
 
 
-def _report(name: str, qc: dict, write=print) -> None:
+def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
+    """One line per case: the QC verdict (a warning on stderr unless pass), then the seconds per stage."""
     if qc["verdict"] == "pass":
-        write(f"{name}: QC pass")
+        write(f"{name}: QC pass; {summary(seconds)}")
     else:
-        write(f"WARNING {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}", file=sys.stderr)
+        write(f"WARNING {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
 
 
 def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str = "LPS",
@@ -129,15 +140,16 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
         qc: QC thresholds overriding :func:`scripts.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
         overwrite: replace existing outputs.
     """
-    use_rigid = flag(use_rigid, "use_rigid")
-    network, settings = load_registration(config_file, checkpoint, use_network)
+    use_rigid, timer = flag(use_rigid, "use_rigid"), StageTimer()
+    with timer("load"):
+        network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
     case = _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, source,
-                          points, frame, use_rigid, pictures, qc, overwrite)
+                          points, frame, use_rigid, pictures, qc, overwrite, timer)
     print(f"wrote {len(case['written'])} files:")
     for path in case["written"]:
         print(f"  {path}")
-    _report(Path(out).name, case["qc"])
+    _report(Path(out).name, case["qc"], case["seconds"])
 
 
 def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "mr2us", gland: str = "auto",
@@ -168,7 +180,7 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
                                 case["moving_label"], direction, fixed_gland, source, None, "LPS", use_rigid,
                                 pictures, qc, overwrite)
         done.append({"case": case["case"], **result})
-        _report(case["case"], result["qc"], tqdm.write)
+        _report(case["case"], result["qc"], result["seconds"], tqdm.write)
     index = write_index(out, done, overwrite)
     n_warn = sum(c["qc"]["verdict"] != "pass" for c in done)
     print(f"wrote {len(done)} case folders in {out} and the index {index}; QC: {len(done) - n_warn} pass, {n_warn} warn")

@@ -34,6 +34,7 @@ from scripts.geometry import (
 )
 from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.rigid import rigid_prealign
+from scripts.timing import StageTimer
 from scripts.trained_model import check_finite_weights, check_settings
 from scripts.weights import verify_weights
 from scripts.transform_io import (
@@ -255,8 +256,10 @@ def register_pair(
         overwrite: replace existing outputs; otherwise an existing output raises ``FileExistsError`` first.
 
     Returns:
-        the content of ``result.json`` (direction, output files, rigid matrix and method, network box).
+        the content of ``result.json`` (direction, output files, rigid matrix and method, network box, and
+        ``seconds``: wall time per stage — read, segmentation, rigid, box, network, resampling, writing — and total).
     """
+    timer = StageTimer()
     out_dir, overwrite = Path(out_dir), flag(overwrite, "overwrite")
     paths = {k: out_dir / v for k, v in OUTPUTS.items()}
     if moving_labels is None:
@@ -269,22 +272,25 @@ def register_pair(
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} outputs); pass overwrite=True to replace")
-    moving, moving_affine = _read(moving_image, "moving image", 3)
-    fixed, fixed_affine = _read(fixed_image, "fixed image", 3)
-    check_contrast(moving, moving_image, "moving image")
-    check_contrast(fixed, fixed_image, "fixed image")
-    labels = None
-    if moving_labels is not None:
-        labels, label_affine = _read(moving_labels, "moving label", (3, 4))
-        if labels.shape[:3] != moving.shape or not np.allclose(label_affine, moving_affine, atol=1e-3):
-            raise InputError(f"{moving_labels}: label grid differs from the moving image's ({moving_image})")
-        labels = labels if labels.ndim == 4 else labels[..., None]
+    with timer("read"):
+        moving, moving_affine = _read(moving_image, "moving image", 3)
+        fixed, fixed_affine = _read(fixed_image, "fixed image", 3)
+        check_contrast(moving, moving_image, "moving image")
+        check_contrast(fixed, fixed_image, "fixed image")
+        labels = None
+        if moving_labels is not None:
+            labels, label_affine = _read(moving_labels, "moving label", (3, 4))
+            if labels.shape[:3] != moving.shape or not np.allclose(label_affine, moving_affine, atol=1e-3):
+                raise InputError(f"{moving_labels}: label grid differs from the moving image's ({moving_image})")
+            labels = labels if labels.ndim == 4 else labels[..., None]
 
     # 0. ROI pre-stage: gland masks predicted on each image's own grid
     images = {"moving_mask": moving_image, "fixed_mask": fixed_image}
     for key in predict:
-        mask, affine = seg_network(images[key])
-        given[key] = write_nifti(mask.astype(np.uint8), affine, paths[key], overwrite)
+        with timer("segmentation"):
+            mask, affine = seg_network(images[key])
+        with timer("writing"):
+            given[key] = write_nifti(mask.astype(np.uint8), affine, paths[key], overwrite)
     moving_mask, fixed_mask = given["moving_mask"], given["fixed_mask"]
     mask_source = {k: "predicted" if k in predict else ("given" if v is not None else "none") for k, v in given.items()}
 
@@ -293,50 +299,56 @@ def register_pair(
     if rigid is None:
         rigid = np.eye(4)
         if use_rigid:
-            rigid, rigid_info = rigid_prealign(fixed_image, moving_image, fixed_mask, moving_mask, **(rigid_args or {}))
+            with timer("rigid"):
+                rigid, rigid_info = rigid_prealign(fixed_image, moving_image, fixed_mask, moving_mask, **(rigid_args or {}))
     rigid = np.asarray(rigid, np.float64)
 
     # 2-3. network on the box
-    box = network_box(fixed_affine, fixed.shape, spatial_size, depth_crop, axcodes)
-    check_overlap(moving_affine, moving.shape, rigid, box, moving_image, fixed_image)
+    with timer("box"):
+        box = network_box(fixed_affine, fixed.shape, spatial_size, depth_crop, axcodes)
+        check_overlap(moving_affine, moving.shape, rigid, box, moving_image, fixed_image)
     u_box = w_box = None
     inverse_method = "none"
     if network is not None:
-        masks = None
-        if roi_mask:
-            masks = (_read_mask(moving_mask, "moving mask"), _read_mask(fixed_mask, "fixed mask"))
-        inputs = box_inputs((moving, moving_affine), (fixed, fixed_affine), rigid, box, preprocessing, masks)
-        ddf, inverse_ddf = _predict(network, inferer, inputs[None].to(device), int_steps, amp)
-        u_box = box_ddf_to_mm(ddf, box)
-        if inverse_ddf is not None:
-            w_box, inverse_method = box_ddf_to_mm(inverse_ddf, box), "integrated -velocity"
-        else:
-            w_box, inverse_method = invert_box_field(u_box, box), "numerical (ITK fixed point)"
+        with timer("box"):
+            masks = None
+            if roi_mask:
+                masks = (_read_mask(moving_mask, "moving mask"), _read_mask(fixed_mask, "fixed mask"))
+            inputs = box_inputs((moving, moving_affine), (fixed, fixed_affine), rigid, box, preprocessing, masks)
+        with timer("network"):
+            ddf, inverse_ddf = _predict(network, inferer, inputs[None].to(device), int_steps, amp)
+            u_box = box_ddf_to_mm(ddf, box)
+            if inverse_ddf is not None:
+                w_box, inverse_method = box_ddf_to_mm(inverse_ddf, box), "integrated -velocity"
+            else:
+                w_box, inverse_method = invert_box_field(u_box, box), "numerical (ITK fixed point)"
 
     # 4. one resampling through the composed transform
-    forward = compose_field(u_box, box, rigid, fixed_affine, fixed.shape)
-    inverse = inverse_composed_field(w_box, box, rigid, moving_affine, moving.shape)
-    stack = moving[..., None] if labels is None else np.concatenate([moving[..., None], labels], axis=-1)
-    warped = warp(stack, moving_affine, forward, fixed_affine)
+    with timer("resampling"):
+        forward = compose_field(u_box, box, rigid, fixed_affine, fixed.shape)
+        inverse = inverse_composed_field(w_box, box, rigid, moving_affine, moving.shape)
+        stack = moving[..., None] if labels is None else np.concatenate([moving[..., None], labels], axis=-1)
+        warped = warp(stack, moving_affine, forward, fixed_affine)
 
     # 5. files
-    write_nifti(warped[..., 0].astype(np.float32), fixed_affine, paths["warped_image"], overwrite)
-    if labels is not None:
-        soft = warped[..., 1:]
-        if postprocessing is None:
-            hard = soft >= label_threshold
-        else:
-            hard = np.moveaxis(np.asarray(postprocessing(torch.as_tensor(np.moveaxis(soft, -1, 0)))), 0, -1)
-        write_nifti(hard.astype(np.uint8), fixed_affine, paths["warped_label"], overwrite)
-    write_field_nifti(forward, fixed_affine, paths["forward_field"], overwrite)
-    write_field_h5(forward, fixed_affine, paths["forward_h5"], overwrite)
-    write_field_nifti(inverse, moving_affine, paths["inverse_field"], overwrite)
-    write_field_h5(inverse, moving_affine, paths["inverse_h5"], overwrite)
-    write_ants_rigid(rigid, paths["ants_rigid"], overwrite)
-    write_ants_rigid(np.linalg.inv(rigid), paths["ants_rigid_inverse"], overwrite)
-    zero = np.zeros(tuple(box.shape) + (3,))
-    write_field_nifti(zero if u_box is None else u_box, box.affine, paths["ants_warp"], overwrite)
-    write_field_nifti(zero if w_box is None else w_box, box.affine, paths["ants_inverse_warp"], overwrite)
+    with timer("writing"):
+        write_nifti(warped[..., 0].astype(np.float32), fixed_affine, paths["warped_image"], overwrite)
+        if labels is not None:
+            soft = warped[..., 1:]
+            if postprocessing is None:
+                hard = soft >= label_threshold
+            else:
+                hard = np.moveaxis(np.asarray(postprocessing(torch.as_tensor(np.moveaxis(soft, -1, 0)))), 0, -1)
+            write_nifti(hard.astype(np.uint8), fixed_affine, paths["warped_label"], overwrite)
+        write_field_nifti(forward, fixed_affine, paths["forward_field"], overwrite)
+        write_field_h5(forward, fixed_affine, paths["forward_h5"], overwrite)
+        write_field_nifti(inverse, moving_affine, paths["inverse_field"], overwrite)
+        write_field_h5(inverse, moving_affine, paths["inverse_h5"], overwrite)
+        write_ants_rigid(rigid, paths["ants_rigid"], overwrite)
+        write_ants_rigid(np.linalg.inv(rigid), paths["ants_rigid_inverse"], overwrite)
+        zero = np.zeros(tuple(box.shape) + (3,))
+        write_field_nifti(zero if u_box is None else u_box, box.affine, paths["ants_warp"], overwrite)
+        write_field_nifti(zero if w_box is None else w_box, box.affine, paths["ants_inverse_warp"], overwrite)
     result = {
         "direction": direction,
         "moving_image": str(moving_image),
@@ -354,6 +366,7 @@ def register_pair(
         # apply_transforms inverts a leading .mat by default, antsApplyTransforms needs -t [ants_rigid.mat,1]
         "ants_inverse": [OUTPUTS["ants_rigid"], OUTPUTS["ants_inverse_warp"]],
         "ants_inverse_whichtoinvert": [True, False],
+        "seconds": timer.seconds,
     }
     write_json(result, paths["result"], overwrite)
     return result

@@ -6,6 +6,7 @@ convention of :mod:`scripts.transform_io`), kept so that the bundle can compose 
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from scripts.transform_io import read_ants_rigid, rigid_to_ants, write_ants_rigid
 
-__all__ = ["rigid_prealign", "mask_centre", "overlap_dice"]
+__all__ = ["rigid_prealign", "rigid_settings", "mask_centre", "overlap_dice"]
 
 
 def mask_centre(mask) -> np.ndarray:
@@ -69,23 +70,29 @@ def rigid_prealign(
     moving_mask=None,
     min_mask_dice: float = 0.5,
     mask_smoothing_mm: float = 2.0,
-    iterations=(200, 100, 50),
-    shrink_factors=(4, 2, 1),
-    smoothing_sigmas=(2, 1, 0),
+    mask_spacing_mm: float | None = 2.0,
+    iterations=(200, 100),
+    shrink_factors=(4, 2),
+    smoothing_sigmas=(2, 1),
     sampling_rate: float = 1.0,
     mi_bins: int = 32,
     random_seed: int | None = 1,
 ) -> tuple[np.ndarray, dict]:
     """Rigid fixed -> moving alignment.
 
-    With both masks: a Rigid ANTs registration of the masks (mean squares on masks smoothed by a Gaussian of
-    ``mask_smoothing_mm``, which gives the metric a gradient beyond the mask edges), initialised by translating the
-    fixed mask's centre onto the moving mask's centre. The result is accepted when the aligned masks
+    With both masks: a Rigid ANTs registration of the masks (mean squares on masks resampled, linearly, to an
+    isotropic ``mask_spacing_mm`` grid and smoothed by a Gaussian of ``mask_smoothing_mm``, which gives the metric a
+    gradient beyond the mask edges), initialised by translating the fixed mask's centre onto the moving mask's
+    centre. The default schedule (2 mm masks, shrink 4 then 2: 8 mm and 4 mm levels) matched the former
+    full-resolution one (0.8 mm, shrink 4/2/1, 200/100/50 iterations) on landmark error over 12 realistic phantom
+    pairs (4.22 vs 4.25 mm) in about 1 s instead of 40 s (docs/speed.md). The result is accepted when the aligned masks
     overlap with Dice >= ``min_mask_dice``; otherwise (or without masks) a Rigid registration of the images
     with Mattes mutual information (``mi_bins`` bins), initialised by their centres of mass.
 
     Args:
-        fixed_image, moving_image, fixed_mask, moving_mask: ANTs images or NIfTI paths (masks: gland > 0.5).
+        fixed_image, moving_image, fixed_mask, moving_mask: ANTs images or NIfTI paths (masks: gland > 0.5); the
+            images are read only when the mask registration is not used.
+        mask_spacing_mm: the masks' grid spacing for their registration (None: their own grids).
         iterations, shrink_factors, smoothing_sigmas: the multi-resolution schedule of both registrations.
         sampling_rate: fraction of voxels the metric samples (1.0: all).
         random_seed: seed of ANTs' sampling jitter (``None`` or 0: ANTs seeds from the clock). Results are bit-identical between
@@ -97,7 +104,6 @@ def rigid_prealign(
         "mutual_information"), ``mask_dice`` (after alignment, or None) and ``initial_translation_mm``.
     """
     load = lambda x: ants.image_read(str(x)) if isinstance(x, (str, os.PathLike)) else x  # noqa: E731
-    fixed_image, moving_image = load(fixed_image), load(moving_image)
     schedule = dict(iterations=iterations, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                     sampling_rate=sampling_rate, bins=mi_bins, random_seed=random_seed)
     info = {"method": "mutual_information", "mask_dice": None, "initial_translation_mm": None}
@@ -107,12 +113,31 @@ def rigid_prealign(
         if fixed_mask.sum() > 0 and moving_mask.sum() > 0:
             initial = np.eye(4)
             initial[:3, 3] = mask_centre(moving_mask) - mask_centre(fixed_mask)
-            smooth = lambda m: ants.smooth_image(m, mask_smoothing_mm, sigma_in_physical_coordinates=True)  # noqa: E731
+            def smooth(m):
+                if mask_spacing_mm:  # linear resampling keeps the edge's partial volume
+                    m = ants.resample_image(m, (mask_spacing_mm,) * 3, use_voxels=False, interp_type=0)
+                return ants.smooth_image(m, mask_smoothing_mm, sigma_in_physical_coordinates=True)
             matrix = _register(smooth(fixed_mask), smooth(moving_mask), initial, "meansquares", **schedule)
             dice = overlap_dice(fixed_mask, moving_mask, matrix)
             info.update(mask_dice=dice, initial_translation_mm=initial[:3, 3].tolist())
             if dice >= min_mask_dice:
                 info["method"] = "masks"
                 return matrix, info
-    return _register(fixed_image, moving_image, None, "mattes", **schedule), info
+    return _register(load(fixed_image), load(moving_image), None, "mattes", **schedule), info
 
+
+def rigid_settings(rigid_args: dict | None = None) -> dict:
+    """Every setting :func:`rigid_prealign` runs with: its defaults, updated by ``rigid_args``.
+
+    Stored by the training pre-stage so that its cache key changes when a default does (an unknown name is an
+    ``InputError`` here rather than a ``TypeError`` at the first case).
+    """
+    from scripts.io import InputError
+
+    params = inspect.signature(rigid_prealign).parameters
+    inputs = ("fixed_image", "moving_image", "fixed_mask", "moving_mask")
+    defaults = {k: p.default for k, p in params.items() if k not in inputs}
+    unknown = sorted(set(rigid_args or {}) - set(defaults))
+    if unknown:
+        raise InputError(f"rigid_args: unknown setting(s) {unknown}; rigid_prealign takes {sorted(defaults)}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **(rigid_args or {})}.items()}

@@ -96,7 +96,10 @@ class PairToBoxd(Transform):
     def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", use_rigid: bool = True,
                  roi_mask: bool = False, mask_dir: str | None = None, rigid_args: dict | None = None):
         self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
-        self.use_rigid, self.roi_mask, self.mask_dir, self.rigid_args = use_rigid, roi_mask, mask_dir, rigid_args or {}
+        from scripts.rigid import rigid_settings  # here: the rigid module imports ANTs
+
+        self.use_rigid, self.roi_mask, self.mask_dir = use_rigid, roi_mask, mask_dir
+        self.rigid_args = rigid_settings(rigid_args)  # every setting, defaults included: part of the cache key
 
     def _masks(self, data, labels):
         if self.mask_dir is None:

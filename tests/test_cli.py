@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +133,32 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     alone = json.loads((tmp_path / "alone" / "result.json").read_text())
     assert alone["deformable"] == "none (rigid only)"
     assert np.allclose(alone["rigid"]["matrix_lps_fixed_to_moving"], np.eye(4))
+
+
+def test_result_json_times_every_stage_and_they_add_up_to_the_wall_time(dataset, tmp_path, capsys):
+    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    small = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
+                 lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
+    config["network_def"].update(small)
+    config["spatial_size"] = [16, 16, 16]
+    torch.manual_seed(0)
+    torch.save(RegistrationNet(**small, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
+    config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False)
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    (tmp_path / "targets.csv").write_text("label,x,y,z\nlesion,1.5,-2.0,3.0\n")
+    case = _case(dataset["train"], "case000000")
+    start = time.perf_counter()
+    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
+          "--moving-labels", case["mr_label"], "--fixed-gland", case["us_label"], "--points", str(tmp_path / "targets.csv"),
+          "--config-file", str(tmp_path / "small.json")])
+    wall = time.perf_counter() - start
+    seconds = json.loads((tmp_path / "out" / "result.json").read_text())["seconds"]
+    stages = ("load", "read", "rigid", "box", "network", "resampling", "writing", "qc", "pictures", "points")
+    assert set(seconds) == {*stages, "total"} and all(seconds[k] > 0 for k in stages)
+    assert sum(seconds[k] for k in stages) == pytest.approx(seconds["total"], rel=0.1)
+    assert seconds["total"] == pytest.approx(wall, rel=0.1)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("out: QC"))
+    assert f"{seconds['total']:.1f} s: " in line and all(k in line for k in stages)
 
 
 def test_map_points_command_applies_the_written_rigid(dataset, tmp_path, capsys):

@@ -30,7 +30,7 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     seg = _settings(["seg_inference.json"], SEGMENTATION)
     assert seg == _settings(SHIPPED_SEG_TRAINING, SEGMENTATION)
     train, inference = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
-    for key in ("use_rigid", "direction"):
+    for key in ("use_rigid", "rigid_args", "direction"):
         assert inference[key] == train[key], key
     for weights, expected in (("models/model.pt", infer), ("models/seg_model.pt", seg)):
         stored = torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True)["settings"]

@@ -158,6 +158,19 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     assert settings_cache_key(chain([48, 48, 40])) == settings_cache_key(chain([48, 48, 40]))
     assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 32]))
     assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 40], crop=2))
+    # a changed default of the rigid step (not named in any config) is a new key too, and a mistyped name an error
+    import scripts.rigid
+
+    key = settings_cache_key(chain([48, 48, 40]))
+    defaults = scripts.rigid.rigid_prealign.__defaults__
+    try:
+        scripts.rigid.rigid_prealign.__defaults__ = tuple(1.0 if v == 2.0 else v for v in defaults)  # 1 mm mask smoothing and spacing
+        assert settings_cache_key(chain([48, 48, 40])) != key
+    finally:
+        scripts.rigid.rigid_prealign.__defaults__ = defaults
+    assert settings_cache_key(chain([48, 48, 40])) == key
+    with pytest.raises(InputError, match=r"rigid_args: unknown setting\(s\) \['iteration'\]"):
+        PairToBoxd([48, 48, 40], rigid_args={"iteration": [10]})
 
     image = tmp_path / "mr.nii.gz"
     image.write_bytes(b"first")
