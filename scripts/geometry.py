@@ -137,13 +137,11 @@ def _inside(index: np.ndarray, shape) -> np.ndarray:
 def _interpolate(data: np.ndarray, index: np.ndarray, order: int) -> np.ndarray:
     """``data`` (X, Y, Z[, C]) at continuous voxel indices (..., 3): ITK's padding rule (edge value up to
     half a voxel outside the centres, zero beyond the voxel edges), so results match ITK/ANTs resampling."""
-    coords = np.moveaxis(index, -1, 0)
-    channels = data[..., None] if data.ndim == 3 else data
-    out = np.stack(
-        [map_coordinates(np.asarray(channels[..., c], np.float64), coords, order=order, mode="nearest")
-         for c in range(channels.shape[-1])],
-        axis=-1,
-    ) * _inside(index, data.shape)[..., None]
+    channels = np.ascontiguousarray(np.moveaxis(data[..., None] if data.ndim == 3 else data, -1, 0), np.float64)
+    inside = _inside(index, data.shape)
+    out = np.zeros(index.shape[:-1] + (len(channels),))
+    coords = np.ascontiguousarray(index[inside].T)  # only the points inside: the rest stays zero
+    out[inside] = np.stack([map_coordinates(c, coords, order=order, mode="nearest") for c in channels], axis=-1)
     return out[..., 0] if data.ndim == 3 else out
 
 

@@ -164,7 +164,7 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     key = settings_cache_key(chain([48, 48, 40]))
     defaults = scripts.rigid.rigid_prealign.__defaults__
     try:
-        scripts.rigid.rigid_prealign.__defaults__ = tuple(1.0 if v == 2.0 else v for v in defaults)  # 1 mm mask smoothing and spacing
+        scripts.rigid.rigid_prealign.__defaults__ = tuple(1.0 if v == 2.0 else v for v in defaults)  # 1 mm mask smoothing
         assert settings_cache_key(chain([48, 48, 40])) != key
     finally:
         scripts.rigid.rigid_prealign.__defaults__ = defaults

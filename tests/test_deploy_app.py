@@ -84,7 +84,9 @@ def test_app_matches_bundle_inference(deploy_env, pair):
     assert names == sorted(OUTPUTS.values()) == sorted(p.name for p in bundle_out.iterdir())
     app_result = json.loads((app_out / "result.json").read_text())
     assert app_result["deformable"] == "network" and app_result["network_box"]["shape"] == GRID
-    assert app_result == json.loads((bundle_out / "result.json").read_text())
+    bundle_result = json.loads((bundle_out / "result.json").read_text())
+    assert app_result.pop("seconds").keys() == bundle_result.pop("seconds").keys()  # times differ, stages do not
+    assert app_result == bundle_result
 
     field, _ = _load(app_out / OUTPUTS["forward_field"])
     print(f"largest displacement {np.abs(field).max():.3f} mm")
