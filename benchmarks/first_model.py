@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
 from benchmarks.comparison import _cases, _float  # noqa: E402
 from scripts.data import DIRECTIONS  # noqa: E402
-from scripts.io import write_nifti, write_text  # noqa: E402
+from scripts.io import flag, write_nifti, write_text  # noqa: E402
 
 
 def _gland_mask(label_path: Path, out: Path) -> Path:
@@ -278,7 +278,7 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
         b_parser, b_network, _ = _trained_network(path)
         _register(name, b_network, b_parser, data, split, direction, work)
         rows.append(name)
-    if ants:
+    if flag(ants, "ants"):
         for row in ANTS_ROWS:
             _register_ants(row, data, split, direction, work)
         rows += list(ANTS_ROWS)
