@@ -13,6 +13,7 @@ import tempfile
 import ants
 import numpy as np
 
+from scripts.io import InputError
 from scripts.transform_io import read_ants_rigid, rigid_to_ants, write_ants_rigid
 
 __all__ = ["rigid_prealign", "rigid_settings", "scaled_schedule", "mask_centre", "overlap_dice"]
@@ -84,7 +85,6 @@ def rigid_prealign(
     moving_mask=None,
     min_mask_dice: float = 0.5,
     mask_smoothing_mm: float = 2.0,
-    mask_spacing_mm: float | None = None,
     iterations=(200, 100),
     shrink_factors=(8, 4),
     smoothing_sigmas=(3, 2),
@@ -95,20 +95,18 @@ def rigid_prealign(
 ) -> tuple[np.ndarray, dict]:
     """Rigid fixed -> moving alignment.
 
-    With both masks: a Rigid ANTs registration of the masks (mean squares on masks resampled, linearly, to an
-    isotropic ``mask_spacing_mm`` grid and smoothed by a Gaussian of ``mask_smoothing_mm``, which gives the metric a
-    gradient beyond the mask edges), initialised by translating the fixed mask's centre onto the moving mask's
+    With both masks: a Rigid ANTs registration of the masks (mean squares on masks smoothed by a Gaussian of
+    ``mask_smoothing_mm``, which gives the metric a gradient beyond the mask edges), initialised by translating the fixed mask's centre onto the moving mask's
     centre. The default schedule (shrink 8 then 4, no full-resolution level: about 6 and 3 mm on μ-RegPro's
     0.8 mm grids) takes 1–3 s per pair where the former one (shrink 4/2/1, 200/100/50 iterations) took 20–60 s; on
-    20 realistic phantom pairs its landmark error was 5.90 mm on predicted masks (former 5.80; 2 mm masks at
-    8/4 mm levels: 6.14, trapped on two pairs) and 4.21 mm on the true masks of 12 of them (former 4.25). The result is accepted when the aligned masks
+    the 20 realistic phantom test pairs of docs/first_model.md the rigid rows' TRE is 4.31 mm on true masks
+    (former 4.35) and 6.12 mm on predicted masks (former 6.03). The result is accepted when the aligned masks
     overlap with Dice >= ``min_mask_dice``; otherwise (or without masks) a Rigid registration of the images
     with Mattes mutual information (``mi_bins`` bins), initialised by their centres of mass.
 
     Args:
         fixed_image, moving_image, fixed_mask, moving_mask: ANTs images or NIfTI paths (masks: gland > 0.5); the
             images are read only when the mask registration is not used.
-        mask_spacing_mm: resample the masks to this isotropic spacing first (None: their own grids).
         iterations, shrink_factors, smoothing_sigmas: the multi-resolution schedule of both registrations, for
             images of ``schedule_spacing_mm`` voxels (μ-RegPro's 0.8 mm); on other voxel sizes the shrink factors
             and sigmas are scaled to keep the levels' physical size (a 2.4 mm image gets shrink 3 and 1; None: as given).
@@ -123,8 +121,6 @@ def rigid_prealign(
     """
     levels = [len(iterations), len(shrink_factors), len(smoothing_sigmas)]
     if len(set(levels)) > 1:
-        from scripts.io import InputError
-
         raise InputError(f"rigid_args: iterations, shrink_factors and smoothing_sigmas need one value per level, "
                          f"got {levels[0]}, {levels[1]} and {levels[2]} values")
     load = lambda x: ants.image_read(str(x)) if isinstance(x, (str, os.PathLike)) else x  # noqa: E731
@@ -138,10 +134,7 @@ def rigid_prealign(
         if fixed_mask.sum() > 0 and moving_mask.sum() > 0:
             initial = np.eye(4)
             initial[:3, 3] = mask_centre(moving_mask) - mask_centre(fixed_mask)
-            def smooth(m):
-                if mask_spacing_mm:  # linear resampling keeps the edge's partial volume
-                    m = ants.resample_image(m, (mask_spacing_mm,) * 3, use_voxels=False, interp_type=0)
-                return ants.smooth_image(m, mask_smoothing_mm, sigma_in_physical_coordinates=True)
+            smooth = lambda m: ants.smooth_image(m, mask_smoothing_mm, sigma_in_physical_coordinates=True)  # noqa: E731
             matrix = _register(smooth(fixed_mask), smooth(moving_mask), initial, "meansquares", **schedule)
             dice = overlap_dice(fixed_mask, moving_mask, matrix)
             info.update(mask_dice=dice, initial_translation_mm=initial[:3, 3].tolist())
@@ -157,8 +150,6 @@ def rigid_settings(rigid_args: dict | None = None) -> dict:
     Stored by the training pre-stage so that its cache key changes when a default does (an unknown name is an
     ``InputError`` here rather than a ``TypeError`` at the first case).
     """
-    from scripts.io import InputError
-
     params = inspect.signature(rigid_prealign).parameters
     inputs = ("fixed_image", "moving_image", "fixed_mask", "moving_mask")
     defaults = {k: p.default for k, p in params.items() if k not in inputs}

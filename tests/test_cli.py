@@ -107,7 +107,8 @@ def _check_index_in_chromium(out, tmp_path):
     assert 'data-images-loaded="5/6"' in dom
 
 
-def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
+def _small_network_config(tmp_path) -> Path:
+    """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter: ``small.json``."""
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     small = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
                  lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
@@ -115,9 +116,13 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     config["spatial_size"] = [16, 16, 16]
     torch.manual_seed(0)
     torch.save(RegistrationNet(**small, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
-    config["checkpoint"] = str(tmp_path / "weights.pt")
-    config["use_seg"] = False
+    config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False)
     (tmp_path / "small.json").write_text(json.dumps(config))
+    return tmp_path / "small.json"
+
+
+def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
+    _small_network_config(tmp_path)
     case = _case(dataset["train"], "case000000")
     main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
           "--config-file", str(tmp_path / "small.json"), "--use-rigid", "False", "--pictures", "False"])
@@ -136,15 +141,7 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
 
 
 def test_result_json_times_every_stage_and_they_add_up_to_the_wall_time(dataset, tmp_path, capsys):
-    config = json.loads((ROOT / "configs" / "inference.json").read_text())
-    small = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-                 lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
-    config["network_def"].update(small)
-    config["spatial_size"] = [16, 16, 16]
-    torch.manual_seed(0)
-    torch.save(RegistrationNet(**small, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
-    config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False)
-    (tmp_path / "small.json").write_text(json.dumps(config))
+    _small_network_config(tmp_path)
     (tmp_path / "targets.csv").write_text("label,x,y,z\nlesion,1.5,-2.0,3.0\n")
     case = _case(dataset["train"], "case000000")
     start = time.perf_counter()
