@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,8 @@ def main(data: str, split: str = "holdout", direction: str = "mr2us", cases: int
         lines.append(f"| ours, `python -m scripts register` as a new process | {median(fresh):.2f} | "
                      f"{median(syn) / median(fresh):.1f}x |")
     lines.append(f"| ANTs affine + SyN (antspyx, read, register, warp image and labels, write) | {median(syn):.2f} | 1.0x |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB (Linux)
+    lines += ["", f"Peak resident memory of this process (ours and ANTs, every pair): {peak:.2f} GB."]
     text = "\n".join(lines) + "\n"
     print(text)
     if out:

@@ -119,6 +119,11 @@ def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
         write(f"WARNING {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
 
 
+def _flags(**values) -> list[bool]:
+    """The yes/no arguments as bools: fire passes ``--pictures false`` as the string "false" (:func:`flag`)."""
+    return [flag(value, name) for name, value in values.items()]
+
+
 def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str = "LPS",
              fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
              pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
@@ -140,7 +145,9 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
         qc: QC thresholds overriding :func:`scripts.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
         overwrite: replace existing outputs.
     """
-    use_rigid, timer = flag(use_rigid, "use_rigid"), StageTimer()
+    timer = StageTimer()
+    use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
+                                                         pictures=pictures, overwrite=overwrite)
     with timer("load"):
         network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
@@ -163,7 +170,8 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
             "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
         Other arguments as for :func:`register`.
     """
-    overwrite, use_rigid = flag(overwrite, "overwrite"), flag(use_rigid, "use_rigid")
+    use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
+                                                         pictures=pictures, overwrite=overwrite)
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)

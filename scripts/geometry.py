@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import map_coordinates
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "RAS2LPS",
@@ -46,13 +47,18 @@ def lps_affine(affine_ras: np.ndarray) -> np.ndarray:
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 homogeneous ``matrix`` to points (..., 3)."""
     points = np.asarray(points, dtype=np.float64)
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    # column by column: on a whole grid (X, Y, Z, 3), ``points @ A.T`` runs X*Y*Z tiny matrix products
+    out = points[..., 0:1] * matrix[:3, 0] + matrix[:3, 3]
+    out += points[..., 1:2] * matrix[:3, 1]
+    out += points[..., 2:3] * matrix[:3, 2]
+    return out
 
 
 def grid_points(affine_ras: np.ndarray, shape) -> np.ndarray:
     """LPS mm coordinates (X, Y, Z, 3) of the voxel centres of a grid (nibabel ``affine_ras``, 3-D ``shape``)."""
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape[:3]], indexing="ij"), axis=-1)
-    return apply_affine(lps_affine(affine_ras), index)
+    lps = lps_affine(affine_ras)
+    axes = [np.arange(n, dtype=np.float64)[:, None] * lps[:3, k] for k, n in enumerate(shape[:3])]
+    return lps[:3, 3] + axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
 
 
 def world_to_voxel(points_lps: np.ndarray, affine_ras: np.ndarray) -> np.ndarray:
@@ -129,28 +135,48 @@ def network_box(fixed_affine, fixed_shape, spatial_size=(128, 128, 120), depth_c
     return NetworkBox(affine=affine @ scale, shape=tuple(int(s) for s in spatial_size))
 
 
-def _inside(index: np.ndarray, shape) -> np.ndarray:
-    """True where continuous voxel indices (..., 3) lie within the grid's voxel edges [-0.5, n - 0.5]."""
-    return np.all((index >= -0.5) & (index <= np.asarray(shape[:3], np.float64) - 0.5), axis=-1)
-
-
-def _interpolate(data: np.ndarray, index: np.ndarray, order: int) -> np.ndarray:
+def _interpolate(data: np.ndarray, index: np.ndarray, order: int, single: bool = False) -> np.ndarray:
     """``data`` (X, Y, Z[, C]) at continuous voxel indices (..., 3): ITK's padding rule (edge value up to
-    half a voxel outside the centres, zero beyond the voxel edges), so results match ITK/ANTs resampling."""
-    channels = np.ascontiguousarray(np.moveaxis(data[..., None] if data.ndim == 3 else data, -1, 0), np.float64)
-    inside = _inside(index, data.shape)
-    out = np.zeros(index.shape[:-1] + (len(channels),))
-    coords = np.ascontiguousarray(index[inside].T)  # only the points inside: the rest stays zero
-    out[inside] = np.stack([map_coordinates(c, coords, order=order, mode="nearest") for c in channels], axis=-1)
+    half a voxel outside the centres, zero beyond the voxel edges), so results match ITK/ANTs resampling.
+
+    Linear (``order=1``) or nearest (``order=0``); float64 arithmetic, or float32 with ``single`` (1.6x
+    faster, about 1e-5 voxel and 1e-6 relative: for images and labels, not for points or fields).
+    Calls torch's ``grid_sample`` directly (MONAI's ``Resample`` wraps the same call but takes a grid laid
+    out as an output image, not a list of points); its 3-D CPU kernel runs one thread per batch item, so the
+    points are split into as many batch items as torch has threads (4x faster than scipy on 2 cores).
+    """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    dtype = torch.float32 if single else torch.float64
+    channels = torch.as_tensor(np.moveaxis(data[..., None] if data.ndim == 3 else data, -1, 0), dtype=dtype)
+    flat = torch.as_tensor(index, dtype=torch.float64).reshape(-1, 3)
+    if len(flat) == 0:
+        empty = np.zeros(index.shape[:-1] + (len(channels),))
+        return empty[..., 0] if data.ndim == 3 else empty
+    n = torch.as_tensor(data.shape[:3], dtype=torch.float64)
+    inside = ((flat >= -0.5) & (flat <= n - 0.5)).all(-1)
+    # grid_sample: coordinates (last, middle, first axis), -1 and 1 at the first and last voxel centres
+    grid = (flat * (2 / (n - 1).clamp(min=1)) - 1).flip(-1).to(dtype)
+    batch = max(1, min(torch.get_num_threads(), len(grid)))
+    if len(grid) % batch:
+        grid = torch.cat([grid, grid.new_zeros(batch - len(grid) % batch, 3)])
+    with torch.no_grad():
+        out = F.grid_sample(channels[None].expand(batch, -1, -1, -1, -1), grid.view(batch, -1, 1, 1, 3), mode=(
+            "bilinear" if order == 1 else "nearest"), padding_mode="border", align_corners=True)  # (batch, C, n, 1, 1)
+    out = out[..., 0, 0].permute(0, 2, 1).reshape(-1, len(channels))[: len(flat)]
+    out = out.to(torch.float64).masked_fill_(~inside[:, None], 0.0).numpy()
+    out = out.reshape(index.shape[:-1] + (len(channels),))
     return out[..., 0] if data.ndim == 3 else out
 
 
-def sample(data: np.ndarray, affine_ras: np.ndarray, points_lps: np.ndarray, order: int = 1) -> np.ndarray:
+def sample(data: np.ndarray, affine_ras: np.ndarray, points_lps: np.ndarray, order: int = 1,
+           single: bool = False) -> np.ndarray:
     """Values of a volume at LPS mm points: ``data`` (X, Y, Z) or (X, Y, Z, C) -> (...) or (..., C).
 
-    Linear (``order=1``) or nearest (``order=0``) interpolation; zero beyond the volume's voxel edges.
+    Linear (``order=1``) or nearest (``order=0``) interpolation; zero beyond the volume's voxel edges;
+    float64 arithmetic, float32 with ``single`` (images and labels only).
     """
-    return _interpolate(data, world_to_voxel(points_lps, affine_ras), order)
+    return _interpolate(data, world_to_voxel(points_lps, affine_ras), order, single)
 
 
 def box_ddf_to_mm(ddf: np.ndarray, box: NetworkBox) -> np.ndarray:

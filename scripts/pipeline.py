@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from scripts.geometry import (
     apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
 )
 from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
+from scripts.memory import keep_freed_memory
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
 from scripts.trained_model import check_finite_weights, check_settings
@@ -259,6 +261,7 @@ def register_pair(
         the content of ``result.json`` (direction, output files, rigid matrix and method, network box, and
         ``seconds``: wall time per stage — read, segmentation, rigid, box, network, resampling, writing — and total).
     """
+    keep_freed_memory()  # large arrays keep their pages between stages and registrations (scripts/memory.py)
     timer = StageTimer()
     out_dir, overwrite = Path(out_dir), flag(overwrite, "overwrite")
     paths = {k: out_dir / v for k, v in OUTPUTS.items()}
@@ -330,25 +333,32 @@ def register_pair(
         stack = moving[..., None] if labels is None else np.concatenate([moving[..., None], labels], axis=-1)
         warped = warp(stack, moving_affine, forward, fixed_affine)
 
-    # 5. files
+    # 5. files, written concurrently (zlib and file I/O release the GIL: ~2x on 2 cores)
     with timer("writing"):
-        write_nifti(warped[..., 0].astype(np.float32), fixed_affine, paths["warped_image"], overwrite)
+        hard = None
         if labels is not None:
             soft = warped[..., 1:]
             if postprocessing is None:
                 hard = soft >= label_threshold
             else:
                 hard = np.moveaxis(np.asarray(postprocessing(torch.as_tensor(np.moveaxis(soft, -1, 0)))), 0, -1)
-            write_nifti(hard.astype(np.uint8), fixed_affine, paths["warped_label"], overwrite)
-        write_field_nifti(forward, fixed_affine, paths["forward_field"], overwrite)
-        write_field_h5(forward, fixed_affine, paths["forward_h5"], overwrite)
-        write_field_nifti(inverse, moving_affine, paths["inverse_field"], overwrite)
-        write_field_h5(inverse, moving_affine, paths["inverse_h5"], overwrite)
-        write_ants_rigid(rigid, paths["ants_rigid"], overwrite)
-        write_ants_rigid(np.linalg.inv(rigid), paths["ants_rigid_inverse"], overwrite)
         zero = np.zeros(tuple(box.shape) + (3,))
-        write_field_nifti(zero if u_box is None else u_box, box.affine, paths["ants_warp"], overwrite)
-        write_field_nifti(zero if w_box is None else w_box, box.affine, paths["ants_inverse_warp"], overwrite)
+        jobs = [
+            (write_field_h5, inverse, moving_affine, paths["inverse_h5"]),  # the largest files first
+            (write_field_nifti, inverse, moving_affine, paths["inverse_field"]),
+            (write_field_h5, forward, fixed_affine, paths["forward_h5"]),
+            (write_field_nifti, forward, fixed_affine, paths["forward_field"]),
+            (write_nifti, warped[..., 0].astype(np.float32), fixed_affine, paths["warped_image"]),
+            (write_field_nifti, zero if u_box is None else u_box, box.affine, paths["ants_warp"]),
+            (write_field_nifti, zero if w_box is None else w_box, box.affine, paths["ants_inverse_warp"]),
+            (write_ants_rigid, rigid, paths["ants_rigid"]),
+            (write_ants_rigid, np.linalg.inv(rigid), paths["ants_rigid_inverse"]),
+        ]
+        if hard is not None:
+            jobs.append((write_nifti, hard.astype(np.uint8), fixed_affine, paths["warped_label"]))
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            for future in [pool.submit(*job, overwrite=overwrite) for job in jobs]:
+                future.result()
     result = {
         "direction": direction,
         "moving_image": str(moving_image),

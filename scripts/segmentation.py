@@ -51,7 +51,7 @@ class GlandSegmenter:
         preprocessing: dictionary transform of ``{"image": path}`` producing the network input under
             ``"image"`` (a MetaTensor that records its invertible steps).
         postprocessing: dictionary transform of ``{"image", "pred"}`` turning the logits under ``"pred"``
-            into a (1, X, Y, Z) mask on the original grid (``Invertd`` of the preprocessing, argmax).
+            into a (1, X, Y, Z) mask on the original grid (``Invertd`` of the preprocessing, then the argmax of the two channels).
         inferer: MONAI inferer ``inferer(inputs, network)``; ``None`` calls the network directly.
         device: where the network runs.
     """

@@ -17,9 +17,10 @@ Conventions (``../docs/pipeline.md``):
 from __future__ import annotations
 
 import os
+import platform
 
 import ants
-import itk
+import h5py
 import numpy as np
 
 from scripts.geometry import (
@@ -100,10 +101,11 @@ def warp(data, src_affine_ras, field_mm, dst_affine_ras, order: int = 1) -> np.n
         field_mm: (X', Y', Z', 3) LPS mm displacement on the destination grid (``dst_affine_ras``).
         order: 1 linear, 0 nearest. Zero padding outside the source volume.
     Returns:
-        float64 array (X', Y', Z'[, C]) on the destination grid.
+        float64 array (X', Y', Z'[, C]) on the destination grid, interpolated in float32 arithmetic (images and
+        labels: about 1e-6 relative to float64, and 1.6x faster).
     """
     points = grid_points(dst_affine_ras, field_mm.shape[:3]) + field_mm
-    return sample(data, src_affine_ras, points, order=order)
+    return sample(data, src_affine_ras, points, order=order, single=True)
 
 
 def write_field_nifti(field_mm, affine_ras, path, overwrite: bool = False):
@@ -118,18 +120,6 @@ def read_field_nifti(path):
     if img.shape[3:] != (1, 3):
         raise InputError(f"{path}: displacement field has shape {img.shape}, expected (X, Y, Z, 1, 3)")
     return load_array(img, path, "displacement field", np.float64)[:, :, :, 0, :], img.affine
-
-
-def _itk_field(field_mm, affine_ras):
-    """An ``itk.Image[itk.Vector[itk.D, 3], 3]`` holding an (X, Y, Z, 3) LPS mm field on a nibabel grid."""
-    lps = lps_affine(affine_ras)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    # ITK arrays are indexed (Z, Y, X, component)
-    image = itk.image_from_array(np.ascontiguousarray(np.transpose(field_mm, (2, 1, 0, 3)), np.float64), is_vector=True)
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    image.SetDirection(itk.matrix_from_array(lps[:3, :3] / spacing))
-    return image
 
 
 def ants_image(data, affine_ras, has_components: bool = False):
@@ -148,10 +138,31 @@ def _ants_field(field_mm, affine_ras):
 
 
 def write_field_h5(field_mm, affine_ras, path, overwrite: bool = False):
-    """Write (X, Y, Z, 3) LPS mm on a grid as an ITK ``DisplacementFieldTransform`` (``.h5``)."""
-    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
-    transform.SetDisplacementField(_itk_field(field_mm, affine_ras))
-    return atomic_write(path, lambda tmp: itk.transformwrite([transform], tmp), overwrite)
+    """Write (X, Y, Z, 3) LPS mm on a grid as an ITK ``DisplacementFieldTransform`` (``.h5``).
+
+    ITK's HDF5 transform layout, written with h5py: building the transform in ITK Python costs 12-17 s
+    per process (the lazy load of its wrapped modules) against milliseconds here. The layout: one group
+    ``TransformGroup/0`` with the type name, the field as parameters (x fastest, components interleaved,
+    float64) and the fixed parameters size, origin (LPS mm), spacing (mm) and direction (row-major).
+    ``tests/test_transform_io.py`` checks the file against ITK's own writer and reads it back with ITK.
+    """
+    lps = lps_affine(affine_ras)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    field = np.asarray(field_mm, np.float64)
+    fixed = np.concatenate([field.shape[:3], lps[:3, 3], spacing, (lps[:3, :3] / spacing).ravel()])
+    text = h5py.string_dtype("ascii")
+
+    def save(tmp):
+        with h5py.File(tmp, "w") as h5:
+            for key, value in {"HDFVersion": f"HDF5 library version: {h5py.version.hdf5_version}",
+                               "ITKVersion": "5.4.7", "OSName": platform.system(), "OSVersion": platform.release()}.items():
+                h5.create_dataset(key, data=[value], dtype=text)
+            group = h5.create_group("TransformGroup").create_group("0")
+            group.create_dataset("TransformType", data=["DisplacementFieldTransform_double_3_3"], dtype=text)
+            group.create_dataset("TransformFixedParameters", data=fixed)
+            group.create_dataset("TransformParameters", data=np.transpose(field, (2, 1, 0, 3)).ravel())
+
+    return atomic_write(path, save, overwrite)
 
 
 def rigid_to_ants(rigid):

@@ -131,11 +131,13 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["deformable"] == "network" and result["network_box"]["shape"] == [16, 16, 16]
     assert (tmp_path / "out" / "qc.json").is_file() and not (tmp_path / "out" / "qa_grid.png").exists()
-    # the same weights, --use-network false: no network; lower-case "false" also switches the rigid step off
+    # the same weights, --use-network false: no network; lower-case "false" also switches the rigid step and
+    # the pictures off
     main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "alone"),
           "--config-file", str(tmp_path / "small.json"), "--use-rigid", "false", "--use-network", "false",
-          "--pictures", "False"])
+          "--pictures", "false"])
     alone = json.loads((tmp_path / "alone" / "result.json").read_text())
+    assert not any((tmp_path / "alone" / name).exists() for name in PICTURES)
     assert alone["deformable"] == "none (rigid only)"
     assert np.allclose(alone["rigid"]["matrix_lps_fixed_to_moving"], np.eye(4))
 

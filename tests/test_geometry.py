@@ -1,6 +1,7 @@
 """Network box, reorientation and voxel <-> mm conversions, checked against hand-computed values."""
 
 import numpy as np
+import pytest
 from _oblique import FIX, FIX_SHAPE, RAS2LPS, points
 
 from scripts.geometry import (
@@ -88,8 +89,15 @@ def test_sample_linear_function_exact_and_zero_outside():
     lps = RAS2LPS @ FIX
     data = points(FIX, FIX_SHAPE) @ np.array([0.5, -1.0, 2.0]) + 3.0  # linear in LPS mm
     rng = np.random.default_rng(1)
-    index = rng.uniform(0, np.array(FIX_SHAPE) - 1, size=(50, 3))
+    index = rng.uniform(0, np.array(FIX_SHAPE) - 1, size=(51, 3))  # an odd count: uneven split over threads
     world = index @ lps[:3, :3].T + lps[:3, 3]
-    np.testing.assert_allclose(sample(data, FIX, world), world @ np.array([0.5, -1.0, 2.0]) + 3.0, atol=1e-9)
+    exact = world @ np.array([0.5, -1.0, 2.0]) + 3.0
+    np.testing.assert_allclose(sample(data, FIX, world), exact, atol=1e-9)
+    np.testing.assert_allclose(sample(data, FIX, world, single=True), exact, atol=1e-4 * np.abs(data).max())
+    nearest = np.round(index).astype(int)
+    np.testing.assert_allclose(sample(data, FIX, world, order=0), data[tuple(nearest.T)], atol=1e-9)
     far = np.array([-3.0, 2, 2]) @ lps[:3, :3].T + lps[:3, 3]  # 3 voxels outside along axis 0
+    edge = np.array([-0.3, 2, 2]) @ lps[:3, :3].T + lps[:3, 3]  # within half a voxel: the edge voxel's value
     assert sample(data, FIX, far[None])[0] == 0.0
+    assert sample(data, FIX, edge[None])[0] == pytest.approx(data[0, 2, 2], abs=1e-9)
+    assert sample(data, FIX, np.zeros((0, 3))).shape == (0,)

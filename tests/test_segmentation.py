@@ -183,3 +183,17 @@ def test_inference_config_builds_the_same_segmenter_when_use_seg_is_on(trained, 
     expected, _ = segmenter(image)
     assert mask.any() and np.array_equal(mask, expected)
     np.testing.assert_allclose(affine, nib.load(str(image)).affine)
+
+
+def test_config_mask_step_is_the_argmax_of_the_two_channels():
+    from monai.bundle import ConfigParser
+    from monai.transforms import AsDiscrete
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "seg_inference.json"))
+    last = parser.get_parsed_content("postprocessing").transforms[-1]
+    probs = torch.softmax(torch.randn(2, 9, 8, 7, generator=torch.Generator().manual_seed(0)), 0)
+    probs[:, 0, 0, 0] = 0.5  # a tie: argmax takes the first channel (background)
+    mask = last({"pred": probs})["pred"]
+    assert mask.shape == (1, 9, 8, 7) and 0 < int(mask.sum()) < mask.numel()
+    assert torch.equal(mask.long(), AsDiscrete(argmax=True)(probs).long())

@@ -5,6 +5,7 @@ grid, permuted/flipped moving grid, deformation with distinct x, y, z components
 """
 
 import ants
+import h5py
 import itk
 import nibabel as nib
 import numpy as np
@@ -102,6 +103,24 @@ def test_itk_applies_written_files(scene):
             )
             out.append(itk.array_from_image(res).transpose(2, 1, 0))
         _check_same(out[0], out[1], scene, name)
+
+
+def test_h5_field_holds_what_itks_own_writer_writes(scene, tmp_path):
+    composed = scene["composed"]
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ FIX
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    field = itk.image_from_array(np.ascontiguousarray(composed.transpose(2, 1, 0, 3)), is_vector=True)
+    field.SetSpacing(spacing.tolist())
+    field.SetOrigin(lps[:3, 3].tolist())
+    field.SetDirection(itk.matrix_from_array(lps[:3, :3] / spacing))
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    transform.SetDisplacementField(field)
+    itk.transformwrite([transform], str(tmp_path / "itk.h5"))
+    with h5py.File(scene["dir"] / "composed.h5") as ours, h5py.File(tmp_path / "itk.h5") as theirs:
+        for key in ("TransformType", "TransformFixedParameters", "TransformParameters"):
+            a, b = ours[f"TransformGroup/0/{key}"][()], theirs[f"TransformGroup/0/{key}"][()]
+            assert a.dtype.kind == b.dtype.kind and a.shape == b.shape, key
+            np.testing.assert_array_equal(a, b, err_msg=key) if a.dtype.kind == "O" else np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def test_nifti_field_header_and_round_trip(scene):
