@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
+from scripts.data import case_name  # noqa: E402
 from scripts.io import write_json, write_text  # noqa: E402
 from scripts.demo import bundle_run, small_segmenter  # noqa: E402
 
@@ -78,7 +79,7 @@ DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (mov
 
 
 def _cases(data: Path, split: str) -> list[str]:
-    return sorted(p.name.split(".")[0] for p in (data / split / "mr_images").glob("*.nii.gz"))
+    return sorted(case_name(p.name) for p in (data / split / "mr_images").glob("*.nii.gz"))
 
 
 def _env(threads: int) -> dict:

@@ -99,11 +99,13 @@ def main(data: str, split: str = "holdout", direction: str = "mr2us", cases: int
 
     from benchmarks.comparison import _cases
     from benchmarks.speed import cpu_name
-    from scripts.io import flag, write_text
+    from scripts.io import InputError, flag, write_text
 
     torch.set_num_threads(threads)
     pictures, data = flag(pictures, "pictures"), Path(data)
     names = _cases(data, split)[:cases]
+    if not names:
+        raise InputError(f"{data / split}: no cases (expected a μ-RegPro split with {direction} image folders)")
     pairs = {c: _pair(data, split, c, direction) for c in names}
     runs, fresh, syn = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

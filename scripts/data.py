@@ -57,10 +57,29 @@ def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
                 f"{root / MODALITY_DIRS[key] / name}: missing, but {root / MODALITY_DIRS[present] / name} exists "
                 "(every case needs an MR image, a TRUS image and both label files)"
             )
-    return [
-        {"case": name.split(".")[0], **{key: str(root / MODALITY_DIRS[key] / name) for key in MODALITY_DIRS}}
+    return _unique_names([
+        {"case": case_name(name), **{key: str(root / MODALITY_DIRS[key] / name) for key in MODALITY_DIRS}}
         for name in sorted(every)
-    ]
+    ], root)
+
+
+def case_name(file_name: str) -> str:
+    """A case's name: its file name without ``.nii.gz`` / ``.nii`` (dots inside the name are kept: ``pt.A``)."""
+    for suffix in (".nii.gz", ".nii"):
+        if file_name.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return file_name
+
+
+def _unique_names(cases: list[dict], source) -> list[dict]:
+    """``cases`` unchanged, or an :class:`InputError` when two share a name (their output folders would)."""
+    seen = {}
+    for case in cases:
+        if case["case"] in seen:
+            raise InputError(f"{source}: two cases are named {case['case']!r} ({seen[case['case']]} and "
+                             f"{case['mr_image']}); each case needs its own name")
+        seen[case["case"]] = case["mr_image"]
+    return cases
 
 
 def read_datalist(datalist: str | Path, split: str) -> list[dict]:
@@ -75,8 +94,8 @@ def read_datalist(datalist: str | Path, split: str) -> list[dict]:
         if missing:
             raise InputError(f"{path}: entry {i} of {split!r} lacks {missing}")
         case = {k: str((path.parent / entry[k]).resolve()) for k in MODALITY_DIRS}
-        cases.append({"case": str(entry.get("case", Path(entry["mr_image"]).name.split(".")[0])), **case})
-    return cases
+        cases.append({"case": str(entry.get("case", case_name(Path(entry["mr_image"]).name))), **case})
+    return _unique_names(cases, path)
 
 
 def check_case(case: dict) -> dict:

@@ -1,12 +1,12 @@
-"""Keep freed memory in the process for reuse (glibc's allocator settings), called once per registration.
+"""Keep freed memory in the process for reuse (glibc's allocator settings), set at the first registration of a process.
 
 A registration allocates a few dozen arrays of 10-50 MB (fields and point grids on the 2-million-voxel
 MR grid). glibc serves each block over 32 MB with a fresh ``mmap`` and returns it on ``free``, so every
 such array pays the first touch of its pages again. On the virtual machines this bundle is measured on
-(2-core CI and cloud VMs) a first touch costs about 20 µs per 4 KiB page: 0.1-0.3 s per array, 1.9 s of a
-7-s registration (``docs/speed.md``). Raising the mmap and trim thresholds keeps those pages in the heap
-after ``free``; the process's resident memory stays at its peak (about 2 GB for a μ-RegPro pair) instead
-of shrinking between registrations. No well-kept Python library sets these, hence the ``ctypes`` call.
+(2-core cloud VMs) a first touch costs about 20 µs per 4 KiB page: 0.1-0.3 s per array
+(``docs/speed.md``, "Memory pages"). Raising the mmap and trim thresholds keeps those pages in the heap
+after ``free``; the process's resident memory stays at its peak (1.25 GB in ``benchmarks/latency.py``)
+instead of shrinking between registrations. No well-kept Python library sets these, hence the ``ctypes`` call.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data import load_split
+from scripts.data import case_name, load_split
 from scripts.io import InputError, flag, read_nifti, write_nifti
 from scripts.pipeline import load_weights
 from scripts.trained_model import SEGMENTATION, settings_of
@@ -100,8 +100,7 @@ def mask_outputs(output_dir, image=None, dataset_dir=None, split: str = "holdout
     every image of a μ-RegPro split (``output_dir/mr_glands/<case>.nii.gz``, ``output_dir/us_glands/<case>.nii.gz``)."""
     out = Path(output_dir)
     if image is not None:
-        name = Path(image).name.split(".")[0]
-        return [(str(image), out / f"{name}_gland.nii.gz")]
+        return [(str(image), out / f"{case_name(Path(image).name)}_gland.nii.gz")]
     if dataset_dir is None:
         raise InputError("give an image to segment, or a dataset_dir in the μ-RegPro layout")
     items = gland_items(dataset_dir, split, modalities=modalities)

@@ -180,3 +180,14 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     image.write_bytes(b"second, longer")  # a regenerated input file must not reuse the old cache entry
     os.utime(image, ns=(1, 1))
     assert case_cache_key(item) != before
+
+
+def test_case_names_keep_their_dots_and_must_be_unique(tmp_path):
+    for name in ("pt.A", "pt.B"):
+        write_case(tmp_path, "train", name)
+    assert [c["case"] for c in load_split(tmp_path, "train")] == ["pt.A", "pt.B"]  # not both "pt"
+    for sub in ("mr_images", "us_images", "mr_labels", "us_labels"):  # the same case stored twice: .nii and .nii.gz
+        img = nib.load(str(tmp_path / "train" / sub / "pt.A.nii.gz"))
+        nib.save(img, str(tmp_path / "train" / sub / "pt.A.nii"))
+    with pytest.raises(InputError, match=r"two cases are named 'pt\.A'"):
+        load_split(tmp_path, "train")
