@@ -36,3 +36,18 @@ def tiny_dataset(tmp_path):
         return tmp_path
 
     return make
+
+
+def initial_weights(path, **overrides) -> Path:
+    """The inference config's network (``overrides``: config ids -> values) with its seeded initial weights, saved
+    as a plain state dict: for runs that need a checkpoint file (a missing one is an error) but no training."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "inference.json"))
+    for key, value in overrides.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return Path(path)

@@ -206,7 +206,15 @@ def test_inference_config_runs_on_a_phantom_folder(case, tmp_path):
            "--dataset_dir", str(case["root"]), "--split", "train", "--output_dir", str(out),
            "--spatial_size", "[32,40,24]", "--use_rigid", "False",
            "--roi_mask", "False", "--use_seg", "False",  # no segmenter here: whole images, no ROI
-           "--checkpoint", str(tmp_path / "untrained.pt")]  # the shipped weights are for another grid: none here
+           "--checkpoint", str(tmp_path / "untrained.pt")]
+    # a checkpoint that does not exist (a typo) stops the run before any output, naming the file
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "untrained.pt: checkpoint does not exist" in done.stderr
+    assert not out.exists() or not any(out.iterdir())
+    # the shipped weights are for another grid: the network's initial weights, saved as a checkpoint
+    from conftest import initial_weights
+
+    initial_weights(tmp_path / "untrained.pt", spatial_size=[32, 40, 24])
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / CASE / "result.json").read_text())
