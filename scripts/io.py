@@ -39,17 +39,20 @@ class InputError(ValueError):
     """A user-supplied file or setting is unusable. The message names the file and the problem."""
 
 
-def flag(value: bool | str, name: str = "flag") -> bool:
-    """A yes/no setting from a config or the command line: a bool, or "true"/"false" in any case.
+def flag(value: bool | int | str, name: str = "flag") -> bool:
+    """A yes/no setting from a config or the command line: a bool, 0/1, or true/false, yes/no, 1/0 in any case.
 
-    ``python -m monai.bundle`` passes ``--overwrite true`` as the string "true" (only ``True`` is a
+    ``python -m monai.bundle`` and fire pass ``--overwrite true`` as the string "true" (only ``True`` is a
     Python literal), and a non-empty string such as "false" would otherwise count as yes.
     """
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise InputError(f"{name} must be true or false, got {value!r}")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise InputError(f"{name} must be true or false (or yes/no, 1/0), got {value!r}")
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -49,6 +49,7 @@ RUN_CONFIG = "run_config.json"
 LAST = "last.pt"
 BEST = "best.pt"
 TENSORBOARD = "tensorboard"
+REPLACED = "replaced_run"  # where --overwrite keeps the previous run until the new one saves a checkpoint
 # ids that may change between a run and its resumption (``#`` separates nested keys)
 RESUME_IGNORE = ("overwrite", "device", "max_epochs", "run_dir", "bundle_root", "resume_ignore", "_meta_")
 
@@ -237,11 +238,36 @@ def _checkpoint_epoch(path: Path, required: Sequence[str]) -> int:
         raise InputError(f"{path}: checkpoint has no trainer iteration and epoch length") from None
 
 
-def _clear(run_dir: Path) -> None:
-    """Remove what a training writes into a run folder (nothing else)."""
-    for name in (RUN_CONFIG, LAST, BEST):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
+def _set_aside(run_dir: Path) -> None:
+    """Move what a training wrote into ``run_dir`` (nothing else) to ``run_dir/replaced_run``, deleted by
+    :func:`drop_replaced_run` once the new training has saved a checkpoint: a new run that fails first loses nothing."""
+    ours = [run_dir / name for name in (RUN_CONFIG, LAST, BEST, TENSORBOARD) if (run_dir / name).exists()]
+    kept = run_dir / REPLACED
+    if kept.exists():  # an earlier --overwrite whose training never saved a checkpoint
+        if any(p.name in (LAST, BEST) for p in ours):
+            raise InputError(f"{run_dir}: holds checkpoints and, in {kept}, an earlier replaced run; move or delete "
+                             "one of them first")
+        for path in ours:  # a run config and logs without checkpoints: nothing to keep
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    if ours:
+        kept.mkdir()
+        for path in ours:
+            path.rename(kept / path.name)
+        logger.info(f"the previous run is kept in {kept} until this training saves its first checkpoint")
+
+
+def drop_replaced_run(trainer: Engine, run_dir: str) -> None:
+    """Delete ``run_dir/replaced_run`` (:func:`_set_aside`) at the end of the first epoch, after its checkpoints
+    are saved (attach after the checkpoint savers, e.g. in the config's ``run`` list)."""
+    kept = Path(run_dir) / REPLACED
+
+    def drop(_):
+        if kept.is_dir():
+            shutil.rmtree(kept)
+            logger.info(f"deleted the replaced run {kept}: this training has saved its checkpoints")
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), drop)
 
 
 def prepare_run_dir(
@@ -256,9 +282,11 @@ def prepare_run_dir(
     * missing or empty folder: start fresh, write ``run_config.json``;
     * ``run_config.json`` with the same fingerprint and a readable ``last.pt``: resume from it (logged
       as "resuming from <ckpt> at epoch N"); same fingerprint and no ``last.pt`` yet: start fresh;
+    * ``best.pt`` without ``last.pt``: :class:`InputError` (starting again would replace that model);
     * anything else (different config, unreadable checkpoint or run config, a folder this bundle did
       not write): :class:`InputError` naming the folder and the problem, unless ``overwrite``, which
-      removes the previous checkpoints, run config and TensorBoard logs and starts fresh.
+      moves the previous checkpoints, run config and TensorBoard logs to ``replaced_run/`` (deleted by
+      :func:`drop_replaced_run` after the new run's first epoch) and starts fresh.
 
     Args:
         run_dir: the run folder.
@@ -276,7 +304,7 @@ def prepare_run_dir(
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: run_dir exists and is not a folder")
     if overwrite and folder.is_dir():
-        _clear(folder)
+        _set_aside(folder)
     elif folder.is_dir() and any(folder.iterdir()):
         if not record.is_file():
             raise InputError(f"{folder}: run folder is not empty but has no {RUN_CONFIG} of this bundle; {advice}")
@@ -297,6 +325,9 @@ def prepare_run_dir(
                 raise InputError(f"{err}; {advice}") from None
             logger.info(f"resuming from {last} at epoch {epoch}")
             return str(last)
+        if (folder / BEST).is_file():
+            raise InputError(f"{folder}: holds {BEST} but no {LAST} to resume from; starting again would replace "
+                             f"that model; {advice}")
         logger.info(f"{folder}: same config and no checkpoint yet, starting fresh")
         return None
     write_json({"fingerprint": fingerprint, "config": content}, record, overwrite=True)

@@ -140,6 +140,11 @@ def test_overwrite_given_as_text_on_the_command_line_is_understood(tmp_path):
     assert path.read_text() == "third"
     with pytest.raises(InputError, match="overwrite must be true or false"):
         write_text("fourth", path, overwrite="maybe")
+    with pytest.raises(InputError, match="overwrite must be true or false"):
+        write_text("fifth", path, overwrite=2)
+    from scripts.io import flag
+
+    assert [flag(v) for v in ("YES", " no ", "1", "0", 1, 0, "False")] == [True, False, True, False, True, False, False]
 
 
 def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):

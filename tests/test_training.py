@@ -27,6 +27,7 @@ from scripts.training import (
     RngState,
     active_config,
     config_fingerprint,
+    drop_replaced_run,
     prepare_run_dir,
 )
 from scripts.transforms import LandmarkErrord, PairToBoxd, TrueFieldToBoxd, Warpd
@@ -248,9 +249,30 @@ def test_run_dir_fresh_resume_and_refusals(tmp_path, caplog):
 
     (run / "tensorboard").mkdir()
     (run / "notes.txt").write_text("mine")
+    _checkpoint(run / "best.pt")
     assert prepare_run_dir(str(run), overwrite=True, config=changed) is None
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "run_config.json"]  # only our files removed
+    # only our files moved aside, kept until the new run's first epoch has saved its checkpoints
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "replaced_run", "run_config.json"]
+    assert sorted(p.name for p in (run / "replaced_run").iterdir()) == ["best.pt", "last.pt", "run_config.json",
+                                                                       "tensorboard"]
     assert json.loads((run / "run_config.json").read_text())["config"]["net"] == {"channels": [4, 16]}
+    # the new run failed before saving anything; a second --overwrite keeps the first replaced run
+    assert prepare_run_dir(str(run), overwrite=True, config=config) is None
+    assert (run / "replaced_run" / "best.pt").is_file() and not (run / "best.pt").exists()
+    trainer = Engine(lambda engine, batch: None)
+    drop_replaced_run(trainer, str(run))
+    trainer.run([0, 1], max_epochs=2)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "run_config.json"]
+
+
+def test_run_dir_with_a_best_model_and_no_last_checkpoint_is_not_restarted(tmp_path):
+    run, config = tmp_path / "run", {"seed": 0}
+    prepare_run_dir(str(run), config=config)
+    _checkpoint(run / "best.pt")
+    before = (run / "best.pt").read_bytes()
+    with pytest.raises(InputError, match=r"holds best\.pt but no last\.pt"):
+        prepare_run_dir(str(run), config=config)
+    assert (run / "best.pt").read_bytes() == before
 
 
 def test_run_dir_refuses_a_folder_it_did_not_write(tmp_path):
