@@ -3,8 +3,10 @@
 ``python -m monai.bundle run`` adds an unknown ``--key value`` to the config as a new id that nothing
 reads, so a typo silently runs the defaults. MONAI keeps the override list to itself, so the check reads
 the command line of ``python -m monai.bundle run ...`` or ``python -m scripts run ...`` and compares each
-``--key`` with the ids of the ``--config_file`` files (before overrides). Called first in the configs'
-``initialize``; other callers (``monai.bundle.run`` from Python, MONAI Label, tests) are left alone.
+``--key`` with the ids of the ``--config_file`` files (before overrides); a new key inside a component
+(a dict with ``_target_``) is allowed: it becomes a keyword argument, which the constructor checks. Called
+first in the configs' ``initialize``; other callers (``monai.bundle.run`` from Python, MONAI Label, tests)
+are left alone.
 """
 
 from __future__ import annotations
@@ -76,7 +78,13 @@ def check_overrides(argv: list[str] | None = None) -> None:
     parser = ConfigParser()
     parser.read_config(files)
     known = set(config_ids(parser.get()))
-    unknown = [k for k in options if k not in RUN_ARGUMENTS and k not in known and k.replace("-", "_") not in known]
+
+    def new_argument(key: str) -> bool:  # a new keyword of a component: its constructor checks the name
+        parent = key.rpartition("#")[0]
+        return parent in known and isinstance(parser.get(parent), dict) and "_target_" in parser.get(parent)
+
+    unknown = [k for k in options if k not in RUN_ARGUMENTS and k not in known and k.replace("-", "_") not in known
+               and not new_argument(k)]
     if unknown:
         lines = []
         for key in unknown:
