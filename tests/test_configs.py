@@ -26,7 +26,8 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     and the settings stored in the shipped weights (make-model) are those configs' settings."""
     infer = _settings(["inference.json"], REGISTRATION)
     assert infer == _settings(SHIPPED_TRAINING, REGISTRATION)
-    assert infer == _settings(SHIPPED_TRAINING + ("cpu_recipe_continue.json",), REGISTRATION)  # the shipped stage 2
+    for stage in ("cpu_recipe_continue.json", "cpu_recipe_field.json"):  # the shipped stages 2 and 3
+        assert infer == _settings(SHIPPED_TRAINING + (stage,), REGISTRATION), stage
     seg = _settings(["seg_inference.json"], SEGMENTATION)
     assert seg == _settings(SHIPPED_SEG_TRAINING, SEGMENTATION)
     train, inference = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
