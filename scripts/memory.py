@@ -5,7 +5,7 @@ MR grid). glibc serves each block over 32 MB with a fresh ``mmap`` and returns i
 such array pays the first touch of its pages again. On the virtual machines this bundle is measured on
 (2-core cloud VMs) a first touch costs about 20 µs per 4 KiB page: 0.1-0.3 s per array
 (``docs/speed.md``, "Memory pages"). Raising the mmap and trim thresholds keeps those pages in the heap
-after ``free``; the process's resident memory stays at its peak (1.25 GB in ``benchmarks/latency.py``)
+after ``free``; the process's resident memory stays at its peak (1.4 GB in ``benchmarks/latency.py``)
 instead of shrinking between registrations. No well-kept Python library sets these, hence the ``ctypes`` call.
 """
 
