@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root,
 import ants  # noqa: E402
 import nibabel as nib  # noqa: E402
 
+from scripts.data import case_name  # noqa: E402
 from scripts.io import write_text  # noqa: E402
 from scripts.phantom import synth  # noqa: E402
 
@@ -155,7 +156,7 @@ def run(cases: int = 20, seed: int = 0, size: str = "full", work: str = "/tmp/ph
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     done = {(r["case"], r["direction"]) for r in rows}
-    pairs = sorted((p.stem.split(".")[0], p.parent.parent.name) for p in root.glob("*/mr_images/*.nii.gz"))
+    pairs = sorted((case_name(p.name), p.parent.parent.name) for p in root.glob("*/mr_images/*.nii.gz"))
     for case, split in pairs:
         for direction in directions:
             if (case, direction) in done or report_only:

@@ -122,13 +122,19 @@ def read_field_nifti(path):
     return load_array(img, path, "displacement field", np.float64)[:, :, :, 0, :], img.affine
 
 
-def ants_image(data, affine_ras, has_components: bool = False):
-    """An ANTs image of an (X, Y, Z[, 3]) array on a nibabel grid (ANTs works in LPS)."""
+def _itk_geometry(affine_ras):
+    """ITK/ANTs grid description of a nibabel affine: LPS origin (3,), spacing (3,) mm, unit direction columns (3, 3)."""
     lps = lps_affine(affine_ras)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return lps[:3, 3], spacing, lps[:3, :3] / spacing
+
+
+def ants_image(data, affine_ras, has_components: bool = False):
+    """An ANTs image of an (X, Y, Z[, 3]) array on a nibabel grid (ANTs works in LPS)."""
+    origin, spacing, direction = _itk_geometry(affine_ras)
     return ants.from_numpy(
-        np.asarray(data, np.float32), origin=lps[:3, 3].tolist(), spacing=spacing.tolist(),
-        direction=lps[:3, :3] / spacing, has_components=has_components,
+        np.asarray(data, np.float32), origin=origin.tolist(), spacing=spacing.tolist(),
+        direction=direction, has_components=has_components,
     )
 
 
@@ -146,10 +152,9 @@ def write_field_h5(field_mm, affine_ras, path, overwrite: bool = False):
     float64) and the fixed parameters size, origin (LPS mm), spacing (mm) and direction (row-major).
     ``tests/test_transform_io.py`` checks the file against ITK's own writer and reads it back with ITK.
     """
-    lps = lps_affine(affine_ras)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    origin, spacing, direction = _itk_geometry(affine_ras)
     field = np.asarray(field_mm, np.float64)
-    fixed = np.concatenate([field.shape[:3], lps[:3, 3], spacing, (lps[:3, :3] / spacing).ravel()])
+    fixed = np.concatenate([field.shape[:3], origin, spacing, direction.ravel()])
     text = h5py.string_dtype("ascii")
 
     def save(tmp):
