@@ -147,8 +147,8 @@ def write_field_h5(field_mm, affine_ras, path, overwrite: bool = False):
     """Write (X, Y, Z, 3) LPS mm on a grid as an ITK ``DisplacementFieldTransform`` (``.h5``).
 
     ITK's HDF5 transform layout, written with h5py: building the transform in ITK Python costs 12-13 s
-    per process (docs/speed.md) (the lazy load of its wrapped modules) against milliseconds here. The layout: one group
-    ``TransformGroup/0`` with the type name, the field as parameters (x fastest, components interleaved,
+    per process (the lazy load of its wrapped modules, docs/speed.md) against milliseconds here. The layout:
+    one group ``TransformGroup/0`` with the type name, the field as parameters (x fastest, components interleaved,
     float64) and the fixed parameters size, origin (LPS mm), spacing (mm) and direction (row-major).
     ``tests/test_transform_io.py`` checks the file against ITK's own writer and reads it back with ITK.
     """
