@@ -8,18 +8,21 @@ so the CLI registers exactly as the bundle config does. ``docs/biopsy.md`` is th
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import sys
 from pathlib import Path
 
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
+from scripts.case_folder import case_transaction
 from scripts.data import load_split
-from scripts.io import InputError, flag, write_json
+from scripts.io import InputError, flag, read_nifti, same_grid, write_json
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
 from scripts.trained_model import settings_of
-from scripts.points import map_files
+from scripts.points import check_point_files, map_files
 from scripts.qc import quality_check
 from scripts.timing import StageTimer, summary
 
@@ -80,6 +83,38 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
     return network, settings
 
 
+QC_FAIL_STATUS = 3  # exit status of a run whose outputs are written but whose QC says "fail"
+QC_FIXED = ("case_dir", "fixed_gland", "gland_source", "moving_gland", "overwrite")  # quality_check's non-thresholds
+
+
+def check_qc_settings(qc) -> dict:
+    """The ``--qc`` thresholds as a dict, refused (:class:`InputError`) unless every key is a threshold of
+    :func:`scripts.qc.quality_check` (with the nearest one named) and every value a number (or null)."""
+    if qc is None:
+        return {}
+    if not isinstance(qc, dict):
+        raise InputError(f"--qc must be a dict of thresholds such as {{min_gland_dice: 0.8}}, got {qc!r}")
+    known = [k for k in inspect.signature(quality_check).parameters if k not in QC_FIXED]
+    for key, value in qc.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise InputError(f"--qc: unknown threshold {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                             + f"; known: {', '.join(known)}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"--qc: {key} must be a number, got {value!r}")
+    return qc
+
+
+def _check_case_inputs(fixed, fixed_gland, points, frame) -> None:
+    """What a case reads after the registration, checked before it: the QC's fixed gland (readable, on the fixed
+    image's grid) and the point files (readable, frame stated)."""
+    if fixed_gland is not None:
+        mask = read_nifti(fixed_gland, ndim=(3, 4), what="fixed gland")
+        if not same_grid(mask, read_nifti(fixed, ndim=3, what="fixed image")):
+            raise InputError(f"{fixed_gland}: fixed gland mask is not on the fixed image's grid ({fixed})")
+    check_point_files(points, frame)
+
+
 def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
                    points, frame, use_rigid, pictures, qc, overwrite, timer=None) -> dict:
     """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
@@ -89,34 +124,38 @@ def _register_case(network, settings, moving, fixed, out, moving_labels, directi
     qc, pictures and points stages, and its total becomes the whole case's wall time (since ``timer`` started,
     when one is given: e.g. with the network's loading).
     """
-    timer = timer or StageTimer()
-    result = register_pair(moving, fixed, out, moving_labels, network=network, direction=direction,
-                           use_rigid=use_rigid, overwrite=overwrite, **settings)
-    timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
-    written = [str(Path(out) / name) for name in result["files"].values()] + [str(Path(out) / "result.json")]
-    if gland_source == "predicted":
-        fixed_gland = result["masks"]["fixed"]
-    with timer("qc"):
-        verdict = quality_check(out, fixed_gland, gland_source if fixed_gland is not None else None,
-                                overwrite=overwrite, **(qc or {}))
-    written.append(str(Path(out) / "qc.json"))
-    with timer("pictures"):
-        images = case_pictures(out, moving_labels, fixed_gland, overwrite=overwrite) if pictures else []
-    written += images
-    if points is not None:
-        with timer("points"):
-            written += map_files(out, out, points=points, to="fixed", frame=frame, overwrite=overwrite)
-    result["seconds"] = timer.seconds
-    write_json(result, Path(out) / "result.json", overwrite=True)  # this call's own file, now with every stage
+    timer, out = timer or StageTimer(), Path(out)
+    _check_case_inputs(fixed, fixed_gland, points, frame)
+    listed = [points] if isinstance(points, (str, Path)) else list(points or [])
+    inputs = (moving, fixed, moving_labels, fixed_gland, *listed)
+    with case_transaction(out, overwrite, inputs) as stage:  # every file below, published together
+        result = register_pair(moving, fixed, stage, moving_labels, network=network, direction=direction,
+                               use_rigid=use_rigid, publish=False, **settings)
+        timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
+        if gland_source == "predicted":
+            fixed_gland = stage / result["masks"]["fixed"]
+        with timer("qc"):
+            verdict = quality_check(stage, fixed_gland, gland_source if fixed_gland is not None else None,
+                                    moving_gland=moving_labels, **qc)
+        with timer("pictures"):
+            images = case_pictures(stage, moving_labels, fixed_gland, title=out.name) if pictures else []
+        if points is not None:
+            with timer("points"):
+                map_files(stage, stage, points=points, to="fixed", frame=frame)
+        result["seconds"] = timer.seconds
+        write_json(result, stage / "result.json", overwrite=True)  # this call's own file, now with every stage
+        written = sorted(out / p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+    images, written = [str(out / Path(p).relative_to(stage)) for p in images], [str(p) for p in written]
     return {"out": str(out), "written": written, "qc": verdict, "pictures": images, "seconds": result["seconds"]}
 
 
 def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
-    """One line per case: the QC verdict (a warning on stderr unless pass), then the seconds per stage."""
+    """One line per case: the QC verdict (on stderr, WARNING or ERROR, unless pass), then the seconds per stage."""
     if qc["verdict"] == "pass":
         write(f"{name}: QC pass; {summary(seconds)}")
     else:
-        write(f"WARNING {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
+        level = "ERROR" if qc["verdict"] == "fail" else "WARNING"
+        write(f"{level} {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
 
 
 def _flags(**values) -> list[bool]:
@@ -124,7 +163,7 @@ def _flags(**values) -> list[bool]:
     return [flag(value, name) for name, value in values.items()]
 
 
-def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str = "LPS",
+def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str | None = None,
              fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
              pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
     """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
@@ -135,7 +174,8 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
         moving_labels: labels on the moving grid (3-D, or 4-D channel-last with the gland in channel 0).
         points: points on the moving image to map into fixed space: a CSV (label,x,y,z) or 3D Slicer ``.mrk.json``.
         direction: "mr2us" or "us2mr" (recorded).
-        frame: "LPS" or "RAS", the frame of a CSV's coordinates (markups carry their own).
+        frame: None, "LPS" or "RAS": the frame of a CSV's coordinates when the CSV does not state it (a 'frame'
+            column or a '# frame: ...' first line); a CSV stating another frame is refused. Markups carry their own.
         fixed_gland: gland mask on the fixed grid for the QC Dice (QC only); default: the gland the pipeline
             predicts when the segmenter's weights (models/seg_model.pt) exist, else no Dice.
         config_file: inference config (default configs/inference.json), or a list of config files merged in
@@ -148,6 +188,7 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
     timer = StageTimer()
     use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
                                                          pictures=pictures, overwrite=overwrite)
+    qc = check_qc_settings(qc)
     with timer("load"):
         network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
@@ -157,6 +198,8 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
     for path in case["written"]:
         print(f"  {path}")
     _report(Path(out).name, case["qc"], case["seconds"])
+    if case["qc"]["verdict"] == "fail":
+        raise SystemExit(QC_FAIL_STATUS)
 
 
 def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "mr2us", gland: str = "auto",
@@ -172,6 +215,7 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     """
     use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
                                                          pictures=pictures, overwrite=overwrite)
+    qc = check_qc_settings(qc)
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases = load_split(dataset_dir, split, direction)
@@ -185,16 +229,19 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     for case in tqdm(cases, desc="register", unit="case"):
         fixed_gland = case["fixed_label"] if source == "label" else None
         result = _register_case(network, settings, case["moving_image"], case["fixed_image"], Path(out) / case["case"],
-                                case["moving_label"], direction, fixed_gland, source, None, "LPS", use_rigid,
+                                case["moving_label"], direction, fixed_gland, source, None, None, use_rigid,
                                 pictures, qc, overwrite)
         done.append({"case": case["case"], **result})
         _report(case["case"], result["qc"], result["seconds"], tqdm.write)
     index = write_index(out, done, overwrite)
-    n_warn = sum(c["qc"]["verdict"] != "pass" for c in done)
-    print(f"wrote {len(done)} case folders in {out} and the index {index}; QC: {len(done) - n_warn} pass, {n_warn} warn")
+    n = {v: sum(c["qc"]["verdict"] == v for c in done) for v in ("pass", "warn", "fail")}
+    print(f"wrote {len(done)} case folders in {out} and the index {index}; QC: {n['pass']} pass, {n['warn']} warn, "
+          f"{n['fail']} fail")
+    if n["fail"]:
+        raise SystemExit(QC_FAIL_STATUS)
 
 
-def map_points(transforms, out, points=None, labels=None, to: str = "fixed", frame: str = "LPS",
+def map_points(transforms, out, points=None, labels=None, to: str = "fixed", frame: str | None = None,
                label_threshold: float = 0.5, overwrite: bool = False) -> None:
     """Map points (CSV label,x,y,z or 3D Slicer ``.mrk.json``) and label volumes through a registration's files.
 
@@ -203,7 +250,9 @@ def map_points(transforms, out, points=None, labels=None, to: str = "fixed", fra
         out: output folder; files are named ``<input>_to_<to>.<suffix>``.
         points, labels: a file or a comma-separated list of files in the other space.
         to: "fixed" (moving -> fixed, e.g. MR targets onto TRUS) or "moving" (back).
-        frame: "LPS" or "RAS" for CSV coordinates; label_threshold: binarisation of mapped labels.
+        frame: None, "LPS" or "RAS": the frame of CSV coordinates when the CSV does not state it (a 'frame'
+            column or a '# frame: ...' first line); a CSV stating another frame is refused.
+        label_threshold: binarisation of mapped labels.
     """
     split = lambda x: x.split(",") if isinstance(x, str) else x  # noqa: E731
     for path in map_files(transforms, out, points=split(points), labels=split(labels), to=to, frame=frame,

@@ -198,6 +198,10 @@ def evaluate(
         raise InputError("method 'model' needs a predictor")
     if true_ddf_dir is not None and ddf_dir is None and method != "model":
         raise InputError("true_ddf_dir needs predicted fields (ddf_dir, or method 'model' with a predictor)")
+    if not 0 < float(fraction) <= 1 or not 0 < float(percentile) <= 100:
+        raise InputError(f"fraction must be in (0, 1] and percentile in (0, 100], got {fraction!r} and {percentile!r}")
+    if isinstance(gland_channel, bool) or not isinstance(gland_channel, int) or gland_channel < 0:
+        raise InputError(f"gland_channel must be a label channel index (0, 1, ...), got {gland_channel!r}")
     out, overwrite = Path(out), flag(overwrite, "overwrite")
     existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
@@ -208,6 +212,9 @@ def evaluate(
     for case in cases:
         fixed, fixed_img = read_label(case["fixed_label"], "fixed label")
         moving, moving_img = read_label(case["moving_label"], "moving label")
+        if gland_channel >= len(fixed):
+            raise InputError(f"{case['fixed_label']}: has {len(fixed)} label channels, so there is no gland_channel "
+                             f"{gland_channel}")
         moving = minmax_normalise(moving)  # the official pipeline normalises the moving labels before warping
         warped, ddf = _warped(case, method, warped_dir, predictor, moving, moving_img, fixed_img)
         if ddf_dir is not None:

@@ -27,6 +27,7 @@ from monai.bundle import ConfigParser, ckpt_export
 
 from scripts.io import InputError, atomic_write
 from scripts.pipeline import load_weights
+from scripts.weights import read_checkpoint, verify_checkpoint
 from scripts.trained_model import settings_of
 
 __all__ = ["NETWORKS", "FORMATS", "export", "write_onnx", "adaptive_avg_pool3d_as_matmul"]
@@ -131,7 +132,7 @@ def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = M
 
 def _checkpoint_key(path) -> str:
     """"model" for a training checkpoint ``{"model": state_dict, ...}``, "" for a bare state dict."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     return "model" if isinstance(state, dict) and isinstance(state.get("model"), dict) else ""
 
 
@@ -174,7 +175,8 @@ def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, format
         atomic_write(paths["ts"], write_ts, overwrite)
     if "pt2" in paths or "onnx" in paths:
         kind = {"keys": (spec.grid_id,), "network": spec.net_id}
-        net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu", settings=settings_of(parser, kind))
+        net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu", bundle_root=root,
+                           settings=settings_of(parser, kind))
         example = torch.rand(input_shape, generator=torch.Generator().manual_seed(0))
         program = None
         if "pt2" in paths:
@@ -240,6 +242,8 @@ def export(
     existing = [str(d / f"{s.stem}.{f}") for _, s, _, d in jobs for f in formats if (d / f"{s.stem}.{f}").exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} exports); pass overwrite=True to replace")
+    for _, _, ckpt, _ in jobs:  # every manifest check before MONAI's ckpt_export or torch reads a byte, or a file is written
+        verify_checkpoint(ckpt, root)
 
     for name, spec, ckpt, folder in jobs:
         results[name] = _export_one(root, spec, ckpt, folder, formats, override.get(name, {}), int(opset), overwrite)

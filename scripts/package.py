@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from scripts.io import InputError, write_text
-from scripts.weights import MANIFEST, weight_files, write_manifest
+from scripts.weights import MANIFEST, verify_weights, weight_files, write_manifest
 
 __all__ = ["BUNDLE_NAME", "CONTENT", "ZOO_MAX_FILE_MB", "package"]
 
@@ -65,6 +65,7 @@ def package(
             f"{root / 'models' / 'model.pt'}: no trained weights; train first, or pass --untrained to package "
             "the code without weights (marked untrained)"
         )
+    verify_weights(root)  # a listed file replaced behind the manifest's back is refused, not re-hashed
     dest = Path(out).resolve() / name
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")

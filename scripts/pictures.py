@@ -166,7 +166,7 @@ window.addEventListener("load", function () {
 
 def _check_item(name: str, check: dict) -> str:
     value = "-" if check["value"] is None else f"{check['value']:.4g}"
-    status = "ok" if check["ok"] else "<b>fails</b>"
+    status = "ok" if check["ok"] else "<b>fails</b>" + (" (verdict fail)" if check.get("severity") == "fail" else "")
     return f"<li>{html.escape(name)}: {value} (needs {html.escape(check['rule'])} {check['threshold']}) {status}</li>"
 
 
@@ -187,12 +187,13 @@ def write_index(out_dir, cases: list[dict], overwrite: bool = False) -> str:
             for p in item["pictures"])
         rows.append(f'<tr class="{qc["verdict"]}"><td>{name}</td><td class="verdict">{qc["verdict"]}</td>'
                     f"<td><ul>{checks}</ul></td><td>{images}</td></tr>")
-    n_warn = sum(item["qc"]["verdict"] != "pass" for item in cases)
+    counts = ", ".join(f"{sum(item['qc']['verdict'] == v for item in cases)} {v}" for v in ("pass", "warn", "fail"))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Registration QC</title>
 <style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}}
-tr.warn .verdict{{background:#f4b400;font-weight:bold}} tr.pass .verdict{{background:#8bc34a}}</style></head>
-<body><h1>Registration QC: {len(cases)} cases, {n_warn} warn</h1>
+tr.warn .verdict{{background:#f4b400;font-weight:bold}} tr.pass .verdict{{background:#8bc34a}}
+tr.fail .verdict{{background:#d32f2f;color:#fff;font-weight:bold}}</style></head>
+<body><h1>Registration QC: {len(cases)} cases ({counts})</h1>
 <table><tr><th>case</th><th>verdict</th><th>checks</th><th>pictures</th></tr>
 {chr(10).join(rows)}
 </table>

@@ -29,6 +29,7 @@ import torch
 from monai.networks.blocks import DVF2DDF
 from monai.transforms import ScaleIntensityRangePercentiles
 
+from scripts.case_folder import case_transaction, check_replaceable, is_taken
 from scripts.data import load_split
 from scripts.geometry import (
     apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
@@ -38,7 +39,7 @@ from scripts.memory import keep_freed_memory
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
 from scripts.trained_model import check_finite_weights, check_settings
-from scripts.weights import verify_weights
+from scripts.weights import read_checkpoint
 from scripts.transform_io import (
     compose_field,
     inverse_composed_field,
@@ -75,8 +76,9 @@ def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = 
                  bundle_root=BUNDLE_ROOT, settings: dict | None = None) -> torch.nn.Module:
     """Load a checkpoint (a state dict, or a training checkpoint with a ``"model"`` entry) if ``path`` exists.
 
-    A file listed in ``bundle_root/large_files.yml`` must match its SHA-256 first
-    (:func:`scripts.weights.verify_weights`; unlisted files, e.g. locally trained weights, are not checked).
+    A file listed in ``bundle_root/large_files.yml``, or in the manifest of the bundle holding it, must match its
+    SHA-256 before a byte is read (:func:`scripts.weights.read_checkpoint`; unlisted files, e.g. locally trained
+    weights, are not checked).
     A weights file written by ``python -m scripts make-model`` stores the settings it was trained with;
     ``settings`` (of the running config, :func:`scripts.trained_model.settings_of`) must equal them.
     Weights holding NaN/Inf are refused.
@@ -84,15 +86,7 @@ def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = 
     (the network keeps its initial weights: for the registration network, a near-identity field).
     """
     if path and os.path.isfile(path):
-        verify_weights(bundle_root, path)
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as err:  # truncated or foreign files, pickles with code: torch raises several types
-            text, marker = " ".join(str(err).split()), "WeightsUnpickler error:"  # torch's own text is pages long
-            reason = text.split(marker, 1)[1] if marker in text else text
-            reason = reason.split(" Check the documentation")[0].split(". ")[0].strip().rstrip(".")
-            raise InputError(f"{path}: not a readable weights-only checkpoint (corrupt, truncated, or a pickle that would "
-                             f"run code; {type(err).__name__}: {reason})") from None
+        state = read_checkpoint(path, bundle_root, device)
         weights = state.get("model", state) if isinstance(state, dict) else state
         _check_fits(network, weights, path)
         check_settings(path, state.get("settings") if isinstance(state, dict) else None, settings)
@@ -230,6 +224,7 @@ def register_pair(
     roi_mask: bool = False,
     amp: bool = False,
     overwrite: bool = False,
+    publish: bool = True,
 ) -> dict:
     """Register ``moving_image`` to ``fixed_image`` (NIfTI paths) and write the outputs into ``out_dir``.
 
@@ -255,26 +250,38 @@ def register_pair(
         roi_mask: multiply each scaled box image by its gland mask (the paper's ROI images) before the network.
         amp: run the network under bfloat16 autocast (about 2x faster on CPUs with AMX/AVX512-BF16; the
             field changes by ~0.5 % relative, docs/speed.md).
-        overwrite: replace existing outputs; otherwise an existing output raises ``FileExistsError`` first.
+        overwrite: replace an earlier case folder whole; otherwise an ``out_dir`` holding files raises
+            ``FileExistsError`` before anything runs.
+        publish: write into a private staging folder and publish it as ``out_dir`` by one rename under a lock
+            (:func:`scripts.case_folder.case_transaction`); false: ``out_dir`` is such a private folder already,
+            opened by the caller to add files of its own (the CLI's QC, pictures and points) before publishing.
 
     Returns:
         the content of ``result.json`` (direction, output files, rigid matrix and method, network box, and
         ``seconds``: wall time per stage — read, segmentation, rigid, box, network, resampling, writing — and total).
     """
+    arguments = dict(locals())  # every argument, handed on to the work below
     keep_freed_memory()  # large arrays keep their pages between stages and registrations (scripts/memory.py)
+    if roi_mask and None in (moving_mask, fixed_mask) and seg_network is None:
+        raise InputError("roi_mask needs both gland masks (moving_mask and fixed_mask) or a seg_network")
+    if not flag(publish, "publish"):
+        return _register_into(Path(out_dir), **arguments)
+    inputs = (moving_image, fixed_image, moving_labels, moving_mask, fixed_mask)
+    with case_transaction(out_dir, overwrite, inputs) as stage:
+        return _register_into(stage, **arguments)
+
+
+def _register_into(stage: Path, moving_image, fixed_image, moving_labels, network, direction, spatial_size, depth_crop,
+                   axcodes, use_rigid, rigid, moving_mask, fixed_mask, rigid_args, preprocessing, inferer, device,
+                   int_steps, label_threshold, postprocessing, seg_network, roi_mask, amp, **_) -> dict:
+    """:func:`register_pair`'s work, every file written into the private folder ``stage``."""
     timer = StageTimer()
-    out_dir, overwrite = Path(out_dir), flag(overwrite, "overwrite")
-    paths = {k: out_dir / v for k, v in OUTPUTS.items()}
-    if moving_labels is None:
-        paths.pop("warped_label")
     given = {"moving_mask": moving_mask, "fixed_mask": fixed_mask}
     predict = [k for k, v in given.items() if v is None] if seg_network is not None else []
-    paths.update({k: out_dir / MASK_OUTPUTS[k] for k in predict})
-    if roi_mask and None in given.values() and not predict:
-        raise InputError("roi_mask needs both gland masks (moving_mask and fixed_mask) or a seg_network")
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} outputs); pass overwrite=True to replace")
+    paths = {k: stage / v for k, v in OUTPUTS.items()}
+    if moving_labels is None:
+        paths.pop("warped_label")
+    paths.update({k: stage / MASK_OUTPUTS[k] for k in predict})
     with timer("read"):
         moving, moving_affine = _read(moving_image, "moving image", 3)
         fixed, fixed_affine = _read(fixed_image, "fixed image", 3)
@@ -293,7 +300,7 @@ def register_pair(
         with timer("segmentation"):
             mask, affine = seg_network(images[key])
         with timer("writing"):
-            given[key] = write_nifti(mask.astype(np.uint8), affine, paths[key], overwrite)
+            given[key] = write_nifti(mask.astype(np.uint8), affine, paths[key])
     moving_mask, fixed_mask = given["moving_mask"], given["fixed_mask"]
     mask_source = {k: "predicted" if k in predict else ("given" if v is not None else "none") for k, v in given.items()}
 
@@ -357,7 +364,7 @@ def register_pair(
         if hard is not None:
             jobs.append((write_nifti, hard.astype(np.uint8), fixed_affine, paths["warped_label"]))
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            for future in [pool.submit(*job, overwrite=overwrite) for job in jobs]:
+            for future in [pool.submit(*job, ) for job in jobs]:
                 future.result()
     result = {
         "direction": direction,
@@ -366,9 +373,10 @@ def register_pair(
         "files": {k: p.name for k, p in paths.items() if k != "result"},
         "rigid": {"matrix_lps_fixed_to_moving": rigid.tolist(), **rigid_info},
         "deformable": "none (rigid only)" if network is None else "network",
+        # a predicted mask by its file name in the case folder (as "files"), a given one by its path
         "masks": {"source": mask_source, "roi_mask": bool(roi_mask and network is not None),
-                  "moving": None if moving_mask is None else str(moving_mask),
-                  "fixed": None if fixed_mask is None else str(fixed_mask)},
+                  **{k.split("_")[0]: (MASK_OUTPUTS[k] if k in predict else None if v is None else str(v))
+                     for k, v in given.items()}},
         "inverse": inverse_method,
         "network_box": box.to_dict(),
         "ants_forward": [OUTPUTS["ants_warp"], OUTPUTS["ants_rigid"]],
@@ -378,19 +386,23 @@ def register_pair(
         "ants_inverse_whichtoinvert": [True, False],
         "seconds": timer.seconds,
     }
-    write_json(result, paths["result"], overwrite)
+    write_json(result, paths["result"])
     return result
 
 
 def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=()) -> None:
-    """Raise ``FileExistsError`` if any case folder ``out_dir/<case>`` (or an ``extra`` path) already holds files.
+    """Raise ``FileExistsError`` if any case folder ``out_dir/<case>`` (or an ``extra`` path) already holds files;
+    with ``overwrite``, :class:`InputError` if one of them could not be replaced safely
+    (:func:`scripts.case_folder.check_replaceable`: not a case folder, or holding an input of its case).
 
     Checked before a folder run registers anything, so that a refusal never leaves some cases redone.
     """
+    folders = [Path(out_dir) / c["case"] for c in cases]
     if flag(overwrite, "overwrite"):
+        for folder, case in zip(folders, cases):
+            check_replaceable(folder, True, [v for k, v in case.items() if k != "case" and isinstance(v, str)])
         return
-    taken = [Path(out_dir) / c["case"] for c in cases if (Path(out_dir) / c["case"]).is_dir() and any((Path(out_dir) / c["case"]).iterdir())]
-    taken += [Path(p) for p in extra if Path(p).exists()]
+    taken = [f for f in folders if is_taken(f)] + [Path(p) for p in extra if Path(p).exists()]
     if taken:
         raise FileExistsError(f"{taken[0]}: already exists ({len(taken)} outputs in {out_dir}); pass --overwrite to replace")
 

@@ -18,6 +18,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
+from scripts.weights import MANIFEST, read_checkpoint, record_weights
 
 __all__ = ["REGISTRATION", "SEGMENTATION", "settings_of", "check_settings", "check_finite_weights", "make_model"]
 
@@ -81,10 +82,7 @@ def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict
     for path in (record, weights):
         if not path.is_file():
             raise InputError(f"{path}: missing; is {run_dir} a finished training run folder of this bundle?")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or truncated files
-        raise InputError(f"{weights}: not a readable weights-only checkpoint ({type(err).__name__})") from None
+    state = read_checkpoint(weights)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{weights}: holds no state dict of tensors")
@@ -127,3 +125,7 @@ def make_model(run_dir: str | None = None, out: str = "models/model.pt", checkpo
         written.append(_save({"model": seg_state, "settings": seg_settings}, seg_out, overwrite))
     for path in written:
         print(f"wrote {path}")
+    for path in map(Path, written):  # weights written into a bundle's models/: its manifest entries follow
+        root = path.resolve().parent.parent
+        if path.resolve().parent.name == "models" and (root / MANIFEST).is_file():
+            print(f"updated {record_weights(root, [path])} for {path.name}")

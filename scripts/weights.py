@@ -11,12 +11,15 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
+
 from monai.apps.utils import check_hash
 from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
 
-__all__ = ["MANIFEST", "WEIGHT_SUFFIXES", "sha256", "weight_files", "manifest", "write_manifest", "verify_weights"]
+__all__ = ["MANIFEST", "WEIGHT_SUFFIXES", "sha256", "weight_files", "manifest", "write_manifest", "record_weights",
+           "verify_weights", "verify_checkpoint", "read_checkpoint"]
 
 MANIFEST = "large_files.yml"
 # files under models/ that are weights: checkpoints, TorchScript, torch.export programs, ONNX
@@ -102,3 +105,46 @@ def verify_weights(bundle_root: str | os.PathLike = ".", path=None) -> list[str]
             raise InputError(f"{file}: {entry.get('hash_type', 'sha256')} differs from {MANIFEST}; the file is corrupt or replaced")
         checked.append(entry["path"])
     return checked
+
+
+def record_weights(bundle_root: str | os.PathLike, paths) -> Path:
+    """Set the manifest entries of the weight files ``paths`` (inside ``bundle_root``) to their current hashes.
+
+    Only these entries change: a listed file that was replaced behind the manifest's back stays refused.
+    """
+    root = Path(bundle_root).resolve()
+    entries = {e["path"]: e for e in _entries(root)}
+    for path in paths:
+        rel = Path(path).resolve().relative_to(root).as_posix()
+        entries[rel] = {"path": rel, "url": entries.get(rel, {}).get("url", ""), "hash_val": sha256(root / rel),
+                        "hash_type": "sha256"}
+    content = {"large_files": [entries[k] for k in sorted(entries)]}
+    return atomic_write(root / MANIFEST, lambda tmp: ConfigParser.export_config_file(content, tmp, fmt="yaml"), True)
+
+
+def verify_checkpoint(path, bundle_root: str | os.PathLike | None = None) -> list[str]:
+    """Check one weight file against every manifest that may list it: ``bundle_root``'s and that of the bundle
+    holding the file (the nearest of its two parent folders with a ``large_files.yml``: ``<bundle>/models/x.pt``,
+    or a model folder carrying its own manifest). Raises :class:`InputError` on a mismatch; returns the checked
+    manifests (empty: the file is listed nowhere, e.g. weights trained locally)."""
+    path = Path(path).resolve()
+    roots = [Path(bundle_root).resolve()] if bundle_root is not None else []
+    roots += [p for p in path.parents[:2] if (p / MANIFEST).is_file()][:1]
+    return [str(root / MANIFEST) for root in dict.fromkeys(roots) if verify_weights(root, path)]
+
+
+def read_checkpoint(path, bundle_root: str | os.PathLike | None = None, device="cpu"):
+    """Verify (:func:`verify_checkpoint`), then ``torch.load(weights_only=True)`` a checkpoint; :class:`InputError`
+    in one line when it does not exist or cannot be read (torch's own message is pages long and advises turning
+    the safe loading off)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: checkpoint does not exist (train the network first, or pass another checkpoint)")
+    verify_checkpoint(path, bundle_root)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or foreign files, pickles with code: torch raises several types
+        text, marker = " ".join(str(err).split()), "WeightsUnpickler error:"
+        reason = text.split(marker, 1)[1] if marker in text else text
+        reason = reason.split(" Check the documentation")[0].split(". ")[0].strip().rstrip(".")
+        raise InputError(f"{path}: not a readable weights-only checkpoint (corrupt, truncated, or a pickle that would "
+                         f"run code; {type(err).__name__}: {reason})") from None

@@ -180,6 +180,42 @@ def _mismatched_checkpoint(t, b):
     return argv, r"unet\.pt: weights do not fit this RegistrationNet \(\d+ missing, \d+ unexpected, 0 wrong-shape"
 
 
+def _qc_key(t, b):
+    argv = register(b, t / "out", None, None, None, "--qc", "{min_glnd_dice: 0.8}")
+    return argv, r"--qc: unknown threshold 'min_glnd_dice' \(did you mean 'min_gland_dice'\?\)"
+
+
+def _qc_value(t, b):
+    return register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: high}"), r"--qc: min_gland_dice must be a number"
+
+
+def _fixed_gland_grid(t, b):
+    gland = save(np.ones((6, 6, 6), np.uint8), US_AFFINE, t / "gland.nii.gz")
+    argv = register(b, t / "out", None, None, None, "--fixed-gland", gland)
+    return argv, r"gland\.nii\.gz: fixed gland mask is not on the fixed image's grid \(\S+us_images"
+
+
+def _points_without_frame(t, b):
+    (t / "targets.csv").write_text("label,x,y,z\nlesion,1,2,3\n")
+    argv = register(b, t / "out", None, None, None, "--points", str(t / "targets.csv"))
+    return argv, r"targets\.csv: the coordinate frame of the points is not stated"
+
+
+def _mistyped_flag(t, b):
+    return register(b, t / "out", None, None, None, "--use-rigid", "flase"), r"use_rigid must be true or false"
+
+
+def _uncreatable_output(t, b):
+    (t / "file").write_text("a file, not a folder")
+    return register(b, t / "file" / "out"), r"file/out: cannot create the output folder \(\S+/file is a file, not a folder\)"
+
+
+def _gland_channel(t, b):
+    argv = ["evaluate", str(b["root"] / "good"), "--split", "holdout", "--method", "identity", "--out", str(t / "out"),
+            "--gland_channel", "9"]
+    return argv, r"holdout/us_labels/case000000\.nii\.gz: has 6 label channels, so there is no gland_channel 9"
+
+
 ROWS = {
     "missing file": _missing,
     "image not 3-D": _image_2d,
@@ -196,6 +232,13 @@ ROWS = {
     "fields of view do not overlap": _no_overlap,
     "corrupted checkpoint": _corrupt_checkpoint,
     "checkpoint of another architecture": _mismatched_checkpoint,
+    "mistyped --qc threshold": _qc_key,
+    "non-numeric --qc threshold": _qc_value,
+    "--fixed-gland on another grid": _fixed_gland_grid,
+    "point CSV without a frame": _points_without_frame,
+    "mistyped yes/no value": _mistyped_flag,
+    "output folder cannot be created": _uncreatable_output,
+    "evaluate: gland channel beyond the labels": _gland_channel,
 }
 
 
@@ -221,7 +264,8 @@ def test_existing_output_folder_is_refused_and_left_unchanged(base, tmp_path, ca
         main(register(base, out))
     assert stop.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: {re.escape(str(out))}/\S+: already exists \(\d+ outputs\); pass overwrite=True to replace", line)
+    assert re.fullmatch(rf"error: {re.escape(str(out))}: already exists \(\d+ files\); pass overwrite=True \(CLI: "
+                        r"--overwrite\) to replace it", line)
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
@@ -251,6 +295,18 @@ def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
     line = err.strip().splitlines()[-1]
     assert line == f"error: {tmp_path}/data/train/mr_labels/case000000.nii.gz: gland label (channel 0) is empty"
     assert not (tmp_path / "run").exists()
+
+
+def test_training_without_a_val_split_stops_before_any_preprocessing(tmp_path):
+    """Both splits are listed before the pre-stage cache is filled: a missing ``val/`` costs seconds, not the
+    whole train split's pre-processing, and leaves no run folder and nothing cached."""
+    data = folder(tmp_path, lambda p: None, "train")
+    rc, err = _run(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
+                    "--run_dir", str(tmp_path / "runs" / "run")])
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path}/data/val: split folder does not exist"
+    assert not (tmp_path / "runs" / "run").exists()
+    assert not any((tmp_path / "runs" / "prestage_cache").iterdir())  # PersistentDataset made it; nothing cached
 
 
 def test_inference_config_nan_image_exits_2_without_traceback(base, tmp_path):

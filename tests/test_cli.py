@@ -68,16 +68,18 @@ def test_register_command_writes_outputs_qc_and_mapped_points(dataset, tmp_path)
     assert json.loads((out / "result.json").read_text())["deformable"] == "none (rigid only)"
 
 
-def test_register_folder_warns_for_the_swapped_case_only(dataset, tmp_path, capsys):
+def test_register_folder_fails_the_swapped_case_only(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["register-folder", str(dataset["data"]), str(out), "--split", "train", "--gland", "label",
-          "--config-file", str(dataset["config"])])
+    with pytest.raises(SystemExit) as stop:  # every case is written, then the run exits 3 for the failed one
+        main(["register-folder", str(dataset["data"]), str(out), "--split", "train", "--gland", "label",
+              "--config-file", str(dataset["config"])])
+    assert stop.value.code == 3
     captured = capsys.readouterr()
     verdicts = {c: json.loads((out / c / "qc.json").read_text())["verdict"] for c in ("case000000", "case000001")}
-    assert verdicts == {"case000000": "pass", "case000001": "warn"}
-    assert "WARNING case000001: QC warn" in captured.err and "WARNING case000000" not in captured.err
+    assert verdicts == {"case000000": "pass", "case000001": "fail"}
+    assert "ERROR case000001: QC fail" in captured.err and "case000000: QC pass" in captured.out
     assert "2/2" in captured.err  # the tqdm progress bar
-    assert "1 pass, 1 warn" in captured.out
+    assert "1 pass, 0 warn, 1 fail" in captured.out
     for c in verdicts:
         assert all((out / c / p).is_file() for p in PICTURES)
     page = (out / "index.html").read_text()
@@ -144,7 +146,7 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
 
 def test_result_json_times_every_stage_and_they_add_up_to_the_wall_time(dataset, tmp_path, capsys):
     _small_network_config(tmp_path)
-    (tmp_path / "targets.csv").write_text("label,x,y,z\nlesion,1.5,-2.0,3.0\n")
+    (tmp_path / "targets.csv").write_text("# frame: LPS\nlabel,x,y,z\nlesion,1.5,-2.0,3.0\n")
     case = _case(dataset["train"], "case000000")
     start = time.perf_counter()
     main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
@@ -170,7 +172,7 @@ def test_map_points_command_applies_the_written_rigid(dataset, tmp_path, capsys)
     fixed = nib.load(case["us_image"])
     centre = (fixed.affine[:3, :3] @ (np.array(fixed.shape) - 1) / 2 + fixed.affine[:3, 3]) * [-1, -1, 1]
     points = centre + np.array([[0.0, 0.0, 0.0], [3.0, -2.0, 4.0]])
-    (tmp_path / "us.csv").write_text("label,x,y,z\n" + "".join(f"p{n},{x},{y},{z}\n" for n, (x, y, z) in enumerate(points)))
+    (tmp_path / "us.csv").write_text("# frame: LPS\nlabel,x,y,z\n" + "".join(f"p{n},{x},{y},{z}\n" for n, (x, y, z) in enumerate(points)))
     main(["map-points", str(out), str(tmp_path / "mapped"), "--points", str(tmp_path / "us.csv"), "--to", "moving"])
     assert f"wrote {tmp_path / 'mapped' / 'us_to_moving.csv'}" in capsys.readouterr().out
     with open(tmp_path / "mapped" / "us_to_moving.csv") as f:

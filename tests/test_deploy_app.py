@@ -111,3 +111,26 @@ def test_app_reports_a_missing_input(deploy_env, tmp_path):
     assert done.returncode != 0
     assert f"{tmp_path / 'input' / 'fixed.nii.gz'}: required input is missing" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_app_checks_the_weights_against_the_manifest_of_its_model_folder(deploy_env, pair, tmp_path):
+    """The MAP layout of docs/deploy.md (``<model>/models/model.pt`` beside ``<model>/large_files.yml``): weights
+    that differ from the manifest are refused before they are read, and nothing is written."""
+    from scripts.weights import write_manifest
+
+    model = tmp_path / "model"
+    (model / "models").mkdir(parents=True)
+    for name in ("model.pt", "inference_overrides.json"):
+        (model / "models" / name).write_bytes((pair["model"] / name).read_bytes())
+    write_manifest(model)
+    state = torch.load(model / "models" / "model.pt", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1.0  # replaced weights: still loadable, of the right architecture
+    torch.save(state, model / "models" / "model.pt")
+    done = subprocess.run([str(deploy_env), str(ROOT / "apps" / "deploy" / "app.py"), "-i", str(pair["inputs"]),
+                           "-o", str(tmp_path / "out"), "-m", str(model)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0
+    assert (f"{model / 'models' / 'model.pt'}: sha256 differs from large_files.yml; the file is corrupt or replaced"
+            in done.stdout + done.stderr)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -21,7 +21,7 @@ from conftest import US_AFFINE, write_case
 from scripts.io import InputError
 from scripts.network import RegistrationNet
 from scripts.package import package
-from scripts.weights import verify_weights
+from scripts.weights import verify_weights, write_manifest
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -147,3 +147,56 @@ def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
     assert warped.shape == (18, 20, 16) and np.allclose(warped.affine, US_AFFINE)  # the fixed (TRUS) grid
     assert nib.load(str(out_dir / "warped_label.nii.gz")).shape == (18, 20, 16, 6)
     assert json.loads((out_dir / "result.json").read_text())["deformable"] == "network"
+
+
+def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
+    """export and package check large_files.yml before reading the weights (package used to hash the replaced
+    file into the new manifest), and so does load_weights for a checkpoint inside another bundle."""
+    from scripts.export import export
+    from scripts.pipeline import load_weights
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(source, copy)
+    write_manifest(copy)
+    weights = copy / "models" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    first = next(iter(state["model"]))
+    state["model"][first] = state["model"][first] + 1.0  # still a valid checkpoint of the right architecture
+    torch.save(state, weights)
+    message = f"{weights}: sha256 differs from large_files.yml; the file is corrupt or replaced"
+    with pytest.raises(InputError, match=message):
+        export(bundle_root=str(copy), networks="registration", formats="ts", out_dir=str(tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+    with pytest.raises(InputError, match=message):
+        package(out=str(tmp_path / "out"), bundle_root=str(copy))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(InputError, match=message):  # the manifest of the bundle that holds the file
+        load_weights(RegistrationNet(**TINY, spatial_size=tuple(GRID)), weights, bundle_root=REPO)
+
+
+def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tmp_path):
+    """make-model writing models/model.pt of a bundle sets that file's entry to the new hash (so the new weights
+    load); the other entries are kept as they were, so a file replaced behind the manifest stays refused."""
+    from scripts.trained_model import make_model
+    from scripts.pipeline import load_weights
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(source, copy)
+    write_manifest(copy)
+    before = ConfigParser.load_config_file(str(copy / "large_files.yml"))["large_files"]
+    run = tmp_path / "run"
+    run.mkdir()
+    config = ConfigParser.load_config_file(str(copy / "configs" / "inference.json"))
+    (run / "run_config.json").write_text(json.dumps({"config": config}))
+    torch.manual_seed(3)
+    torch.save({"model": RegistrationNet(**TINY, spatial_size=tuple(GRID)).state_dict()}, run / "best.pt")
+    make_model(str(run), out=str(copy / "models" / "model.pt"), overwrite=True)
+    after = {e["path"]: e for e in ConfigParser.load_config_file(str(copy / "large_files.yml"))["large_files"]}
+    assert after["models/model.pt"]["hash_val"] == digest(copy / "models" / "model.pt")
+    assert after["models/model.pt"]["hash_val"] != {e["path"]: e for e in before}["models/model.pt"]["hash_val"]
+    assert [after[e["path"]] for e in before if e["path"] != "models/model.pt"] == [
+        e for e in before if e["path"] != "models/model.pt"]
+    net = load_weights(RegistrationNet(**TINY, spatial_size=tuple(GRID)), copy / "models" / "model.pt",
+                       bundle_root=copy)
+    saved = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved)

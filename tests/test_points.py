@@ -17,7 +17,7 @@ from scripts.geometry import network_box
 from scripts.io import InputError
 from scripts.phantom import generate_case, write_case
 from scripts.pipeline import field_as_network, register_pair
-from scripts.points import MARKUPS_SCHEMA, map_files
+from scripts.points import MARKUPS_SCHEMA, map_files, read_points_csv
 from scripts.transform_io import write_field_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,17 +49,31 @@ def linear_case(tmp_path):
     return folder
 
 
-def _write_csv(path, points):
+def _write_csv(path, points, header_frame=None, column_frame=None):
+    """A point CSV; ``header_frame``: a '# frame: ...' first line; ``column_frame``: a frame column (every row)."""
     with open(path, "w", newline="") as f:
+        if header_frame:
+            f.write(f"# frame: {header_frame}\n")
         writer = csv.writer(f)
-        writer.writerow(["label", "x", "y", "z"])
+        writer.writerow(["label", "x", "y", "z"] + ["frame"] * bool(column_frame))
         for name, p in points.items():
-            writer.writerow([name, *p])
+            writer.writerow([name, *p] + [column_frame] * bool(column_frame))
 
 
-def _read_csv(path):
+def _read_csv(path, frame=None):
+    """A mapped CSV as {label: (x, y, z)}; with ``frame``, every row's frame column must say it."""
     with open(path) as f:
-        return {row["label"]: tuple(float(row[c]) for c in "xyz") for row in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    assert frame is None or [r["frame"] for r in rows] == [frame] * len(rows)
+    return {row["label"]: tuple(float(row[c]) for c in "xyz") for row in rows}
+
+
+def _refused(call, match, out):
+    """``call()`` raises InputError matching ``match`` and leaves no file in the folder ``out``."""
+    with pytest.raises(InputError, match=match) as error:
+        call()
+    assert not out.exists() or not any(out.iterdir())
+    return str(error.value)
 
 
 def test_csv_in_ras_and_lps_map_to_the_hand_worked_positions(linear_case, tmp_path):
@@ -69,7 +83,7 @@ def test_csv_in_ras_and_lps_map_to_the_hand_worked_positions(linear_case, tmp_pa
     (ras_out,) = map_files(linear_case, out, points=tmp_path / "ras.csv", frame="RAS")
     (lps_out,) = map_files(linear_case, out, points=str(tmp_path / "lps.csv"), frame="LPS")
     assert Path(ras_out).name == "ras_to_fixed.csv"
-    ras, lps = _read_csv(ras_out), _read_csv(lps_out)
+    ras, lps = _read_csv(ras_out, "RAS"), _read_csv(lps_out, "LPS")  # written in the input's frame, which they name
     for name, expected in EXPECTED_RAS.items():
         np.testing.assert_allclose(ras[name], expected, atol=1e-3)
         np.testing.assert_allclose(lps[name], _lps(expected), atol=1e-3)
@@ -109,12 +123,77 @@ def test_markups_in_ras_and_lps_describing_the_same_points_map_to_the_same_resul
 
 
 def test_a_point_outside_the_field_is_refused_naming_it(linear_case, tmp_path):
-    _write_csv(tmp_path / "far.csv", {"far away": (0.0, 0.0, 50.0)})
-    with pytest.raises(InputError, match="far away.*coordinate frame"):
-        map_files(linear_case, tmp_path / "out", points=tmp_path / "far.csv")
-    (tmp_path / "bad.csv").write_text("name,x,y\na,1,2\n")
-    with pytest.raises(InputError, match="label,x,y,z"):
-        map_files(linear_case, tmp_path / "out", points=tmp_path / "bad.csv")
+    _write_csv(tmp_path / "far.csv", {"far away": (0.0, 0.0, 50.0)}, header_frame="LPS")
+    _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "far.csv"),
+             "far away.*coordinate frame", tmp_path / "out")
+
+
+def test_a_csv_without_a_frame_is_refused_naming_the_file_and_nothing_is_written(linear_case, tmp_path):
+    _write_csv(tmp_path / "good.csv", POINTS_RAS, header_frame="RAS")
+    _write_csv(tmp_path / "plain.csv", POINTS_RAS)
+    message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=[tmp_path / "good.csv",
+                                                                                  tmp_path / "plain.csv"]),
+                       "coordinate frame", tmp_path / "out")  # good.csv is not written either
+    assert message == (f"{tmp_path / 'plain.csv'}: the coordinate frame of the points is not stated; add a 'frame' "
+                       "column (LPS or RAS) or a '# frame: LPS' first line, or pass --frame LPS|RAS")
+
+
+def test_a_frame_line_or_column_reads_as_the_frame_argument_does(linear_case, tmp_path):
+    _write_csv(tmp_path / "line.csv", POINTS_RAS, header_frame="RAS")
+    _write_csv(tmp_path / "column.csv", POINTS_RAS, column_frame="ras")  # any case
+    _write_csv(tmp_path / "plain.csv", POINTS_RAS)
+    # RAS (3, -1, 4.5) and (-8, 6, -2) are LPS (-3, 1, 4.5) and (8, -6, -2)
+    lps = np.array([[-3.0, 1.0, 4.5], [8.0, -6.0, -2.0]])
+    for name, frame in (("line", None), ("column", None), ("plain", "RAS"), ("line", "ras")):
+        labels, points = read_points_csv(tmp_path / f"{name}.csv", frame)
+        assert labels == list(POINTS_RAS)
+        np.testing.assert_array_equal(points, lps)
+    out = tmp_path / "out"
+    written = map_files(linear_case, out, points=[tmp_path / "line.csv", tmp_path / "column.csv"])
+    written += map_files(linear_case, out, points=tmp_path / "plain.csv", frame="RAS")
+    for path in written:
+        mapped = _read_csv(path, "RAS")
+        for name, expected in EXPECTED_RAS.items():
+            np.testing.assert_allclose(mapped[name], expected, atol=1e-3)
+        _, back = read_points_csv(path)  # the output states its frame: no flag needed to read it back
+        np.testing.assert_allclose(back, [_lps(p) for p in EXPECTED_RAS.values()], atol=1e-3)
+
+
+@pytest.mark.parametrize("content, frame, match", [
+    ("# frame: RAS\nlabel,x,y,z\na,1,2,3\n", "LPS", "states frame RAS .*line 1.* but frame LPS was passed"),
+    ("label,x,y,z,frame\na,1,2,3,LPS\n", "RAS", "states frame LPS .*'frame' column.* but frame RAS was passed"),
+    ("# frame: RAS\nlabel,x,y,z,frame\na,1,2,3,LPS\n", None, "states two frames"),
+    ("label,x,y,z,frame\na,1,2,3,LPS\nb,1,2,3,RAS\n", None, "mixes LPS \\(line 2\\) and RAS \\(line 3\\)"),
+    ("label,x,y,z,frame\na,1,2,3,XYZ\n", None, "line 2: the frame must be LPS or RAS, got 'XYZ'"),
+    ("# frame = left-posterior\nlabel,x,y,z\na,1,2,3\n", None, "line 1: the frame must be LPS or RAS"),
+    ("# coordinates in the RAS frame\nlabel,x,y,z\na,1,2,3\n", "RAS", "line 1: cannot read a frame"),
+    ("label,x,x,y,z\na,1,1,2,3\n", "LPS", "line 1: column 'x' appears 2 times"),
+    ("label,x,y,z,comment\na,1,2,3,hi\n", "LPS",
+     "line 1: unknown column 'comment'; the accepted columns are label, x, y, z, frame"),
+    ("# frame: LPS\nlabel,x,z\na,1,3\n", None, "line 2: missing column\\(s\\) y"),
+    ("label,x,y,z\na,1,2,3\nb,1,two,3\n", "LPS", "line 3: x, y, z must be numbers .*'two'"),
+    ("label,x,y,z\na,1,2,nan\n", "LPS", "line 2: x, y, z must be finite"),
+    ("label,x,y,z\na,1,2\n", "LPS", "line 2: 3 fields, but the header names 4 columns"),
+    ("", "LPS", "empty point file"),
+    ("label,x,y,z\n", "LPS", "no points"),
+])
+def test_unreadable_csvs_are_refused_naming_file_and_line(linear_case, tmp_path, content, frame, match):
+    (tmp_path / "bad.csv").write_text(content)
+    message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "bad.csv", frame=frame),
+                       match, tmp_path / "out")
+    assert message.startswith(f"{tmp_path / 'bad.csv'}: ") and "\n" not in message
+
+
+def test_markups_without_a_coordinate_system_are_refused(linear_case, tmp_path):
+    for name, frame in (("none", None), ("odd", "IJK")):
+        document = _markups("LPS", POINTS_RAS)
+        document["markups"][0].pop("coordinateSystem")
+        if frame:
+            document["markups"][0]["coordinateSystem"] = frame
+        (tmp_path / f"{name}.mrk.json").write_text(json.dumps(document))
+        message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / f"{name}.mrk.json",
+                                             frame="LPS"), "coordinateSystem", tmp_path / "out")
+        assert message.startswith(f"{tmp_path / f'{name}.mrk.json'}: markup 0 has coordinateSystem {frame!r}")
 
 
 def test_labels_are_pulled_onto_the_field_grid_by_hand_worked_shift(tmp_path):
@@ -123,6 +202,7 @@ def test_labels_are_pulled_onto_the_field_grid_by_hand_worked_shift(tmp_path):
     field = np.zeros((12, 12, 12, 3))
     field[..., 0], field[..., 2] = -1.0, 2.0
     write_field_nifti(field, np.eye(4), folder / "transform_fixed_to_moving.nii.gz")
+    write_field_nifti(np.zeros_like(field), np.eye(4), folder / "transform_moving_to_fixed.nii.gz")  # moving grid
     label = np.zeros((12, 12, 12, 2), np.uint8)
     label[4:7, 3:6, 5:8, 0] = 1
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "gland.nii.gz"))
@@ -131,6 +211,73 @@ def test_labels_are_pulled_onto_the_field_grid_by_hand_worked_shift(tmp_path):
     expected = np.zeros_like(mapped)
     expected[3:6, 3:6, 3:6, 0] = 1
     np.testing.assert_array_equal(mapped, expected)
+
+
+# a 9 x 10 x 8 grid of 1.5 mm voxels, not at the origin; both fields zero (identity) on it
+LABEL_AFFINE = np.array([[1.5, 0, 0, -4.0], [0, 1.5, 0, 7.0], [0, 0, 1.5, -2.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def identity_case(tmp_path):
+    folder = tmp_path / "case"
+    for name in ("transform_fixed_to_moving.nii.gz", "transform_moving_to_fixed.nii.gz"):
+        write_field_nifti(np.zeros((9, 10, 8, 3)), LABEL_AFFINE, folder / name)
+    return folder
+
+
+def _save(data, path, affine=LABEL_AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def test_an_integer_label_map_is_split_into_one_channel_per_value_in_ascending_order(identity_case, tmp_path):
+    rng = np.random.default_rng(7)
+    for values, dtype in (((0, 1, 2), np.uint8), ((0, 7, 3), np.float32)):
+        label = rng.choice(values, size=(9, 10, 8)).astype(dtype)
+        path = _save(label, tmp_path / f"map{values[-1]}.nii.gz")
+        (out,) = map_files(identity_case, tmp_path / "out", labels=path, to="fixed")
+        mapped = nib.load(out)
+        np.testing.assert_allclose(mapped.affine, LABEL_AFFINE, atol=1e-6)
+        ascending = sorted(values[1:])
+        assert mapped.shape == (9, 10, 8, 2) and mapped.get_data_dtype() == np.uint8
+        for k, value in enumerate(ascending):
+            np.testing.assert_array_equal(np.asarray(mapped.dataobj)[..., k], label == value)
+        assert mapped.header["descrip"].tobytes().rstrip(b"\0").decode() == (
+            f"channels = label values {ascending[0]},{ascending[1]}")
+
+
+def test_a_soft_label_is_thresholded_at_label_threshold(identity_case, tmp_path):
+    soft = np.zeros((9, 10, 8), np.float32)
+    soft[2:5, 3:6, 1:4], soft[5, 5, 5] = 0.6, 0.3
+    path = _save(soft, tmp_path / "soft.nii.gz")
+    for threshold in (0.25, 0.5, 0.7):
+        (out,) = map_files(identity_case, tmp_path / f"t{threshold}", labels=path, label_threshold=threshold)
+        np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), soft >= threshold)
+
+
+@pytest.mark.parametrize("value, ndim, match", [
+    (1.7, 3, "label holds the value 1.7, neither in \\[0, 1\\]"),
+    (-1.0, 3, "negative value -1"),
+    (2.0, 4, "4-D label holds the value 2"),
+    (0.5, 3, "mixes fractional values \\(0.5\\) with integers above 1 \\(2\\)"),
+])
+def test_labels_that_are_neither_soft_nor_an_integer_map_are_refused(identity_case, tmp_path, value, ndim, match):
+    label = np.zeros((9, 10, 8) + (2,) * (ndim == 4), np.float32)
+    label[1:3, 1:3, 1:3], label[5, 5, 5] = 1.0, value
+    if value == 0.5:
+        label[6, 6, 6] = 2.0
+    path = _save(label, tmp_path / "bad.nii.gz")
+    message = _refused(lambda: map_files(identity_case, tmp_path / "out", labels=path), match, tmp_path / "out")
+    assert message.startswith(f"{path}: ")
+
+
+def test_a_label_on_another_grid_is_refused(identity_case, tmp_path):
+    shifted = LABEL_AFFINE.copy()
+    shifted[0, 3] += 1.5
+    path = _save(np.zeros((9, 10, 8), np.uint8), tmp_path / "shifted.nii.gz", shifted)
+    _refused(lambda: map_files(identity_case, tmp_path / "out", labels=path, to="moving"),
+             f"shifted.nii.gz: label grid .* differs from the grid it must lie on, that of "
+             f".*transform_fixed_to_moving.nii.gz", tmp_path / "out")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""Quality verdict (scripts/qc.py): hand-made folders with known numbers, and phantom registrations
-(ground-truth field: pass; swapped cases: warn)."""
+"""Quality verdict (scripts/qc.py): hand-made folders with known numbers, registrations of a small synthetic
+pair through given rigids (a 20 mm failure: fail; identity: pass; the gland-shift threshold's boundary), and
+phantom registrations (ground-truth field: pass; swapped cases: fail)."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -9,8 +11,9 @@ import pytest
 
 from scripts.geometry import network_box
 from scripts.phantom import generate_case, write_case
+from scripts.pictures import write_index
 from scripts.pipeline import field_as_network, register_pair
-from scripts.qc import QC_FILE, deformable_part, quality_check
+from scripts.qc import QC_FILE, deformable_part, gland_shift, quality_check
 from scripts.transform_io import write_field_nifti
 
 SIZE = (32, 40, 24)
@@ -77,23 +80,141 @@ def test_ground_truth_registration_passes_with_the_dice_of_the_files(phantom, tm
     box = network_box(img.affine, img.shape, SIZE, 0)
     register_pair(moving, fixed, tmp_path, moving_label, network=field_as_network(phantom / "ddf_mr2us" /
                   "case000002.nii.gz", box), spatial_size=SIZE, depth_crop=0, use_rigid=False)
-    qc = quality_check(tmp_path, fixed_label, "label")
+    qc = quality_check(tmp_path, fixed_label, "label", moving_gland=moving_label)
     a = nib.load(str(tmp_path / "warped_label.nii.gz")).get_fdata()[..., 0] > 0.5
     b = nib.load(str(fixed_label)).get_fdata()[..., 0] > 0.5
     assert qc["metrics"]["gland_dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
     assert qc["metrics"]["gland_dice"] >= 0.9
     assert qc["verdict"] == "pass", qc["reasons"]
     assert 3.0 < qc["checks"]["max_deformable_mm"]["value"] < 30.0  # the phantom moves the gland by several mm
+    assert qc["metrics"]["unregistered_gland_dice"] < qc["metrics"]["registered_gland_dice"]
+    assert 1.0 < qc["metrics"]["gland_shift_mm"] < 15.0
 
 
-def test_swapped_cases_get_a_warn_verdict(phantom, tmp_path):
-    # MR of case 1 registered (rigid, mutual information) to the TRUS of case 2
+def test_swapped_cases_fail(phantom, tmp_path):
+    # MR of case 1 registered (rigid, mutual information) to the TRUS of case 2: the rigid moves the gland ~20 mm
     moving, _, moving_label, _ = _paths(phantom, "case000001", "case000001")
     _, fixed, _, fixed_label = _paths(phantom, "case000002", "case000002")
     register_pair(moving, fixed, tmp_path, moving_label, spatial_size=SIZE, depth_crop=0)
-    qc = quality_check(tmp_path, fixed_label, "label")
-    assert qc["verdict"] == "warn"
-    assert not qc["checks"]["gland_dice"]["ok"]
-    assert any(r.startswith("gland_dice") for r in qc["reasons"])
+    qc = quality_check(tmp_path, fixed_label, "label", moving_gland=moving_label)
+    assert qc["verdict"] == "fail"
+    assert not qc["checks"]["gland_dice"]["ok"] and qc["checks"]["gland_dice"]["severity"] == "warn"
+    assert not qc["checks"]["gland_dice_drop"]["ok"]  # Dice ~0.79 at identity, ~0.2 after the rigid
+    assert qc["reasons"][0].startswith("gland_dice_drop") and any(r.startswith("gland_dice =") for r in qc["reasons"])
     assert qc["metrics"]["rigid"]["method"] == "mutual_information"
     assert qc["metrics"]["rigid"]["mutual_information"] < 0  # ANTs reports MI negated
+
+
+# a small synthetic pair on one 2 mm grid (24 x 24 x 20): noise images, sphere glands (radius 8 mm) 4 mm apart
+GRID = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _sphere(centre, radius_vox=4.0, shape=(24, 24, 20)):
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return ((i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2 <= radius_vox**2).astype(np.uint8)
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root, rng = tmp_path_factory.mktemp("pair"), np.random.default_rng(0)
+    arrays = {name: rng.random((24, 24, 20)).astype(np.float32) for name in ("moving", "fixed")}
+    arrays.update(moving_label=_sphere((12, 12, 10)), fixed_label=_sphere((14, 12, 10)))
+    for name, data in arrays.items():
+        nib.save(nib.Nifti1Image(data, GRID), str(root / f"{name}.nii.gz"))
+    return {"arrays": arrays, **{name: root / f"{name}.nii.gz" for name in arrays}}
+
+
+def _translated(pair, out, t_lps, **kwargs):
+    """register_pair through the given rigid ``p -> p + t`` (LPS mm, fixed -> moving), no network."""
+    rigid = np.eye(4)
+    rigid[:3, 3] = t_lps
+    register_pair(pair["moving"], pair["fixed"], out, kwargs.pop("labels", pair["moving_label"]), network=None,
+                  rigid=rigid, spatial_size=(8, 8, 8), depth_crop=0, **kwargs)
+    return out
+
+
+def test_a_20mm_rigid_failure_fails_on_overlap_and_shift(pair, tmp_path):
+    out = _translated(pair, tmp_path / "case", (20.0, 0.0, 0.0))
+    qc = quality_check(out, pair["fixed_label"], "label", moving_gland=pair["moving_label"])
+    assert qc["verdict"] == "fail"
+    assert [r.split(" ")[0] for r in qc["reasons"][:2]] == ["gland_dice_drop", "gland_shift_mm"]
+    assert {qc["checks"][n]["severity"] for n in ("gland_dice_drop", "gland_shift_mm")} == {"fail"}
+    # independent numbers: same grid, so identity = the arrays as they are; LPS x = -2 i, so p + (20, 0, 0) mm is
+    # voxel i - 10: the warped gland is the moving one shifted by +10 voxels along i
+    a, b = pair["arrays"]["moving_label"] > 0, pair["arrays"]["fixed_label"] > 0
+    warped = np.zeros_like(a)
+    warped[10:] = a[:-10]
+    m = qc["metrics"]
+    assert m["unregistered_gland_dice"] == pytest.approx(_dice(a, b)) and 0.5 < m["unregistered_gland_dice"] < 0.8
+    assert m["registered_gland_dice"] == pytest.approx(_dice(warped, b)) == pytest.approx(m["gland_dice"])
+    assert qc["checks"]["gland_dice_drop"]["value"] == pytest.approx(_dice(a, b) - _dice(warped, b))
+    assert m["gland_shift_mm"] == pytest.approx(20.0, abs=1e-4) and m["gland_shift_from"] == "moving gland"
+    assert json.loads((out / QC_FILE).read_text()) == qc
+    # the hostile test's situation: no fixed gland, so no Dice at all; the shift alone fails it
+    qc = quality_check(out, moving_gland=pair["moving_label"], overwrite=True)
+    assert qc["verdict"] == "fail" and qc["reasons"][0].startswith("gland_shift_mm = 20 (moving gland)")
+    assert "gland_dice_drop" not in qc["checks"] and qc["metrics"]["unregistered_gland_dice"] is None
+    # nothing but the folder: the fixed field-of-view centre moves by the same 20 mm
+    qc = quality_check(out, overwrite=True)
+    assert qc["verdict"] == "fail" and qc["metrics"]["gland_shift_from"] == "fixed field-of-view centre"
+    assert qc["metrics"]["gland_shift_mm"] == pytest.approx(20.0, abs=1e-4)
+    # the folder run's index page shows it
+    page = Path(write_index(tmp_path, [{"case": "case", "qc": qc, "pictures": []}])).read_text()
+    assert '<tr class="fail"><td>case</td><td class="verdict">fail</td>' in page and "(0 pass, 0 warn, 1 fail)" in page
+    assert "tr.fail .verdict{" in page and "gland_shift_mm: 20 (needs &lt;= 15.0) <b>fails</b> (verdict fail)" in page
+
+
+def test_predicted_masks_of_both_images_are_used(pair, tmp_path):
+    # a stand-in segmenter "predicts" the two spheres; no labels anywhere, QC gets no gland argument
+    masks = {str(pair["moving"]): pair["arrays"]["moving_label"], str(pair["fixed"]): pair["arrays"]["fixed_label"]}
+    out = _translated(pair, tmp_path / "case", (20.0, 0.0, 0.0), labels=None,
+                      seg_network=lambda path: (masks[str(path)], GRID))
+    qc = quality_check(out)
+    assert qc["verdict"] == "fail" and qc["reasons"][0].startswith("gland_dice_drop")
+    assert qc["metrics"]["overlap_masks"] == {"moving": str(out / "moving_gland.nii.gz"),
+                                              "fixed": str(out / "fixed_gland.nii.gz")}
+    a, b = pair["arrays"]["moving_label"] > 0, pair["arrays"]["fixed_label"] > 0
+    assert qc["metrics"]["unregistered_gland_dice"] == pytest.approx(_dice(a, b))
+    assert qc["metrics"]["gland_dice"] is None  # no fixed gland given: the plain Dice check needs one
+    assert qc["metrics"]["gland_shift_from"] == "moving gland"
+
+
+def test_identity_on_an_aligned_pair_and_the_correcting_rigid_pass(pair, tmp_path):
+    # aligned pair: the fixed gland is where the moving one is
+    out = _translated(pair, tmp_path / "identity", (0.0, 0.0, 0.0))
+    qc = quality_check(out, pair["moving_label"], "label", moving_gland=pair["moving_label"])
+    assert qc["verdict"] == "pass" and qc["reasons"] == []
+    m = qc["metrics"]
+    assert m["registered_gland_dice"] == m["unregistered_gland_dice"] == 1.0
+    assert qc["checks"]["gland_dice_drop"]["value"] == 0.0 and m["gland_shift_mm"] == pytest.approx(0.0, abs=1e-6)
+    # the offset pair (fixed gland 2 voxels further along i) registered by the right 4 mm translation
+    out = _translated(pair, tmp_path / "correct", (4.0, 0.0, 0.0))
+    qc = quality_check(out, pair["fixed_label"], "label", moving_gland=pair["moving_label"])
+    assert qc["verdict"] == "pass" and qc["reasons"] == []
+    assert qc["metrics"]["registered_gland_dice"] == 1.0 > qc["metrics"]["unregistered_gland_dice"]
+    assert qc["metrics"]["gland_shift_mm"] == pytest.approx(4.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("limit, ok", [(9.99, False), (10.01, True)])
+def test_the_gland_shift_threshold_boundary(pair, tmp_path, limit, ok):
+    # an oblique 10 mm translation (6, -8, 0): the gland centroid moves by exactly its length
+    out = _translated(pair, tmp_path / "case", (6.0, -8.0, 0.0))
+    qc = quality_check(out, moving_gland=pair["moving_label"], max_gland_shift_mm=limit)
+    assert qc["checks"]["gland_shift_mm"]["value"] == pytest.approx(10.0, abs=1e-4)
+    assert qc["checks"]["gland_shift_mm"]["ok"] is ok
+    assert qc["verdict"] == ("pass" if ok else "fail")
+
+
+def test_gland_shift_is_the_mean_displacement_with_the_rigid_beyond_the_grid():
+    # constant field (1, 2, 2) mm on a 4^3 grid at identity (LPS x = -i): 3 mm inside; a point far outside the grid
+    # moves by the rigid alone (5 mm); the mean of (1, 2, 2) and (3, 4, 0) has length |(2, 3, 1)|
+    field = np.broadcast_to(np.array([1.0, 2.0, 2.0]), (4, 4, 4, 3)).copy()
+    rigid = np.eye(4)
+    rigid[:3, 3] = (3.0, 4.0, 0.0)
+    assert gland_shift(field, np.eye(4), rigid, [[-1.0, -1.0, 1.0]]) == pytest.approx(3.0)
+    assert gland_shift(field, np.eye(4), rigid, [[50.0, 0.0, 0.0]]) == pytest.approx(5.0)
+    assert gland_shift(field, np.eye(4), rigid, [[-1.0, -1.0, 1.0], [50.0, 0.0, 0.0]]) == pytest.approx(np.sqrt(14))

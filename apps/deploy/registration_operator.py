@@ -52,7 +52,9 @@ def find_model(path) -> tuple[str | None, str | None]:
     """The checkpoint and optional override config under the app's model path.
 
     ``path`` is a checkpoint file, or a folder holding ``model.pt`` directly or in one sub-folder (the layout
-    of a packaged app's ``/opt/holoscan/models/<name>/``). ``inference_overrides.json`` beside the checkpoint
+    of a packaged app's ``/opt/holoscan/models/<name>/``), either of them possibly a bundle-like folder with
+    ``models/model.pt`` beside its ``large_files.yml``: the weights are then checked against that manifest
+    before they are read (:func:`scripts.weights.verify_checkpoint`). ``inference_overrides.json`` beside the checkpoint
     is returned as the override config. ``(None, None)`` when there is no checkpoint: the config's own
     ``checkpoint`` is used then (``models/model.pt``; missing: rigid only, with a warning).
     """
@@ -62,7 +64,8 @@ def find_model(path) -> tuple[str | None, str | None]:
     if path.is_file():
         weights = path
     else:
-        hits = [path / WEIGHTS] if (path / WEIGHTS).is_file() else sorted(path.glob(f"*/{WEIGHTS}"))
+        hits = next((h for h in ([path / WEIGHTS], [path / "models" / WEIGHTS]) if h[0].is_file()), None) or sorted(
+            [*path.glob(f"*/{WEIGHTS}"), *path.glob(f"*/models/{WEIGHTS}")])
         if len(hits) > 1:
             raise InputError(f"{path}: several {WEIGHTS} files in sub-folders ({', '.join(map(str, hits))}); keep one")
         if not hits:
