@@ -1,4 +1,5 @@
-"""Refuse command-line overrides that name no id of the config files (``--max_epoch 3`` for ``max_epochs``).
+"""Refuse command-line overrides that name no id of the config files (``--max_epoch 3`` for ``max_epochs``),
+and yes/no overrides that would be read wrongly (``--use_rigid false``: fire passes the text "false", which is true).
 
 ``python -m monai.bundle run`` adds an unknown ``--key value`` to the config as a new id that nothing
 reads, so a typo silently runs the defaults. MONAI keeps the override list to itself, so the check reads
@@ -18,9 +19,9 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from scripts.io import InputError
+from scripts.io import InputError, flag
 
-__all__ = ["check_overrides", "config_ids"]
+__all__ = ["check_overrides", "config_ids", "bool_ids", "config_files"]
 
 # arguments of monai.bundle's ``run`` itself, not config ids
 RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
@@ -58,8 +59,17 @@ def _options(args: list[str]) -> dict[str, str | None]:
     return options
 
 
-def _config_files(value: str) -> list[str]:
+def bool_ids(files) -> set[str]:
+    """The ids whose value in the config ``files`` (merged) is a bool: their overrides must read as yes/no."""
+    parser = ConfigParser()
+    parser.read_config(list(files))
+    return {i for i in config_ids(parser.get()) if isinstance(parser.get(i), bool)}
+
+
+def config_files(value) -> list[str]:
     """``--config_file`` as fire reads it: one path, a comma-separated list, or a Python list literal."""
+    if isinstance(value, (list, tuple)):
+        return [str(f) for f in value]
     if value.strip().startswith("["):
         return [str(f) for f in ast.literal_eval(value)]
     return [f for f in value.split(",") if f]
@@ -74,7 +84,7 @@ def check_overrides(argv: list[str] | None = None) -> None:
     options = _options(args)
     if not options.get("config_file"):
         return
-    files = _config_files(options["config_file"])
+    files = config_files(options["config_file"])
     parser = ConfigParser()
     parser.read_config(files)
     known = set(config_ids(parser.get()))
@@ -92,3 +102,14 @@ def check_overrides(argv: list[str] | None = None) -> None:
             lines.append(f"--{key}" + (f" (did you mean --{near[0]}?)" if near else ""))
         raise InputError(f"{', '.join(files)}: no config id for the override(s) {'; '.join(lines)}; a typo would be "
                          "added as a new id and ignored")
+    wrapper = Path(argv[0] if argv else sys.argv[0]).as_posix().endswith("scripts/__main__.py")
+    for key in sorted(set(options) & bool_ids(files)):
+        raw = options[key]
+        if raw is None or raw in ("True", "False", "0", "1"):  # fire turns these (and a bare --key) into bool / int
+            continue
+        # anything but a yes/no word is refused; a "no" word would reach the config as text, which reads as yes
+        # (python -m scripts run turns the words into bools before the run, scripts/runner.py)
+        if not flag(raw, f"--{key}") and not wrapper:
+            raise InputError(f"--{key} {raw}: python -m monai.bundle run passes {raw!r} on as text, which Python reads "
+                             "as yes; write True or False (or run through python -m scripts run, which reads yes/no, "
+                             "true/false, 1/0 in any case)")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from monai.bundle import run as bundle_run
 
-from scripts.io import InputError
+from scripts.io import InputError, flag
+from scripts.overrides import bool_ids, config_files
 
 __all__ = ["run", "user_error"]
 
@@ -32,8 +33,14 @@ def user_error(err: BaseException) -> BaseException | None:
 
 def run(*args, **kwargs) -> None:
     """Run a bundle config exactly as ``python -m monai.bundle run`` (same arguments, e.g. ``training
-    --config_file configs/train.json --dataset_dir data``); expected user errors surface without the wrapping."""
+    --config_file configs/train.json --dataset_dir data``); expected user errors surface without the wrapping.
+
+    An override of a yes/no config value is read with :func:`scripts.io.flag` (``--use_rigid false`` is False;
+    fire would pass the text "false", which Python reads as yes)."""
     try:
+        if kwargs.get("config_file"):
+            bools = bool_ids(config_files(kwargs["config_file"]))
+            kwargs.update({k: flag(v, f"--{k}") for k, v in kwargs.items() if k in bools and isinstance(v, str)})
         bundle_run(*args, **kwargs)
     except Exception as err:
         root = user_error(err)
