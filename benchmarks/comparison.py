@@ -100,7 +100,7 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
         bundle_run(["seg_train.json"], {
             "dataset_dir": str(data), "run_dir": str(work / "seg_run"), "checkpoint": str(seg_weights),
             "seed": seed, "seg_spatial_size": seg_grid, "max_epochs": seg_epochs, "learning_rate": 5e-3,
-            "progress_bar": "false", **seg_net}, _env(threads), work / "seg_train.log")
+            "progress_bar": "False", **seg_net}, _env(threads), work / "seg_train.log")
     write_json({"seg_spatial_size": seg_grid, **seg_net}, work / "seg_overrides.json", overwrite=True)
 
     masks, rigid_file = work / "masks", work / "rigid.json"
@@ -193,7 +193,7 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         bundle_run(["train.json", *files, *train_files, common], {
             "dataset_dir": str(data), "run_dir": str(run_dir), "seed": seed, "direction": direction,
-            "spatial_size": list(grid), "max_epochs": epochs, "progress_bar": "false"},
+            "spatial_size": list(grid), "max_epochs": epochs, "progress_bar": "False"},
             _env(threads), run_dir.parent / f"seed{seed}.log")
     train_seconds = time.time() - started
 

@@ -34,7 +34,7 @@ from scripts.data import load_split
 from scripts.geometry import (
     apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
 )
-from scripts.io import InputError, flag, load_array, read_nifti, write_json, write_nifti
+from scripts.io import MIN_VOXELS_PER_AXIS, InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.memory import keep_freed_memory
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
@@ -136,8 +136,8 @@ def field_to_box_ddf(field_path, box, rigid=None) -> np.ndarray:
     return mm_to_box_ddf(moved - points, box)
 
 
-def _read(path, what, ndim):
-    img = read_nifti(path, ndim=ndim, what=what)
+def _read(path, what, ndim, min_size=1):
+    img = read_nifti(path, ndim=ndim, what=what, min_size=min_size)
     return load_array(img, path, what), img.affine
 
 
@@ -283,8 +283,8 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
         paths.pop("warped_label")
     paths.update({k: stage / MASK_OUTPUTS[k] for k in predict})
     with timer("read"):
-        moving, moving_affine = _read(moving_image, "moving image", 3)
-        fixed, fixed_affine = _read(fixed_image, "fixed image", 3)
+        moving, moving_affine = _read(moving_image, "moving image", 3, MIN_VOXELS_PER_AXIS)
+        fixed, fixed_affine = _read(fixed_image, "fixed image", 3, MIN_VOXELS_PER_AXIS)
         check_contrast(moving, moving_image, "moving image")
         check_contrast(fixed, fixed_image, "fixed image")
         labels = None

@@ -22,7 +22,7 @@ from monai.transforms import MapTransform, Transform
 
 from scripts.data import DIRECTIONS
 from scripts.geometry import apply_affine, grid_points, network_box, sample
-from scripts.io import InputError, load_array, read_nifti
+from scripts.io import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
 from scripts.metrics import centroid
 from scripts.transform_io import ants_image
 from monai.utils import ensure_tuple_rep
@@ -114,7 +114,7 @@ class PairToBoxd(Transform):
 
         images, labels = [], []
         for role in ("moving", "fixed"):
-            img = read_nifti(data[f"{role}_image"], ndim=3, what=f"{role} image")
+            img = read_nifti(data[f"{role}_image"], ndim=3, what=f"{role} image", min_size=MIN_VOXELS_PER_AXIS)
             images.append((load_array(img, data[f"{role}_image"], f"{role} image"), img.affine))
             check_contrast(images[-1][0], data[f"{role}_image"], f"{role} image")
             lab = read_nifti(data[f"{role}_label"], ndim=(3, 4), what=f"{role} label")

@@ -94,7 +94,7 @@ def test_ablation_trains_one_epoch(name, phantom, tmp_path):
     configs = f"['configs/train.json','configs/ablations/{name}.json']"
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs]
     command += ["--dataset_dir", str(phantom), "--run_dir", str(tmp_path / "run"), "--max_epochs", "1"]
-    command += ["--spatial_size", "[24,24,24]", "--progress_bar", "false", *SMALL_NET]
+    command += ["--spatial_size", "[24,24,24]", "--progress_bar", "False", *SMALL_NET]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

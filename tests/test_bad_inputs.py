@@ -216,6 +216,32 @@ def _gland_channel(t, b):
     return argv, r"holdout/us_labels/case000000\.nii\.gz: has 6 label channels, so there is no gland_channel 9"
 
 
+def _no_orientation(t, b):
+    img = nib.load(b["mr_image"])
+    bare = nib.Nifti1Image(np.asarray(img.dataobj), None)  # no affine: qform_code = sform_code = 0
+    bare.header.set_zooms(img.header.get_zooms())
+    nib.save(bare, str(t / "bare.nii.gz"))
+    return register(b, t / "out", moving=str(t / "bare.nii.gz")), r"bare\.nii\.gz: moving image has no orientation"
+
+
+def _sform_qform_disagree(t, b):
+    img = nib.load(b["us_image"])
+    both = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 5.0
+    both.set_sform(img.affine, code=2)
+    both.set_qform(shifted, code=1)
+    nib.save(both, str(t / "both.nii.gz"))
+    regex = r"both\.nii\.gz: fixed image's sform \(code 2\) and qform \(code 1\) disagree"
+    return register(b, t / "out", fixed=str(t / "both.nii.gz")), regex
+
+
+def _one_slice(t, b):
+    data, affine = image(b["us_image"])
+    thin = save(data[..., :1], affine, t / "thin.nii.gz")  # no rigid step: the pipeline's own read must refuse
+    return register(b, t / "out", fixed=thin), r"thin\.nii\.gz: fixed image has 1 voxel along axis 2"
+
+
 ROWS = {
     "missing file": _missing,
     "image not 3-D": _image_2d,
@@ -239,6 +265,9 @@ ROWS = {
     "mistyped yes/no value": _mistyped_flag,
     "output folder cannot be created": _uncreatable_output,
     "evaluate: gland channel beyond the labels": _gland_channel,
+    "header without orientation codes": _no_orientation,
+    "sform and qform disagree": _sform_qform_disagree,
+    "one-voxel-thick fixed image, no rigid step": _one_slice,
 }
 
 

@@ -88,7 +88,7 @@ def test_localnet_native_trains_and_registers(phantom, tmp_path):
     small = ["--network_def#num_channel_initial", "4"]
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs,
                "--dataset_dir", str(phantom), "--run_dir", str(tmp_path / "run"), "--max_epochs", "1",
-               "--spatial_size", "[24,24,20]", "--progress_bar", "false", *small]
+               "--spatial_size", "[24,24,20]", "--progress_bar", "False", *small]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

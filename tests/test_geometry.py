@@ -101,3 +101,155 @@ def test_sample_linear_function_exact_and_zero_outside():
     assert sample(data, FIX, far[None])[0] == 0.0
     assert sample(data, FIX, edge[None])[0] == pytest.approx(data[0, 2, 2], abs=1e-9)
     assert sample(data, FIX, np.zeros((0, 3))).shape == (0,)
+
+
+# ---------------------------------------------------------------- one geometry for every reader (scripts/io.py)
+
+
+def _header_file(path, affine, scode=1, qcode=1, sform=None, shape=(6, 7, 5), raw=None):
+    """A NIfTI file whose qform is ``affine`` (code ``qcode``) and sform ``sform`` or ``affine`` (code ``scode``);
+    ``raw``: {byte offset: float32 value} written into the stored header afterwards (what nibabel would repair)."""
+    import struct
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.arange(np.prod(shape), dtype=np.float32).reshape(shape), affine)
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine if sform is None else sform, code=scode)
+    nib.save(img, str(path))
+    if raw:
+        data = bytearray(path.read_bytes())
+        for offset, value in raw.items():
+            data[offset:offset + 4] = struct.pack("<f", value)
+        path.write_bytes(bytes(data))
+    return path
+
+
+def _corners_lps(path, reader):
+    """LPS mm positions of the 8 corner voxels of ``path`` as nibabel, ITK or ANTs read them."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    shape = img.shape[:3]
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
+                       float)
+    if reader == "nibabel":
+        lps = RAS2LPS @ img.affine
+        return corners @ lps[:3, :3].T + lps[:3, 3]
+    if reader == "itk":
+        import itk
+
+        im = itk.imread(str(path), itk.F)
+        direction = itk.array_from_matrix(im.GetDirection())
+        spacing, origin = np.asarray(itk.spacing(im)), np.asarray(itk.origin(im))
+    else:
+        import ants
+
+        im = ants.image_read(str(path))
+        direction, spacing, origin = np.asarray(im.direction), np.asarray(im.spacing), np.asarray(im.origin)
+    return origin + (corners * spacing) @ direction.T
+
+
+def _itk_written_oblique(path):
+    """A slightly oblique volume stored in ITK's LPS order, written by ITK (through ANTs): both codes 1, and a qform
+    that misses the sform by 0.015 mm at the corners (the float32 quaternion of a rotation 0.03 degrees from 180),
+    which read_nifti accepts because it stores the sform's own parameters; ITK and nibabel read the sform."""
+    import ants
+
+    from _oblique import rotation
+
+    direction = rotation((1, 2, 3), 0.03)  # 0.03 degrees off ITK's identity (LPS), 179.97 degrees from RAS
+    ants.from_numpy(np.random.default_rng(0).random((40, 50, 30)).astype(np.float32), origin=[-30.0, 20.0, 10.0],
+                    spacing=[0.5, 0.6, 3.0], direction=direction).to_file(str(path))
+    return path
+
+
+FLIP_Y = np.diag([1.0, -1, 1, 1])
+FLIP_Y[1, 3] = 6  # index j -> 6 - j on a 7-voxel axis
+PERMUTE = np.eye(4)[[2, 0, 1, 3]]
+ACCEPTED = {
+    "qform and sform, one affine (write_nifti, ITK)": lambda p: _header_file(p, FIX),
+    "sform only (nib.Nifti1Image's default)": lambda p: _header_file(p, FIX, scode=2, qcode=0),
+    "qform only": lambda p: _header_file(p, FIX, scode=0, qcode=1),
+    "codes 2 and 2, one affine (ITK reads the qform)": lambda p: _header_file(p, AXIAL, scode=2, qcode=2),
+    "oblique, anisotropic": lambda p: _header_file(p, FIX, shape=FIX_SHAPE),
+    "flipped axis": lambda p: _header_file(p, FIX @ FLIP_Y),
+    "permuted axes": lambda p: _header_file(p, FIX @ PERMUTE, shape=(5, 6, 7)),
+    "ITK-written oblique LPS volume": _itk_written_oblique,
+}
+
+
+@pytest.mark.parametrize("variant", list(ACCEPTED))
+def test_nibabel_itk_and_ants_read_one_geometry_from_every_accepted_header(variant, tmp_path):
+    from scripts.io import read_nifti
+
+    path = ACCEPTED[variant](tmp_path / "image.nii")
+    read_nifti(path)  # accepted
+    reference = _corners_lps(path, "nibabel")
+    for reader in ("itk", "ants"):
+        np.testing.assert_allclose(_corners_lps(path, reader), reference, atol=1e-4, err_msg=reader)
+
+
+_SHEAR = FIX.copy()
+_SHEAR[:3, 1] += 0.05 * FIX[:3, 0]
+_SINGULAR = FIX.copy()
+_SINGULAR[:3, 2] = 0.0
+_NAN = FIX.copy()
+_NAN[0, 3] = np.nan
+_MOVED = FIX.copy()
+_MOVED[:3, 3] += [2.0, 0.0, 0.0]
+_PIXDIM = 80  # byte offset of pixdim[1] in a NIfTI-1 header (pixdim[0], qfac, at 76)
+_NEAR_180 = np.eye(4)  # the grid of _itk_written_oblique, in RAS: its float32 qform misses it by 0.015 mm
+_NEAR_180[:3, :3] = np.diag([-1.0, -1, 1]) @ __import__("_oblique").rotation((1, 2, 3), 0.03) * [0.5, 0.6, 3.0]
+# (make, the message after "<path>: image", what ANTs/ITK do with the file: "differs" from nibabel by
+# more than 1e-3 mm at a corner, "fails", or "same" (ITK 5.4 agrees, other readers and older ITK do not))
+REFUSED = {
+    "no orientation (both codes 0)": (lambda p: _header_file(p, FIX, 0, 0), " has no orientation", "differs"),
+    "sform and qform disagree (sform_code 1)": (lambda p: _header_file(p, FIX, 1, 1, sform=_MOVED),
+                                                "'s sform (code 1) and qform (code 1) disagree by 2 mm", "same"),
+    "sform and qform disagree (sform_code 2)": (lambda p: _header_file(p, FIX, 2, 1, sform=_MOVED),
+                                                "'s sform (code 2) and qform (code 1) disagree by 2 mm", "differs"),
+    "pixdim differs from the sform's voxel size": (lambda p: _header_file(p, FIX, 1, 0, raw={_PIXDIM: 1.5}),
+                                                   "'s voxel size in pixdim (1.5, 1.2, 1.1) mm differs", "differs"),
+    "sheared sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_SHEAR), " has a sheared sform", "fails"),
+    "singular sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_SINGULAR), " has a singular sform", "fails"),
+    "non-finite sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_NAN), " has a non-finite sform", "fails"),
+    "zero voxel size": (lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: 0.0}),
+                        " has voxel size (1, 0, 1.1) mm in pixdim", "same"),
+    "negative voxel size": (lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: -1.2}),
+                            " has voxel size (1, -1.2, 1.1) mm in pixdim", "differs"),
+    "qfac neither 1 nor -1": (lambda p: _header_file(p, FIX, 0, 1, raw={76: -0.5}), " has qfac (pixdim[0]) -0.5",
+                              "differs"),
+    "qform too imprecise for sform_code 2": (lambda p: _header_file(p, _NEAR_180, 2, 1, shape=(40, 50, 30)),
+                                             "'s qform stores its sform only to", "differs"),
+}
+
+
+@pytest.mark.parametrize("variant", list(REFUSED))
+def test_headers_read_differently_are_refused_naming_the_file(variant, tmp_path):
+    import re
+
+    from scripts.io import InputError, read_nifti
+
+    make, message, ants_reads = REFUSED[variant]
+    path = make(tmp_path / "image.nii")
+    with pytest.raises(InputError) as err:
+        read_nifti(path)
+    assert str(err.value).startswith(f"{path}: image{message}"), str(err.value)
+    assert "\n" not in str(err.value) and re.search(r"nibabel|resample|fslorient|code", str(err.value))
+    try:  # the reason, checked against ANTs (ITK's NIfTI reader) as installed
+        gap = np.abs(_corners_lps(path, "ants") - _corners_lps(path, "nibabel")).max()
+        seen = "fails" if np.isnan(gap) else "same" if gap <= 1e-3 else "differs"
+    except RuntimeError:
+        seen = "fails"
+    assert seen == ants_reads
+
+
+def test_too_few_voxels_along_an_axis_is_refused_when_asked(tmp_path):
+    from scripts.io import InputError, MIN_VOXELS_PER_AXIS, read_nifti
+
+    path = _header_file(tmp_path / "slab.nii", FIX, shape=(6, 7, 1))
+    assert read_nifti(path).shape == (6, 7, 1)  # any one-slice image is a valid NIfTI file ...
+    with pytest.raises(InputError, match=r"slab\.nii: fixed image has 1 voxel along axis 2 \(shape \(6, 7, 1\)\); "
+                                         r"registration needs at least 4 along every axis"):
+        read_nifti(path, ndim=3, what="fixed image", min_size=MIN_VOXELS_PER_AXIS)  # ... but not one to register

@@ -38,7 +38,7 @@ def _torchrun(tmp_path, *extra):
     """Two CPU ranks under torchrun; per-rank stdout/stderr go to tmp_path/logs. Returns (rc, torchrun's output)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "monai.bundle", "run", "training"]
-    command += ["--spatial_size", "[24,24,24]", "--learning_rate", "0.005", "--progress_bar", "false", *SMALL_NET]
+    command += ["--spatial_size", "[24,24,24]", "--learning_rate", "0.005", "--progress_bar", "False", *SMALL_NET]
     command += list(extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU / gloo path, also on a machine with GPUs

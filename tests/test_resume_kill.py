@@ -24,7 +24,7 @@ def command(data, run_dir):
     return [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
         "--dataset_dir", str(data), "--run_dir", str(run_dir), "--spatial_size", "[24,24,24]",
-        "--learning_rate", "0.005", "--progress_bar", "false", "--max_epochs", str(EPOCHS), "--seed", "0",
+        "--learning_rate", "0.005", "--progress_bar", "False", "--max_epochs", str(EPOCHS), "--seed", "0",
         *SMALL_NET, *NO_RIGID,
         "--train#handlers#4#iteration_log", "true", "--train#handlers#4#output_transform", "$lambda out: out['loss']",
     ]  # fmt: skip

@@ -105,7 +105,7 @@ def run_bundle(run_id, dataset, run_dir, *extra, grid="[24,24,24]"):
     """``python -m monai.bundle run [run_id] --config_file configs/train.json ...`` from the bundle root."""
     command = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else [])]
     command += ["--config_file", "configs/train.json", "--dataset_dir", str(dataset), "--run_dir", str(run_dir)]
-    command += ["--spatial_size", grid, "--learning_rate", "0.005", "--progress_bar", "false", *SMALL_NET]
+    command += ["--spatial_size", grid, "--learning_rate", "0.005", "--progress_bar", "False", *SMALL_NET]
     command += list(extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
