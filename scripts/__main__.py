@@ -3,7 +3,9 @@
 Commands are imported lazily so that ``--help`` and light commands do not pay for torch/ANTs imports.
 """
 
+import difflib
 import importlib
+import inspect
 import sys
 
 import fire
@@ -34,6 +36,35 @@ def _lazy(target: str):
     return command
 
 
+FIRE_FLAGS = {"help", "h", "interactive", "i", "separator", "completion", "trace", "t", "verbose", "v"}
+
+
+def check_flags(function, argv) -> None:
+    """Refuse a ``--flag`` that names no argument of ``function``, with the nearest one, before anything runs.
+
+    fire runs the command first and complains about an argument it could not use only afterwards, when every
+    output is written (``--overwirte``, ``--moving-label``); a mistyped optional input was silently dropped.
+    """
+    from scripts.io import InputError
+
+    parameters = inspect.signature(function).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = {name.replace("_", "-") for name in parameters}
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        key = arg[2:].split("=", 1)[0].replace("_", "-")
+        negated = key[2:] if key.startswith("no") else None  # fire's --noflag for a boolean
+        if key in known or key in FIRE_FLAGS or negated in known:
+            continue
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        raise InputError(f"--{key}: not an argument of this command" + (f" (did you mean --{near[0]}?)" if near else "")
+                         + f"; its arguments: {', '.join('--' + k for k in sorted(known))}")
+
+
 def main(argv=None):
     from scripts.io import InputError
 
@@ -44,6 +75,8 @@ def main(argv=None):
     else:
         component, name = {k: _lazy(v) for k, v in COMMANDS.items()}, "python -m scripts"
     try:
+        if callable(component):
+            check_flags(component, argv)
         fire.Fire(component, command=argv, name=name)
     except (InputError, FileExistsError) as err:  # expected user errors: one line, no traceback
         print(f"error: {err}", file=sys.stderr)

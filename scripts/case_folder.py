@@ -27,7 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.io import InputError, flag
+from scripts.io import _UMASK, InputError, flag, make_folder
 
 __all__ = ["case_transaction", "check_replaceable", "is_taken"]
 
@@ -89,7 +89,15 @@ def check_replaceable(dest, overwrite: bool, inputs=(), marker: str = "result.js
     :class:`InputError` when ``dest`` holds files but no ``marker`` (it is not a case folder this bundle wrote:
     replacing it would delete someone's files) or when one of ``inputs`` lies inside it (it would be deleted).
     """
-    dest = Path(dest).resolve()
+    given, dest = Path(dest), Path(dest).resolve()
+    if given.is_symlink():
+        raise InputError(f"{given}: is a symbolic link (to {os.readlink(given)}); a case folder is replaced by a rename, "
+                         "which would replace the link, so give the folder itself")
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"{given}: is a file, not a folder; choose a folder for the outputs")
+    if Path.cwd().resolve().is_relative_to(dest):
+        raise InputError(f"{given}: is the current folder (or holds it); a case folder is published by a rename, which "
+                         "would pull the folder from under the shell: write into a sub-folder")
     if not is_taken(dest):
         return
     if not flag(overwrite, "overwrite"):
@@ -114,17 +122,14 @@ def case_transaction(dest, overwrite: bool = False, inputs=()):
     exception inside the block the staging folder is removed and ``dest`` is untouched. Afterwards ``dest``
     holds exactly what was staged.
     """
-    dest, overwrite = Path(dest).absolute(), flag(overwrite, "overwrite")
+    overwrite = flag(overwrite, "overwrite")
     check_replaceable(dest, overwrite, inputs)
+    dest = Path(dest).absolute()
     mount = os.path.ismount(dest)
     parent = dest if mount else dest.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=parent))
-    except OSError as err:
-        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror
-        raise InputError(f"{dest}: cannot create the output folder ({reason})") from None
+    make_folder(parent, output=dest)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=parent))
+    os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; the published folder gets what mkdir would give
     try:
         yield stage
         with _locked(parent):

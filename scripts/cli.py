@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.case_folder import case_transaction
-from scripts.data import load_split
+from scripts.data import DIRECTIONS, load_split
 from scripts.io import InputError, flag, read_nifti, same_grid, write_json
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
@@ -50,8 +50,13 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
     files = [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
     for path in files:
         if not Path(path).is_file():
-            raise InputError(f"{path}: config file does not exist")
+            raise InputError(f"{path}: config {'is a folder, not a file' if Path(path).is_dir() else 'file does not exist'}")
     parser = ConfigParser()
+    for path in files:  # one by one, so that a file that does not parse is named
+        try:
+            parser.load_config_file(str(path))
+        except Exception as err:  # json and yaml raise their own types
+            raise InputError(f"{path}: cannot read the config ({type(err).__name__}: {err})") from None
     parser.read_config([str(f) for f in files])  # later files override earlier ones, as with the bundle runner
     parser["bundle_root"] = str(BUNDLE_ROOT)
     settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
@@ -61,8 +66,10 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
         parser["use_seg"] = True
         settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
     elif roi_mask:
-        print(f"WARNING: no gland segmenter weights at {seg_weights}: the network gets whole images, not the ROI "
-              "images it was trained on (roi_mask); train configs/seg_train.json for the paper's ROI step.",
+        cause = (f"no gland segmenter weights at {seg_weights}" if flag(parser.get_parsed_content("use_seg"), "use_seg")
+                 else "the gland segmenter is switched off (use_seg false)")
+        print(f"WARNING: {cause}: the network gets whole images, not the ROI images it was trained on (roi_mask); "
+              "give moving and fixed gland masks, or use the segmenter (configs/seg_train.json trains one).",
               file=sys.stderr)
     if not flag(use_network, "use_network"):
         return None, settings
@@ -102,6 +109,8 @@ def check_qc_settings(qc) -> dict:
                              + f"; known: {', '.join(known)}")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InputError(f"--qc: {key} must be a number, got {value!r}")
+        if "dice" in key and value is not None and not 0 <= value <= 1:
+            raise InputError(f"--qc: {key} is a Dice, between 0 and 1, got {value!r}")
     return qc
 
 
@@ -116,18 +125,19 @@ def _check_case_inputs(fixed, fixed_gland, points, frame) -> None:
 
 
 def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
-                   points, frame, use_rigid, pictures, qc, overwrite, timer=None) -> dict:
+                   points, frame, use_rigid, pictures, qc, overwrite, timer=None, settings_files=()) -> dict:
     """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
 
     ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
     the pipeline's own prediction (``result.json``'s ``masks``) instead. ``result.json``'s ``seconds`` gains the
     qc, pictures and points stages, and its total becomes the whole case's wall time (since ``timer`` started,
-    when one is given: e.g. with the network's loading).
+    when one is given: e.g. with the network's loading). ``settings_files`` (the config files and checkpoint the
+    user named) join the inputs that an overwritten case folder must not hold.
     """
     timer, out = timer or StageTimer(), Path(out)
+    points = points.split(",") if isinstance(points, str) else points  # a file or a comma-separated list
     _check_case_inputs(fixed, fixed_gland, points, frame)
-    listed = [points] if isinstance(points, (str, Path)) else list(points or [])
-    inputs = (moving, fixed, moving_labels, fixed_gland, *listed)
+    inputs = (moving, fixed, moving_labels, fixed_gland, *(points or []), *settings_files)
     with case_transaction(out, overwrite, inputs) as stage:  # every file below, published together
         result = register_pair(moving, fixed, stage, moving_labels, network=network, direction=direction,
                                use_rigid=use_rigid, publish=False, **settings)
@@ -141,7 +151,10 @@ def _register_case(network, settings, moving, fixed, out, moving_labels, directi
             images = case_pictures(stage, moving_labels, fixed_gland, title=out.name) if pictures else []
         if points is not None:
             with timer("points"):
-                map_files(stage, stage, points=points, to="fixed", frame=frame)
+                try:
+                    map_files(stage, stage, points=points, to="fixed", frame=frame)
+                except InputError as err:  # name the case folder the user knows, not the private staging folder
+                    raise InputError(str(err).replace(str(stage), str(out))) from None
         result["seconds"] = timer.seconds
         write_json(result, stage / "result.json", overwrite=True)  # this call's own file, now with every stage
         written = sorted(out / p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
@@ -156,6 +169,17 @@ def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
     else:
         level = "ERROR" if qc["verdict"] == "fail" else "WARNING"
         write(f"{level} {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
+
+
+def _paths(*values) -> list:
+    """Path arguments as text: fire turns ``--out 2024`` into an int and ``--out True`` into a bool."""
+    return [str(v) if isinstance(v, (int, float, bool, Path)) else v for v in values]
+
+
+def _settings_files(config_file, checkpoint) -> list:
+    """The config files and checkpoint a user named: an overwritten case folder must not hold them."""
+    configs = config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    return [str(f) for f in (*configs, checkpoint) if f is not None]
 
 
 def _flags(**values) -> list[bool]:
@@ -188,12 +212,17 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
     timer = StageTimer()
     use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
                                                          pictures=pictures, overwrite=overwrite)
+    moving, fixed, out, moving_labels, fixed_gland, checkpoint, points = _paths(
+        moving, fixed, out, moving_labels, fixed_gland, checkpoint, points)
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
     qc = check_qc_settings(qc)
     with timer("load"):
         network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
     case = _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, source,
-                          points, frame, use_rigid, pictures, qc, overwrite, timer)
+                          points, frame, use_rigid, pictures, qc, overwrite, timer,
+                          _settings_files(config_file, checkpoint))
     print(f"wrote {len(case['written'])} files:")
     for path in case["written"]:
         print(f"  {path}")
@@ -215,11 +244,12 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     """
     use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
                                                          pictures=pictures, overwrite=overwrite)
+    dataset_dir, out, checkpoint = _paths(dataset_dir, out, checkpoint)
     qc = check_qc_settings(qc)
     if gland not in GLAND_SOURCES:
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
-    cases = load_split(dataset_dir, split, direction)
-    refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"])
+    cases, settings_files = load_split(dataset_dir, split, direction), _settings_files(config_file, checkpoint)
+    refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"], inputs=settings_files)
     network, settings = load_registration(config_file, checkpoint, use_network)
     predicted = "seg_network" in settings
     if gland == "predicted" and not predicted:
@@ -230,7 +260,7 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
         fixed_gland = case["fixed_label"] if source == "label" else None
         result = _register_case(network, settings, case["moving_image"], case["fixed_image"], Path(out) / case["case"],
                                 case["moving_label"], direction, fixed_gland, source, None, None, use_rigid,
-                                pictures, qc, overwrite)
+                                pictures, qc, overwrite, settings_files=settings_files)
         done.append({"case": case["case"], **result})
         _report(case["case"], result["qc"], result["seconds"], tqdm.write)
     index = write_index(out, done, overwrite)
@@ -254,6 +284,7 @@ def map_points(transforms, out, points=None, labels=None, to: str = "fixed", fra
             column or a '# frame: ...' first line); a CSV stating another frame is refused.
         label_threshold: binarisation of mapped labels.
     """
+    transforms, out = _paths(transforms, out)
     split = lambda x: x.split(",") if isinstance(x, str) else x  # noqa: E731
     for path in map_files(transforms, out, points=split(points), labels=split(labels), to=to, frame=frame,
                           label_threshold=label_threshold, overwrite=overwrite):

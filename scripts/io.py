@@ -28,6 +28,7 @@ __all__ = [
     "MIN_VOXELS_PER_AXIS",
     "check_finite",
     "same_grid",
+    "make_folder",
     "atomic_write",
     "write_nifti",
     "write_json",
@@ -213,7 +214,7 @@ def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = Non
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: {what} file does not exist")
+        raise InputError(f"{path}: {what} {'is a folder, not a file' if path.is_dir() else 'file does not exist'}")
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises several unrelated types for unreadable files
@@ -238,6 +239,8 @@ def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = Non
 
 def load_array(img, path: str | os.PathLike, what: str = "image", dtype=np.float32) -> np.ndarray:
     """Read the voxel data of ``img`` (opened by :func:`read_nifti`), checking it is complete and finite."""
+    if np.issubdtype(img.get_data_dtype(), np.complexfloating):
+        raise InputError(f"{path}: {what} holds complex voxels ({img.get_data_dtype()}); give the magnitude image")
     try:
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as err:  # truncated gzip streams and short files fail only here
@@ -258,6 +261,19 @@ def same_grid(a, b, atol: float = 1e-3) -> bool:
     return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine, atol=atol)
 
 
+def make_folder(folder: str | os.PathLike, output=None) -> Path:
+    """``mkdir -p``, with an :class:`InputError` naming ``output`` (default: the folder) and what is in the way
+    (a file where a folder must be)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror
+        raise InputError(f"{output or folder}: cannot create the output folder ({reason})") from None
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path``; refuse to replace a file unless ``overwrite``.
 
@@ -267,7 +283,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite
     path, overwrite = Path(path), flag(overwrite, "overwrite")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)

@@ -30,12 +30,13 @@ from monai.networks.blocks import DVF2DDF
 from monai.transforms import ScaleIntensityRangePercentiles
 
 from scripts.case_folder import case_transaction, check_replaceable, is_taken
-from scripts.data import load_split
+from scripts.data import DIRECTIONS, load_split
 from scripts.geometry import (
     apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
 )
 from scripts.io import MIN_VOXELS_PER_AXIS, InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.memory import keep_freed_memory
+from scripts.points import read_label
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
 from scripts.trained_model import check_finite_weights, check_settings
@@ -264,6 +265,8 @@ def register_pair(
     keep_freed_memory()  # large arrays keep their pages between stages and registrations (scripts/memory.py)
     if roi_mask and None in (moving_mask, fixed_mask) and seg_network is None:
         raise InputError("roi_mask needs both gland masks (moving_mask and fixed_mask) or a seg_network")
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
     if not flag(publish, "publish"):
         return _register_into(Path(out_dir), **arguments)
     inputs = (moving_image, fixed_image, moving_labels, moving_mask, fixed_mask)
@@ -288,11 +291,13 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
         check_contrast(moving, moving_image, "moving image")
         check_contrast(fixed, fixed_image, "fixed image")
         labels = None
-        if moving_labels is not None:
-            labels, label_affine = _read(moving_labels, "moving label", (3, 4))
+        if moving_labels is not None:  # the label rules of scripts.points.read_label (integer maps split)
+            labels, label_affine, _ = read_label(moving_labels, what="moving label")
             if labels.shape[:3] != moving.shape or not np.allclose(label_affine, moving_affine, atol=1e-3):
                 raise InputError(f"{moving_labels}: label grid differs from the moving image's ({moving_image})")
             labels = labels if labels.ndim == 4 else labels[..., None]
+            if not (labels[..., 0] >= label_threshold).any():
+                raise InputError(f"{moving_labels}: gland label (channel 0) is empty (no voxel >= {label_threshold:g})")
 
     # 0. ROI pre-stage: gland masks predicted on each image's own grid
     images = {"moving_mask": moving_image, "fixed_mask": fixed_image}
@@ -390,17 +395,18 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
     return result
 
 
-def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=()) -> None:
+def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=(), inputs=()) -> None:
     """Raise ``FileExistsError`` if any case folder ``out_dir/<case>`` (or an ``extra`` path) already holds files;
     with ``overwrite``, :class:`InputError` if one of them could not be replaced safely
-    (:func:`scripts.case_folder.check_replaceable`: not a case folder, or holding an input of its case).
+    (:func:`scripts.case_folder.check_replaceable`: not a case folder, or holding an input of its case or one of
+    ``inputs``, e.g. the config and checkpoint files).
 
     Checked before a folder run registers anything, so that a refusal never leaves some cases redone.
     """
     folders = [Path(out_dir) / c["case"] for c in cases]
     if flag(overwrite, "overwrite"):
         for folder, case in zip(folders, cases):
-            check_replaceable(folder, True, [v for k, v in case.items() if k != "case" and isinstance(v, str)])
+            check_replaceable(folder, True, [*(v for k, v in case.items() if k != "case" and isinstance(v, str)), *inputs])
         return
     taken = [f for f in folders if is_taken(f)] + [Path(p) for p in extra if Path(p).exists()]
     if taken:

@@ -212,7 +212,10 @@ def read_markups(path) -> tuple[dict, list[tuple[int, int]], np.ndarray]:
         frame = markup.get("coordinateSystem")
         if frame not in FRAMES:
             raise InputError(f"{path}: markup {m} has coordinateSystem {frame!r}; it must state LPS or RAS")
-        for c, point in enumerate(markup.get("controlPoints", [])):
+        control = markup.get("controlPoints", [])
+        if not isinstance(control, list) or not all(isinstance(point, dict) for point in control):
+            raise InputError(f"{path}: markup {m} has controlPoints {type(control).__name__}; it must be a list of points")
+        for c, point in enumerate(control):
             if "position" not in point or point.get("positionStatus", "defined") != "defined":
                 continue  # an unplaced point has no position to map
             position = np.asarray(point["position"], np.float64)
@@ -238,7 +241,7 @@ def write_markups(document: dict, refs, points_lps, path, overwrite: bool = Fals
     return write_json(out, path, overwrite)
 
 
-def read_label(path, grid=None) -> tuple[np.ndarray, np.ndarray, list[int] | None]:
+def read_label(path, grid=None, what: str = "label") -> tuple[np.ndarray, np.ndarray, list[int] | None]:
     """Read a label volume for mapping; returns ``(channels, affine, values)``.
 
     - values all in [0, 1] (binary or soft, 3-D or 4-D channel-last): returned as they are, ``values`` None;
@@ -248,12 +251,12 @@ def read_label(path, grid=None) -> tuple[np.ndarray, np.ndarray, list[int] | Non
       integer (e.g. 1.7), an integer map mixed with fractions, a 4-D label with values > 1, more than
       :data:`MAX_LABEL_VALUES` distinct values, or (with ``grid``, a NIfTI path) a grid other than ``grid``'s.
     """
-    img = read_nifti(path, ndim=(3, 4), what="label")
+    img = read_nifti(path, ndim=(3, 4), what=what)
     reference = None if grid is None else read_nifti(grid, what="grid reference")
     if reference is not None and not same_grid(img, reference):
         raise InputError(f"{path}: label grid {tuple(img.shape[:3])} differs from the grid it must lie on, that of "
                          f"{grid} {tuple(reference.shape[:3])} (a label of the other image, or resampled?)")
-    data = load_array(img, path, "label")
+    data = load_array(img, path, what)
     if data.min() >= 0 and data.max() <= 1:
         return data, img.affine, None
     if data.min() < 0:

@@ -242,6 +242,54 @@ def _one_slice(t, b):
     return register(b, t / "out", fixed=thin), r"thin\.nii\.gz: fixed image has 1 voxel along axis 2"
 
 
+def _mistyped_flag_name(t, b):
+    return register(b, t / "out", None, None, None, "--overwirte"), r"--overwirte: not an argument of this command \(did you mean --overwrite\?\)"
+
+
+def _label_value(value, regex):
+    def row(t, b):
+        data, affine = image(b["mr_label"])
+        labels = save(np.full(data.shape[:3], value, np.float32), affine, t / "odd.nii.gz")
+        return register(b, t / "out", labels=labels), regex
+    return row
+
+
+def _out_is_a_file(t, b):
+    (t / "afile").write_text("mine")
+    return register(b, t / "afile", None, None, None, "--overwrite"), r"afile: is a file, not a folder"
+
+
+def _out_is_a_symlink(t, b):
+    (t / "real").mkdir()
+    (t / "link").symlink_to(t / "real")
+    return register(b, t / "link"), r"link: is a symbolic link \(to \S+real\)"
+
+
+def _broken_config(t, b):
+    (t / "broken.json").write_text(Path(b["config"]).read_text()[:-20])
+    argv = ["register", "--moving", b["mr_image"], "--fixed", b["us_image"], "--out", str(t / "out"), "--config-file",
+            str(t / "broken.json"), "--use-rigid", "False", "--pictures", "False"]
+    return argv, r"broken\.json: cannot read the config \(JSONDecodeError"
+
+
+def _direction(t, b):
+    return register(b, t / "out", None, None, None, "--direction", "MR2US"), r"direction must be one of \['mr2us', 'us2mr'\], got 'MR2US'"
+
+
+def _folder_as_image(t, b):
+    return register(b, t / "out", moving=str(Path(b["mr_image"]).parent)), r"mr_images: moving image is a folder, not a file"
+
+
+def _complex_image(t, b):
+    data, affine = image(b["mr_image"])
+    moving = save(data.astype(np.complex64), affine, t / "complex.nii.gz")
+    return register(b, t / "out", moving=moving), r"complex\.nii\.gz: moving image holds complex voxels \(complex64\)"
+
+
+def _dice_threshold(t, b):
+    return register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: 2}"), r"--qc: min_gland_dice is a Dice, between 0 and 1"
+
+
 ROWS = {
     "missing file": _missing,
     "image not 3-D": _image_2d,
@@ -268,6 +316,17 @@ ROWS = {
     "header without orientation codes": _no_orientation,
     "sform and qform disagree": _sform_qform_disagree,
     "one-voxel-thick fixed image, no rigid step": _one_slice,
+    "mistyped flag name": _mistyped_flag_name,
+    "moving label with a negative value": _label_value(-1.0, r"odd\.nii\.gz: label holds the negative value -1"),
+    "moving label with the value 2.5": _label_value(2.5, r"odd\.nii\.gz: label holds the value 2\.5, neither in \[0, 1\]"),
+    "empty moving label": _label_value(0.0, r"odd\.nii\.gz: gland label \(channel 0\) is empty"),
+    "output path is a file": _out_is_a_file,
+    "output path is a symbolic link": _out_is_a_symlink,
+    "config file that does not parse": _broken_config,
+    "unknown direction": _direction,
+    "a folder given as an image": _folder_as_image,
+    "complex image": _complex_image,
+    "Dice threshold above 1": _dice_threshold,
 }
 
 
@@ -282,6 +341,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_outputs(row, base, tmp_path, cap
     assert len(errors) == 1 and "Traceback" not in err, err
     assert re.search(regex, errors[0]), errors[0]
     assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+    assert not list(tmp_path.glob(".*staging*"))
 
 
 def test_existing_output_folder_is_refused_and_left_unchanged(base, tmp_path, capsys):

@@ -6,6 +6,7 @@ previous folder byte for byte.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -154,3 +155,33 @@ def test_a_run_killed_while_writing_leaves_the_previous_folder(patients, tmp_pat
     run.wait(timeout=60)
     assert snapshot(out) == before
     assert _one_patient(out, patients) == "A"
+
+
+def test_overwrite_keeps_a_checkpoint_or_config_stored_in_the_case_folder(base, tmp_path, capsys):  # noqa: F811
+    """The config and checkpoint a user names are inputs too: a folder holding them is not replaced."""
+    from scripts.__main__ import main
+
+    out = tmp_path / "out"
+    main(register(base, out))
+    (out / "my_config.json").write_text(Path(base["config"]).read_text())
+    before = snapshot(out)
+    argv = register(base, out, None, None, None, "--overwrite")
+    argv[argv.index("--config-file") + 1] = str(out / "my_config.json")
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {out / 'my_config.json'}: an input lies inside the output "
+                                                    f"folder {out}, which overwrite would replace; move it or write elsewhere")
+    assert snapshot(out) == before
+
+
+def test_the_current_folder_is_refused_and_the_case_folder_gets_the_usual_permissions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="is the current folder"):
+        with case_transaction("."):
+            pass
+    with case_transaction(tmp_path / "case") as stage:
+        (stage / "result.json").write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "case").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700

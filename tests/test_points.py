@@ -6,6 +6,7 @@ checks that MR landmark centres land on their analytic TRUS positions.
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -329,3 +330,14 @@ def test_map_points_config_maps_the_trus_gland_onto_the_mr_gland(ground_truth_ca
     np.testing.assert_allclose(mapped.affine, mr.affine, atol=1e-5)
     a, b = mapped.get_fdata()[..., 0] > 0.5, mr.get_fdata()[..., 0] > 0.5
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
+
+
+def test_markups_whose_control_points_are_not_a_list_are_refused(tmp_path):
+    from scripts.points import read_markups
+
+    document = _markups("LPS", {"t1": [1.0, 2.0, 3.0]})
+    document["markups"][0]["controlPoints"] = None
+    path = tmp_path / "t.mrk.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: markup 0 has controlPoints NoneType; it must be a list"):
+        read_markups(path)
