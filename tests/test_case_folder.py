@@ -185,3 +185,11 @@ def test_the_current_folder_is_refused_and_the_case_folder_gets_the_usual_permis
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "case").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
+
+
+def test_an_output_name_that_looks_like_a_number_stays_a_folder_name(base, tmp_path, monkeypatch):  # noqa: F811
+    from scripts.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    main(register(base, "2024"))  # fire reads "2024" as the int 2024
+    assert (tmp_path / "2024" / "result.json").is_file()
