@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
 from scripts.data import case_name  # noqa: E402
-from scripts.io import write_json, write_text  # noqa: E402
 from scripts.demo import bundle_run, small_segmenter  # noqa: E402
+from scripts.io import write_json, write_text  # noqa: E402
 
 # learned rows: name -> (label, model files (train.json and inference.json), training-only files), in configs/
 BASELINE = ["baselines/training.json"]
@@ -59,11 +59,17 @@ LEARNED = {
     "no_task_mask": ("ablation: no task mask", ["ablations/no_task_mask.json"], []),
     "plain_unet": ("ablation: plain U-Net", ["ablations/plain_unet.json"], []),
     "voxelmorph": ("MONAI VoxelMorph, our loss", ["baselines/voxelmorph.json"], BASELINE),
-    "voxelmorph_native": ("MONAI VoxelMorph, native loss (MI, no label term)", ["baselines/voxelmorph.json"],
-                          BASELINE + ["baselines/loss_unsupervised.json"]),
+    "voxelmorph_native": (
+        "MONAI VoxelMorph, native loss (MI, no label term)",
+        ["baselines/voxelmorph.json"],
+        BASELINE + ["baselines/loss_unsupervised.json"],
+    ),
     "localnet": ("MONAI LocalNet, our loss", ["baselines/localnet.json"], BASELINE),
-    "localnet_native": ("MONAI LocalNet, native loss (Dice + bending)", ["baselines/localnet.json"],
-                        BASELINE + ["baselines/loss_weakly_supervised.json"]),
+    "localnet_native": (
+        "MONAI LocalNet, native loss (Dice + bending)",
+        ["baselines/localnet.json"],
+        BASELINE + ["baselines/loss_weakly_supervised.json"],
+    ),
 }
 # deterministic rows: name -> label
 CLASSICAL = {
@@ -84,11 +90,17 @@ def _cases(data: Path, split: str) -> list[str]:
 
 def _env(threads: int) -> dict:
     n = str(threads)
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n,
+    }
 
 
 # ---------------------------------------------------------------- shared pre-stage (once per work folder)
+
 
 def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int, threads: int) -> None:
     """Train the gland segmenter, predict the test masks, and the bundle's rigid per case and direction."""
@@ -97,10 +109,22 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
     seg_grid = [32, 32, 32]
     if not seg_weights.is_file():
         print(f"training the gland segmenter ({seg_epochs} epochs)", flush=True)
-        bundle_run(["seg_train.json"], {
-            "dataset_dir": str(data), "run_dir": str(work / "seg_run"), "checkpoint": str(seg_weights),
-            "seed": seed, "seg_spatial_size": seg_grid, "max_epochs": seg_epochs, "learning_rate": 5e-3,
-            "progress_bar": "False", **seg_net}, _env(threads), work / "seg_train.log")
+        bundle_run(
+            ["seg_train.json"],
+            {
+                "dataset_dir": str(data),
+                "run_dir": str(work / "seg_run"),
+                "checkpoint": str(seg_weights),
+                "seed": seed,
+                "seg_spatial_size": seg_grid,
+                "max_epochs": seg_epochs,
+                "learning_rate": 5e-3,
+                "progress_bar": "False",
+                **seg_net,
+            },
+            _env(threads),
+            work / "seg_train.log",
+        )
     write_json({"seg_spatial_size": seg_grid, **seg_net}, work / "seg_overrides.json", overwrite=True)
 
     masks, rigid_file = work / "masks", work / "rigid.json"
@@ -111,8 +135,12 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
     from scripts.segmentation import load_segmenter
 
     inference = json.loads((ROOT / "configs" / "inference.json").read_text())
-    segmenter = load_segmenter(ROOT / "configs" / "seg_inference.json", seg_weights, "cpu",
-                               json.loads((work / "seg_overrides.json").read_text()))
+    segmenter = load_segmenter(
+        ROOT / "configs" / "seg_inference.json",
+        seg_weights,
+        "cpu",
+        json.loads((work / "seg_overrides.json").read_text()),
+    )
     rigid = {}
     for case in _cases(data, test_split):
         for modality in ("mr", "us"):
@@ -124,19 +152,27 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
             matrix, info = rigid_prealign(
                 str(data / test_split / f"{fix}_images" / f"{case}.nii.gz"),
                 str(data / test_split / f"{mov}_images" / f"{case}.nii.gz"),
-                str(masks / f"{case}_{fix}.nii.gz"), str(masks / f"{case}_{mov}.nii.gz"), **inference["rigid_args"])
+                str(masks / f"{case}_{fix}.nii.gz"),
+                str(masks / f"{case}_{mov}.nii.gz"),
+                **inference["rigid_args"],
+            )
             rigid[f"{direction}/{case}"] = {"matrix": np.asarray(matrix).tolist(), "method": info.get("method")}
     write_json(rigid, rigid_file)
 
 
 # ---------------------------------------------------------------- rows
 
+
 def _pair(data: Path, split: str, case: str, direction: str) -> dict:
     mov, fix = DIRECTIONS[direction]
     d = data / split
-    return {"moving": d / f"{mov}_images" / f"{case}.nii.gz", "fixed": d / f"{fix}_images" / f"{case}.nii.gz",
-            "moving_label": d / f"{mov}_labels" / f"{case}.nii.gz", "moving_mask_modality": mov,
-            "fixed_mask_modality": fix}
+    return {
+        "moving": d / f"{mov}_images" / f"{case}.nii.gz",
+        "fixed": d / f"{fix}_images" / f"{case}.nii.gz",
+        "moving_label": d / f"{mov}_labels" / f"{case}.nii.gz",
+        "moving_mask_modality": mov,
+        "fixed_mask_modality": fix,
+    }
 
 
 def _masks(work: Path, case: str, pair: dict) -> dict:
@@ -158,18 +194,31 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
         p = _pair(data, split, case, direction)
         masks = _masks(work, case, p)
         if name == "bundle_rigid":  # the pipeline with no network: the rigid alone, one resampling
-            register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], direction=direction,
-                          rigid=rigid[f"{direction}/{case}"]["matrix"], **masks, overwrite=True)
+            register_pair(
+                p["moving"],
+                p["fixed"],
+                out / case,
+                moving_labels=p["moving_label"],
+                direction=direction,
+                rigid=rigid[f"{direction}/{case}"]["matrix"],
+                **masks,
+                overwrite=True,
+            )
             continue
         fixed, moving = ants.image_read(str(p["fixed"])), ants.image_read(str(p["moving"]))
         gland = [ants.image_read(str(masks[k])).astype("float32") for k in ("fixed_mask", "moving_mask")]
         transforms = ants_transforms(ANTS_METHODS[name], fixed, moving, seed, *gland)
-        write_nifti(ants_warp_labels(fixed, moving, transforms, p["moving_label"]), nib.load(str(p["fixed"])).affine,
-                    out / f"{case}.nii.gz", overwrite=True)
+        write_nifti(
+            ants_warp_labels(fixed, moving, transforms, p["moving_label"]),
+            nib.load(str(p["fixed"])).affine,
+            out / f"{case}.nii.gz",
+            overwrite=True,
+        )
 
 
-def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, seed: int, grid, epochs: int,
-                 threads: int, out: Path) -> dict:
+def _learned_row(
+    name: str, work: Path, data: Path, split: str, direction: str, seed: int, grid, epochs: int, threads: int, out: Path
+) -> dict:
     """Train one learned row with one seed, then register the test split through the pipeline."""
     import torch
     from monai.bundle import ConfigParser
@@ -180,21 +229,43 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
     train_files = [ROOT / "configs" / f for f in LEARNED[name][2]]
     run_dir = work / "runs" / direction / name / f"seed{seed}"
     cache = work / "cache" / f"{direction}_{'x'.join(map(str, grid))}"
-    common = write_json({  # cache the rigid + box preprocessing once per direction and grid for every row
-        "train#dataset": {"_target_": "PersistentDataset", "data": "@train#dataset_data",
-                          "transform": "@train#preprocessing", "cache_dir": str(cache)},
-        "train#dataset_data": "$scripts.data.load_split(@dataset_dir, 'train', @direction)",
-        "validate#dataset": {"_target_": "PersistentDataset", "data": "@validate#dataset_data",
-                             "transform": "@validate#preprocessing", "cache_dir": str(cache)},
-        "validate#dataset_data": "$scripts.data.load_split(@dataset_dir, 'val', @direction)",
-    }, work / f"persistent_cache_{cache.name}.json", overwrite=True)
+    common = write_json(
+        {  # cache the rigid + box preprocessing once per direction and grid for every row
+            "train#dataset": {
+                "_target_": "PersistentDataset",
+                "data": "@train#dataset_data",
+                "transform": "@train#preprocessing",
+                "cache_dir": str(cache),
+            },
+            "train#dataset_data": "$scripts.data.load_split(@dataset_dir, 'train', @direction)",
+            "validate#dataset": {
+                "_target_": "PersistentDataset",
+                "data": "@validate#dataset_data",
+                "transform": "@validate#preprocessing",
+                "cache_dir": str(cache),
+            },
+            "validate#dataset_data": "$scripts.data.load_split(@dataset_dir, 'val', @direction)",
+        },
+        work / f"persistent_cache_{cache.name}.json",
+        overwrite=True,
+    )
     started = time.time()
     if not (run_dir / "best.pt").is_file():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        bundle_run(["train.json", *files, *train_files, common], {
-            "dataset_dir": str(data), "run_dir": str(run_dir), "seed": seed, "direction": direction,
-            "spatial_size": list(grid), "max_epochs": epochs, "progress_bar": "False"},
-            _env(threads), run_dir.parent / f"seed{seed}.log")
+        bundle_run(
+            ["train.json", *files, *train_files, common],
+            {
+                "dataset_dir": str(data),
+                "run_dir": str(run_dir),
+                "seed": seed,
+                "direction": direction,
+                "spatial_size": list(grid),
+                "max_epochs": epochs,
+                "progress_bar": "False",
+            },
+            _env(threads),
+            run_dir.parent / f"seed{seed}.log",
+        )
     train_seconds = time.time() - started
 
     torch.set_num_threads(threads)
@@ -207,15 +278,30 @@ def _learned_row(name: str, work: Path, data: Path, split: str, direction: str, 
     for case in _cases(data, split):
         p = _pair(data, split, case, direction)
         masks = _masks(work, case, p)
-        register_pair(p["moving"], p["fixed"], out / case, moving_labels=p["moving_label"], network=network,
-                      direction=direction, spatial_size=grid, depth_crop=parser["depth_crop"],
-                      axcodes=parser["axcodes"], rigid=rigid[f"{direction}/{case}"]["matrix"], **masks,
-                      preprocessing=parser.get_parsed_content("preprocessing"),
-                      postprocessing=parser.get_parsed_content("postprocessing"),
-                      int_steps=parser.get_parsed_content("int_steps"), roi_mask=parser["roi_mask"], overwrite=True)
+        register_pair(
+            p["moving"],
+            p["fixed"],
+            out / case,
+            moving_labels=p["moving_label"],
+            network=network,
+            direction=direction,
+            spatial_size=grid,
+            depth_crop=parser["depth_crop"],
+            axcodes=parser["axcodes"],
+            rigid=rigid[f"{direction}/{case}"]["matrix"],
+            **masks,
+            preprocessing=parser.get_parsed_content("preprocessing"),
+            postprocessing=parser.get_parsed_content("postprocessing"),
+            int_steps=parser.get_parsed_content("int_steps"),
+            roi_mask=parser["roi_mask"],
+            overwrite=True,
+        )
     params = sum(p.numel() for p in network.parameters())
-    return {"train_seconds": round(train_seconds, 1), "register_seconds_per_pair":
-            round((time.time() - started) / len(_cases(data, split)), 2), "parameters": params}
+    return {
+        "train_seconds": round(train_seconds, 1),
+        "register_seconds_per_pair": round((time.time() - started) / len(_cases(data, split)), 2),
+        "parameters": params,
+    }
 
 
 def _score(data: Path, split: str, direction: str, warped_dir: Path | None, out: Path) -> dict:
@@ -227,13 +313,19 @@ def _score(data: Path, split: str, direction: str, warped_dir: Path | None, out:
         kwargs["ddf_dir"] = str(warped_dir)
     result = {}
     for mode in ("float", "official"):
-        summary = evaluate(str(data), split=split, direction=direction, mode=mode, out=str(out / mode),
-                           overwrite=True, **kwargs)
-        result[mode] = {"metrics": summary["metrics"], "clinical": summary["clinical"],
-                        "regularity": summary.get("regularity", {})}
+        summary = evaluate(
+            str(data), split=split, direction=direction, mode=mode, out=str(out / mode), overwrite=True, **kwargs
+        )
+        result[mode] = {
+            "metrics": summary["metrics"],
+            "clinical": summary["clinical"],
+            "regularity": summary.get("regularity", {}),
+        }
     with open(out / "float" / "per_case.csv") as fh:
-        result["per_case"] = {r["case"]: {"dsc": float(r["dsc"]), "tre_mm": _float(r["tre_mm"]),
-                                          "hd95": float(r["hd95"])} for r in csv.DictReader(fh)}
+        result["per_case"] = {
+            r["case"]: {"dsc": float(r["dsc"]), "tre_mm": _float(r["tre_mm"]), "hd95": float(r["hd95"])}
+            for r in csv.DictReader(fh)
+        }
     return result
 
 
@@ -241,8 +333,9 @@ def _float(text: str):
     return float(text) if text not in ("", "nan", "None") else None
 
 
-def run_one(name: str, seed: int, direction: str, work: Path, data: Path, split: str, grid, epochs: int,
-            threads: int) -> Path:
+def run_one(
+    name: str, seed: int, direction: str, work: Path, data: Path, split: str, grid, epochs: int, threads: int
+) -> Path:
     """One (row, seed, direction): register (training first for learned rows), score, store the result."""
     result_file = work / "results" / direction / f"{name}_seed{seed}.json"
     if result_file.is_file():
@@ -255,25 +348,32 @@ def run_one(name: str, seed: int, direction: str, work: Path, data: Path, split:
     elif name != "identity":
         _ants_row(name, work, data, split, direction, out, seed)
     seconds = time.time() - started
-    scores = _score(data, split, direction, None if name == "identity" else out, work / "eval" / direction /
-                    f"{name}_seed{seed}")
-    write_json({"row": name, "seed": seed, "direction": direction, "seconds": round(seconds, 1), **info, **scores},
-               result_file, overwrite=True)
+    scores = _score(
+        data, split, direction, None if name == "identity" else out, work / "eval" / direction / f"{name}_seed{seed}"
+    )
+    write_json(
+        {"row": name, "seed": seed, "direction": direction, "seconds": round(seconds, 1), **info, **scores},
+        result_file,
+        overwrite=True,
+    )
     print(f"done {direction} {name} seed {seed} in {seconds:.0f} s", flush=True)
     return result_file
 
 
-def task(name: str, seed: int, direction: str, work: str, data: str, split: str, grid, epochs: int,
-         threads: int = 1) -> None:
+def task(
+    name: str, seed: int, direction: str, work: str, data: str, split: str, grid, epochs: int, threads: int = 1
+) -> None:
     """Entry of one subprocess (``python benchmarks/comparison.py task ...``)."""
     import torch
 
     torch.set_num_threads(int(threads))
-    run_one(name, int(seed), direction, Path(work), Path(data), split, [int(g) for g in grid], int(epochs),
-            int(threads))
+    run_one(
+        name, int(seed), direction, Path(work), Path(data), split, [int(g) for g in grid], int(epochs), int(threads)
+    )
 
 
 # ---------------------------------------------------------------- statistics and the table
+
 
 def _case_means(seeds: dict, metric: str) -> dict:
     """case -> the metric averaged over the given seeds ({seed: {case: {metric: value}}}; None skipped)."""
@@ -303,8 +403,11 @@ def _stats(results: dict, direction: str, metric: str, higher_is_better: bool = 
         if not seeds:
             continue
         means = [np.mean(list(_case_means({s: cases}, metric).values())) for s, cases in seeds.items()]
-        entry = {"seeds": sorted(seeds), "mean": float(np.mean(means)),
-                 "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0}
+        entry = {
+            "seeds": sorted(seeds),
+            "mean": float(np.mean(means)),
+            "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+        }
         if row != reference and ref:
             shared = ref.keys() if row in CLASSICAL else seeds.keys() & ref.keys()
             ref_cases = _case_means({s: ref[s] for s in shared}, metric)
@@ -314,8 +417,12 @@ def _stats(results: dict, direction: str, metric: str, higher_is_better: bool = 
             p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
             gap = float(diff.mean()) if len(cases) else 0.0
             tie = abs(gap) <= max(entry["sd"], table[reference]["sd"]) or p >= 0.05
-            entry.update(p=p, n_cases=len(cases), gap=gap,
-                         verdict="tie" if tie else ("better" if (gap > 0) == higher_is_better else "worse"))
+            entry.update(
+                p=p,
+                n_cases=len(cases),
+                gap=gap,
+                verdict="tie" if tie else ("better" if (gap > 0) == higher_is_better else "worse"),
+            )
         table[row] = entry
     return table
 
@@ -355,7 +462,8 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
         "",
         "DSC: gland Dice (float mode). TRE: Euclidean landmark centroid error in mm. Both: mean over test cases per"
         " seed, then mean ± SD (sample SD) over seeds. p: paired Wilcoxon signed-rank test against the full model over"
-        " the test cases (each case averaged over the seeds both rows have); verdict: better / worse than the full model, or 'tie' when p ≥ 0.05 or the gap is inside the"
+        " the test cases (each case averaged over the seeds both rows have); verdict: better / worse than the full"
+        " model, or 'tie' when p ≥ 0.05 or the gap is inside the"
         " larger seed SD. score: the μ-RegPro"
         " official-mode score (mean over seeds). |J|≤0: % voxels with a non-positive Jacobian determinant.",
     ]
@@ -363,9 +471,13 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
         if direction not in results:
             continue
         dsc, tre = _stats(results, direction, "dsc"), _stats(results, direction, "tre_mm", higher_is_better=False)
-        lines += ["", f"## {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'})",
-                  "", "| row | seeds | DSC | p (DSC) | verdict | TRE mm | p (TRE) | verdict | score | \\|J\\|≤0 % | train s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'})",
+            "",
+            "| row | seeds | DSC | p (DSC) | verdict | TRE mm | p (TRE) | verdict | score | \\|J\\|≤0 % | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in [*CLASSICAL, *LEARNED]:
             if row not in dsc:
                 continue
@@ -375,7 +487,11 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
             train = np.mean([r.get("train_seconds", 0) for r in runs]) if row in LEARNED else None
 
             def cell(e, digits):
-                return f"{e['mean']:.{digits}f} ± {e['sd']:.{digits}f}" if len(e["seeds"]) > 1 else f"{e['mean']:.{digits}f}"
+                return (
+                    f"{e['mean']:.{digits}f} ± {e['sd']:.{digits}f}"
+                    if len(e["seeds"]) > 1
+                    else f"{e['mean']:.{digits}f}"
+                )
 
             def p(e):
                 if "p" in e:
@@ -383,9 +499,11 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
                 return ("reference", "") if row == "full" else ("–", "")
 
             seeds = ",".join(map(str, d["seeds"])) if row in LEARNED else "deterministic"
-            lines.append(f"| {labels[row]} | {seeds} | {cell(d, 3)} | {p(d)[0]} | {p(d)[1]} | {cell(t, 2)} | "
-                         f"{p(t)[0]} | {p(t)[1]} | {score:.3f} | {'-' if jac is None else f'{jac:.2f}'} | "
-                         f"{'-' if train is None else f'{train:.0f}'} |")
+            lines.append(
+                f"| {labels[row]} | {seeds} | {cell(d, 3)} | {p(d)[0]} | {p(d)[1]} | {cell(t, 2)} | "
+                f"{p(t)[0]} | {p(t)[1]} | {score:.3f} | {'-' if jac is None else f'{jac:.2f}'} | "
+                f"{'-' if train is None else f'{train:.0f}'} |"
+            )
     text = "\n".join(lines) + "\n"
     write_text(text, out, overwrite=overwrite)
     write_json(results, work / "results_all.json", overwrite=True)
@@ -394,21 +512,37 @@ def report(work: Path, out: Path, settings: dict, overwrite: bool) -> str:
 
 # ---------------------------------------------------------------- the command
 
+
 def _check_work(work: Path, fixed: dict) -> None:
     """Stored results are reused: refuse a work folder made with other data, split, grid or epochs."""
     path = work / "settings.json"
     if path.is_file():
         made = json.loads(path.read_text())
         if made != fixed:
-            raise FileExistsError(f"{path}: this work folder was made with {made}, not {fixed}; use a new --work folder")
+            raise FileExistsError(
+                f"{path}: this work folder was made with {made}, not {fixed}; use a new --work folder"
+            )
     else:
         write_json(fixed, path)
 
 
-def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", data: str | None = None,
-         cases: int = 24, test_split: str | None = None, seeds=(0, 1, 2), directions=("mr2us", "us2mr"),
-         grid=(24, 24, 20), epochs: int = 6, seg_epochs: int = 60, rows=None, jobs: int = 2, threads: int = 1,
-         overwrite: bool = False, report_only: bool = False) -> str:
+def main(
+    work: str = "/tmp/comparison",
+    out: str = "docs/comparison_table.md",
+    data: str | None = None,
+    cases: int = 24,
+    test_split: str | None = None,
+    seeds=(0, 1, 2),
+    directions=("mr2us", "us2mr"),
+    grid=(24, 24, 20),
+    epochs: int = 6,
+    seg_epochs: int = 60,
+    rows=None,
+    jobs: int = 2,
+    threads: int = 1,
+    overwrite: bool = False,
+    report_only: bool = False,
+) -> str:
     """Train, register and score every row; write the table to ``out``.
 
     Args:
@@ -441,8 +575,16 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
         raise ValueError(f"unknown rows {unknown}; choose from {list(CLASSICAL) + list(LEARNED)}")
     test_split = test_split or ("holdout" if data is None else "val")
     work.mkdir(parents=True, exist_ok=True)
-    _check_work(work, {"data": str(Path(data).resolve()) if data else f"phantom, {cases} cases", "test_split": test_split,
-                       "grid": grid, "epochs": epochs, "seg_epochs": seg_epochs})
+    _check_work(
+        work,
+        {
+            "data": str(Path(data).resolve()) if data else f"phantom, {cases} cases",
+            "test_split": test_split,
+            "grid": grid,
+            "epochs": epochs,
+            "seg_epochs": seg_epochs,
+        },
+    )
     if data is None:
         data_dir = work / "data"
         if not (data_dir / "phantom.json").is_file():
@@ -454,17 +596,36 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
         data_dir, data_label = Path(data).resolve(), f"`{data}`"
     if not report_only:
         prepare(work, data_dir, test_split, seg_epochs, seeds[0], threads * jobs)
-        tasks = [(r, s if r in LEARNED else seeds[0], d) for s in seeds for d in directions for r in rows
-                 if r in LEARNED or s == seeds[0]]
+        tasks = [
+            (r, s if r in LEARNED else seeds[0], d)
+            for s in seeds
+            for d in directions
+            for r in rows
+            if r in LEARNED or s == seeds[0]
+        ]
 
         def launch(t):
             name, seed, direction = t
-            command = [sys.executable, str(Path(__file__).resolve()), "task", name, str(seed), direction, str(work),
-                       str(data_dir), test_split, json.dumps(grid), str(epochs), str(threads)]
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "task",
+                name,
+                str(seed),
+                direction,
+                str(work),
+                str(data_dir),
+                test_split,
+                json.dumps(grid),
+                str(epochs),
+                str(threads),
+            ]
             log = work / "logs" / f"{direction}_{name}_seed{seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as fh:  # a resumed run appends: the first run's log stays
-                code = subprocess.run(command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(
+                    command, cwd=ROOT, env=_env(threads), stdout=fh, stderr=subprocess.STDOUT
+                ).returncode
             print(f"{'ok' if code == 0 else 'FAILED'}: {direction} {name} seed {seed} ({log})", flush=True)
             return code
 
@@ -472,16 +633,34 @@ def main(work: str = "/tmp/comparison", out: str = "docs/comparison_table.md", d
             codes = list(pool.map(launch, tasks))
         if any(codes):
             print(f"{sum(c != 0 for c in codes)} run(s) failed; the table shows the others", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     import torch
 
     settings = {
         "command": "python benchmarks/comparison.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
-                   if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-        "jobs": jobs, "threads": threads,
-        "data": data_label, "split": test_split, "grid": "×".join(map(str, grid)), "epochs": epochs, "seeds": seeds,
+        "machine": (
+            f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+            if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(0)
+        ),
+        "jobs": jobs,
+        "threads": threads,
+        "data": data_label,
+        "split": test_split,
+        "grid": "×".join(map(str, grid)),
+        "epochs": epochs,
+        "seeds": seeds,
         **{f"n_{k}": len(_cases(data_dir, s)) for k, s in (("train", "train"), ("val", "val"), ("test", test_split))},
     }
     text = report(work, out, settings, overwrite)

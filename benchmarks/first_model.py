@@ -61,8 +61,17 @@ def _gland_mask(label_path: Path, out: Path) -> Path:
     return out
 
 
-def _register(row: str, network, parser, data: Path, split: str, direction: str, work: Path, segmenter=None,
-              rigid_row: str = "rigid") -> None:
+def _register(
+    row: str,
+    network,
+    parser,
+    data: Path,
+    split: str,
+    direction: str,
+    work: Path,
+    segmenter=None,
+    rigid_row: str = "rigid",
+) -> None:
     """Register every test pair for one row, skipping cases already done; ``seconds.txt`` beside each.
 
     Masks: the label files' gland channel, or (``segmenter``) the segmenter's prediction; a network row reuses
@@ -77,23 +86,41 @@ def _register(row: str, network, parser, data: Path, split: str, direction: str,
         if (out / "result.json").is_file():
             continue
         if segmenter is None:
-            masks = {f"{k}_mask": _gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz")
-                     for k, m in (("moving", mov), ("fixed", fix))}
+            masks = {
+                f"{k}_mask": _gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz")
+                for k, m in (("moving", mov), ("fixed", fix))
+            }
         elif network is None:
             masks = {"seg_network": segmenter}
         else:
             masks = {k: work / rigid_row / case / name for k, name in MASK_OUTPUTS.items()}
         kwargs = {}
         if network is not None:  # the rigid stage's own matrix: both rows share one pre-alignment
-            rigid = json.loads((work / rigid_row / case / "result.json").read_text())["rigid"]["matrix_lps_fixed_to_moving"]
-            kwargs = {"rigid": rigid, "preprocessing": parser.get_parsed_content("preprocessing"),
-                      "postprocessing": parser.get_parsed_content("postprocessing"),
-                      "int_steps": parser.get_parsed_content("int_steps"), "roi_mask": parser["roi_mask"]}
+            rigid = json.loads((work / rigid_row / case / "result.json").read_text())["rigid"][
+                "matrix_lps_fixed_to_moving"
+            ]
+            kwargs = {
+                "rigid": rigid,
+                "preprocessing": parser.get_parsed_content("preprocessing"),
+                "postprocessing": parser.get_parsed_content("postprocessing"),
+                "int_steps": parser.get_parsed_content("int_steps"),
+                "roi_mask": parser["roi_mask"],
+            }
         started = time.time()
-        register_pair(d / f"{mov}_images" / f"{case}.nii.gz", d / f"{fix}_images" / f"{case}.nii.gz", out,
-                      moving_labels=d / f"{mov}_labels" / f"{case}.nii.gz", network=network, direction=direction,
-                      spatial_size=parser["spatial_size"], depth_crop=parser["depth_crop"], axcodes=parser["axcodes"],
-                      rigid_args=parser.get_parsed_content("rigid_args"), **masks, **kwargs)
+        register_pair(
+            d / f"{mov}_images" / f"{case}.nii.gz",
+            d / f"{fix}_images" / f"{case}.nii.gz",
+            out,
+            moving_labels=d / f"{mov}_labels" / f"{case}.nii.gz",
+            network=network,
+            direction=direction,
+            spatial_size=parser["spatial_size"],
+            depth_crop=parser["depth_crop"],
+            axcodes=parser["axcodes"],
+            rigid_args=parser.get_parsed_content("rigid_args"),
+            **masks,
+            **kwargs,
+        )
         seconds.append(time.time() - started)
         (out / "seconds.txt").write_text(f"{seconds[-1]:.2f}\n")
         print(f"{row} {case} {seconds[-1]:.1f} s", flush=True)
@@ -127,8 +154,12 @@ def _register_ants(row: str, data: Path, split: str, direction: str, work: Path,
             continue
         fixed_path, moving_path = d / f"{fix}_images" / f"{case}.nii.gz", d / f"{mov}_images" / f"{case}.nii.gz"
         fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
-        masks = [ants.image_read(str(_gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz")))
-                 .astype("float32") for m in (fix, mov)]
+        masks = [
+            ants.image_read(
+                str(_gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz"))
+            ).astype("float32")
+            for m in (fix, mov)
+        ]
         started = time.time()
         transforms = ants_transforms(ANTS_ROWS[row], fixed, moving, seed, *masks)
         seconds = time.time() - started
@@ -136,8 +167,12 @@ def _register_ants(row: str, data: Path, split: str, direction: str, work: Path,
         with tempfile.TemporaryDirectory() as tmp:
             field = ants.apply_transforms(fixed, moving, transforms, compose=str(Path(tmp) / "field_"))
             shutil.copyfile(field, out / "transform_fixed_to_moving.nii.gz")
-        write_nifti(ants_warp_labels(fixed, moving, transforms, d / f"{mov}_labels" / f"{case}.nii.gz"),
-                    nib.load(str(fixed_path)).affine, out / "warped_label.nii.gz", overwrite=True)
+        write_nifti(
+            ants_warp_labels(fixed, moving, transforms, d / f"{mov}_labels" / f"{case}.nii.gz"),
+            nib.load(str(fixed_path)).affine,
+            out / "warped_label.nii.gz",
+            overwrite=True,
+        )
         (out / "seconds.txt").write_text(f"{seconds:.2f}\n")
         (out / "result.json").write_text(json.dumps({"method": ANTS_ROWS[row], "seconds": seconds}) + "\n")
         print(f"{row} {case} {seconds:.1f} s", flush=True)
@@ -159,7 +194,9 @@ def _trained_network(model: str):
     parser["network_def"] = trained["network_def"]  # the trained variant, whole (another class for a baseline)
     if "int_steps" not in trained["network_def"]:  # a baseline integrates with its own steps (VoxelMorph) or not at all
         parser["int_steps"] = trained["network_def"].get("integration_steps", 0)
-    network = load_weights(parser.get_parsed_content("network"), model, "cpu", required=True, settings=settings_of(parser))
+    network = load_weights(
+        parser.get_parsed_content("network"), model, "cpu", required=True, settings=settings_of(parser)
+    )
     return parser, network, trained
 
 
@@ -176,7 +213,10 @@ def _curve(run_dirs: list, out: Path, steps_per_epoch: int) -> Path:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    panels = (("val_gland_dice", "validation gland Dice (network box)"), ("val_landmark_tre_mm", "validation landmark TRE (mm)"))
+    panels = (
+        ("val_gland_dice", "validation gland Dice (network box)"),
+        ("val_landmark_tre_mm", "validation landmark TRE (mm)"),
+    )
     for ax, (tag, ylabel) in zip(axes, panels):
         offset = 0
         for i, run_dir in enumerate(run_dirs):
@@ -186,8 +226,13 @@ def _curve(run_dirs: list, out: Path, steps_per_epoch: int) -> Path:
             for suffix, label in (("", "rigid + network"), ("_rigid_only", "rigid stage alone")):
                 if tag + suffix in tags:
                     events = acc.Scalars(tag + suffix)
-                    ax.plot([offset + e.step * steps_per_epoch for e in events], [e.value for e in events],
-                            marker=".", color="C0" if not suffix else "C1", label=label if i == len(run_dirs) - 1 else None)
+                    ax.plot(
+                        [offset + e.step * steps_per_epoch for e in events],
+                        [e.value for e in events],
+                        marker=".",
+                        color="C0" if not suffix else "C1",
+                        label=label if i == len(run_dirs) - 1 else None,
+                    )
             offset += max(e.step for e in acc.Scalars("val_gland_dice")) * steps_per_epoch
             if i < len(run_dirs) - 1:
                 ax.axvline(offset, color="grey", lw=0.8, ls=":")
@@ -207,12 +252,22 @@ def _score(data: Path, split: str, direction: str, work: Path, row: str) -> dict
     from scripts.evaluate import evaluate
 
     true_dir = data / split / f"ddf_{direction}"
-    kwargs = {"method": "identity"} if row == "none" else {
-        "warped_dir": str(work / row), "ddf_dir": str(work / row), "true_ddf_dir": str(true_dir)}
+    kwargs = (
+        {"method": "identity"}
+        if row == "none"
+        else {"warped_dir": str(work / row), "ddf_dir": str(work / row), "true_ddf_dir": str(true_dir)}
+    )
     out = {}
     for mode in ("official", "float"):
-        out[mode] = evaluate(str(data), split=split, direction=direction, mode=mode,
-                             out=str(work / "scores" / row / mode), overwrite=True, **kwargs)
+        out[mode] = evaluate(
+            str(data),
+            split=split,
+            direction=direction,
+            mode=mode,
+            out=str(work / "scores" / row / mode),
+            overwrite=True,
+            **kwargs,
+        )
     with open(work / "scores" / row / "float" / "per_case.csv") as fh:
         out["per_case"] = {r["case"]: r for r in csv.DictReader(fh)}
     return out
@@ -232,10 +287,20 @@ def _ideal(data: Path, split: str, direction: str) -> dict:
     return out
 
 
-def main(data: str, model: str = "models/model.pt", seg_model: str | None = "models/seg_model.pt",
-         run_dir: str | list | None = None, work: str = "/tmp/first_model", out: str = "docs/first_model.md",
-         split: str = "holdout", direction: str = "mr2us", threads: int = 2, baselines: dict | None = None,
-         ants: bool = True, overwrite: bool = False) -> str:
+def main(
+    data: str,
+    model: str = "models/model.pt",
+    seg_model: str | None = "models/seg_model.pt",
+    run_dir: str | list | None = None,
+    work: str = "/tmp/first_model",
+    out: str = "docs/first_model.md",
+    split: str = "holdout",
+    direction: str = "mr2us",
+    threads: int = 2,
+    baselines: dict | None = None,
+    ants: bool = True,
+    overwrite: bool = False,
+) -> str:
     """Register the test split with the rigid stage and with the trained network, score the rows, write ``out``.
 
     ``configs/inference.json`` runs with the grid, depth crop, ROI switch and network settings stored in
@@ -285,8 +350,11 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
     curve = None
     if run_dir is not None:
         steps = len(_cases(data, "train"))
-        curve = _curve([Path(r) for r in ([run_dir] if isinstance(run_dir, str) else run_dir)],
-                       Path(out).with_suffix(".png"), steps)
+        curve = _curve(
+            [Path(r) for r in ([run_dir] if isinstance(run_dir, str) else run_dir)],
+            Path(out).with_suffix(".png"),
+            steps,
+        )
 
     scores = {row: _score(data, split, direction, work, row) for row in rows}
     ideal = _ideal(data, split, direction)
@@ -299,7 +367,7 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
         return np.mean([float((work / row / c / "seconds.txt").read_text()) for c in cases])
 
     lines = [
-        f"# The trained network against its rigid stage — **synthetic data**\n",
+        "# The trained network against its rigid stage — **synthetic data**\n",
         f"{len(cases)} `{split}` pairs of `{data}` ({direction}); weights `{model}` (segmenter `{seg_model}`); "
         f"grid {trained['spatial_size']}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{threads} torch threads. Written by `python benchmarks/first_model.py --data {data} --model {model} "
@@ -312,38 +380,57 @@ def main(data: str, model: str = "models/model.pt", seg_model: str | None = "mod
     for fit in ("rigid", "affine"):
         v = np.array([ideal[fit][c] for c in cases])
         lines.append(f"| ideal {fit} (fitted to the truth) | - | {v.mean():.2f} ± {v.std():.2f} | - | - | - | - | - |")
-    names = {"none": "no registration", "rigid": "bundle rigid stage (true gland masks)",
-             "network": "rigid + trained network (true gland masks)",
-             "rigid_pred": "bundle rigid stage (predicted gland masks)",
-             "network_pred": "rigid + trained network (predicted gland masks)",
-             "ants_syn": "ANTs affine + SyN, images (Mattes MI)",
-             "ants_syn_masks": "ANTs affine + SyN, true gland masks (mean squares)",
-             **{name: f"rigid + {name} (true gland masks)" for name in (baselines or {})}}
+    names = {
+        "none": "no registration",
+        "rigid": "bundle rigid stage (true gland masks)",
+        "network": "rigid + trained network (true gland masks)",
+        "rigid_pred": "bundle rigid stage (predicted gland masks)",
+        "network_pred": "rigid + trained network (predicted gland masks)",
+        "ants_syn": "ANTs affine + SyN, images (Mattes MI)",
+        "ants_syn_masks": "ANTs affine + SyN, true gland masks (mean squares)",
+        **{name: f"rigid + {name} (true gland masks)" for name in (baselines or {})},
+    }
     for row in rows:
         cells = []
         for key in ("dsc", "tre_mm", "ddf_error_mean_mm", "ddf_error_p95_mm", "jacobian_nonpositive_pct"):
             v = column(row, key)
             cells.append("-" if np.all(np.isnan(v)) else f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}")
         score = scores[row]["official"].get("score", scores[row]["official"].get("metrics", {}).get("score"))
-        lines.append(f"| {names[row]} | " + " | ".join(cells) + f" | {'-' if score is None else f'{float(score):.3f}'} | "
-                     + ("-" if row == "none" else f"{secs(row):.1f}") + " |")
-    pairs = [("network", "rigid"), ("network_pred", "rigid_pred")] + [("network", row) for row in rows if row in ANTS_ROWS or row in (baselines or {})]
+        lines.append(
+            f"| {names[row]} | "
+            + " | ".join(cells)
+            + f" | {'-' if score is None else f'{float(score):.3f}'} | "
+            + ("-" if row == "none" else f"{secs(row):.1f}")
+            + " |"
+        )
+    pairs = [("network", "rigid"), ("network_pred", "rigid_pred")] + [
+        ("network", row) for row in rows if row in ANTS_ROWS or row in (baselines or {})
+    ]
     for net_row, rigid_row in pairs:
         if net_row not in rows or rigid_row not in rows:
             continue
         lines += ["", f"Paired two-sided Wilcoxon signed-rank, {names[net_row]} vs {names[rigid_row]}:", ""]
-        for key, label, better in (("dsc", "gland Dice", 1), ("tre_mm", "TRE", -1),
-                                   ("ddf_error_mean_mm", "field error mean", -1), ("ddf_error_p95_mm", "field error p95", -1)):
+        for key, label, better in (
+            ("dsc", "gland Dice", 1),
+            ("tre_mm", "TRE", -1),
+            ("ddf_error_mean_mm", "field error mean", -1),
+            ("ddf_error_p95_mm", "field error p95", -1),
+        ):
             a, b = column(net_row, key), column(rigid_row, key)
             ok = ~(np.isnan(a) | np.isnan(b))
             diff = a[ok] - b[ok]
             p = wilcoxon(a[ok], b[ok]).pvalue if np.any(diff != 0) else 1.0
             wins = int(np.sum(better * diff > 0))
-            lines.append(f"- {label}: mean difference {diff.mean():+.3f}, {net_row} better in {wins}/{ok.sum()} cases, p = {p:.2g}")
+            lines.append(
+                f"- {label}: mean difference {diff.mean():+.3f}, {net_row} better in {wins}/{ok.sum()} cases, p = {p:.2g}"
+            )
     if curve is not None:
         lines += ["", f"![validation gland Dice and landmark TRE against steps]({curve.name})"]
-    lines += ["", "s/pair: the rigid row includes computing the rigid; the network rows reuse that matrix; "
-              "the ANTs rows count the registration alone."]
+    lines += [
+        "",
+        "s/pair: the rigid row includes computing the rigid; the network rows reuse that matrix; "
+        "the ANTs rows count the registration alone.",
+    ]
     text = "\n".join(lines) + "\n"
     write_text(text, out, overwrite=overwrite)
     print(text)

@@ -43,8 +43,11 @@ def _pair(data: Path, split: str, case: str, direction: str) -> dict:
 
     mov, fix = DIRECTIONS[direction]
     d = data / split
-    return {"moving": d / f"{mov}_images" / f"{case}.nii.gz", "fixed": d / f"{fix}_images" / f"{case}.nii.gz",
-            "moving_labels": d / f"{mov}_labels" / f"{case}.nii.gz"}
+    return {
+        "moving": d / f"{mov}_images" / f"{case}.nii.gz",
+        "fixed": d / f"{fix}_images" / f"{case}.nii.gz",
+        "moving_labels": d / f"{mov}_labels" / f"{case}.nii.gz",
+    }
 
 
 def _ours(pair: dict, out: Path, pictures: bool, config_file, checkpoint) -> dict:
@@ -56,15 +59,35 @@ def _ours(pair: dict, out: Path, pictures: bool, config_file, checkpoint) -> dic
     from scripts.cli import register
 
     with contextlib.redirect_stdout(io.StringIO()):
-        register(str(pair["moving"]), str(pair["fixed"]), str(out), moving_labels=str(pair["moving_labels"]),
-                 config_file=config_file, checkpoint=checkpoint, pictures=pictures)
+        register(
+            str(pair["moving"]),
+            str(pair["fixed"]),
+            str(out),
+            moving_labels=str(pair["moving_labels"]),
+            config_file=config_file,
+            checkpoint=checkpoint,
+            pictures=pictures,
+        )
     return json.loads((out / "result.json").read_text())["seconds"]
 
 
 def _fresh_process(pair: dict, out: Path, pictures: bool, threads: int) -> float:
-    command = [sys.executable, "-m", "scripts", "register", "--moving", str(pair["moving"]), "--fixed",
-               str(pair["fixed"]), "--out", str(out), "--moving-labels", str(pair["moving_labels"]),
-               "--pictures", str(pictures)]
+    command = [
+        sys.executable,
+        "-m",
+        "scripts",
+        "register",
+        "--moving",
+        str(pair["moving"]),
+        "--fixed",
+        str(pair["fixed"]),
+        "--out",
+        str(out),
+        "--moving-labels",
+        str(pair["moving_labels"]),
+        "--pictures",
+        str(pictures),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
@@ -82,16 +105,32 @@ def _ants_syn(pair: dict, out: Path, seed: int = 0) -> float:
     started = time.perf_counter()
     fixed, moving = ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))
     transforms = ants_transforms("ants_syn_mi", fixed, moving, seed)
-    ants.image_write(ants.apply_transforms(fixed, moving, transforms, interpolator="linear"),
-                     str(out / "warped_image.nii.gz"))
-    write_nifti(ants_warp_labels(fixed, moving, transforms, pair["moving_labels"]),
-                nib.load(str(pair["fixed"])).affine, out / "warped_label.nii.gz")
+    ants.image_write(
+        ants.apply_transforms(fixed, moving, transforms, interpolator="linear"), str(out / "warped_image.nii.gz")
+    )
+    write_nifti(
+        ants_warp_labels(fixed, moving, transforms, pair["moving_labels"]),
+        nib.load(str(pair["fixed"])).affine,
+        out / "warped_label.nii.gz",
+    )
     return time.perf_counter() - started
 
 
-def main(data: str, split: str = "holdout", direction: str = "mr2us", cases: int = 3, repeats: int = 3,
-         ants_repeats: int = 1, threads: int = 2, pictures: bool = False, fresh_process: bool = True,
-         config_file=None, checkpoint=None, out: str | None = None, overwrite: bool = False) -> str:
+def main(
+    data: str,
+    split: str = "holdout",
+    direction: str = "mr2us",
+    cases: int = 3,
+    repeats: int = 3,
+    ants_repeats: int = 1,
+    threads: int = 2,
+    pictures: bool = False,
+    fresh_process: bool = True,
+    config_file=None,
+    checkpoint=None,
+    out: str | None = None,
+    overwrite: bool = False,
+) -> str:
     """Time the pipeline per stage and ANTs SyN on the same pairs; print (and with ``out``, write) the tables."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # read when ITK loads
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -148,9 +187,13 @@ def main(data: str, split: str = "holdout", direction: str = "mr2us", cases: int
         f"| ours, in process, network already loaded (a running service) | {service:.2f} | {median(syn) / service:.1f}x |",
     ]
     if fresh:
-        lines.append(f"| ours, `python -m scripts register` as a new process | {median(fresh):.2f} | "
-                     f"{median(syn) / median(fresh):.1f}x |")
-    lines.append(f"| ANTs affine + SyN (antspyx, read, register, warp image and labels, write) | {median(syn):.2f} | 1.0x |")
+        lines.append(
+            f"| ours, `python -m scripts register` as a new process | {median(fresh):.2f} | "
+            f"{median(syn) / median(fresh):.1f}x |"
+        )
+    lines.append(
+        f"| ANTs affine + SyN (antspyx, read, register, warp image and labels, write) | {median(syn):.2f} | 1.0x |"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB (Linux)
     lines += ["", f"Peak resident memory of this process (ours and ANTs, every pair): {peak:.2f} GB."]
     text = "\n".join(lines) + "\n"

@@ -34,9 +34,13 @@ from scripts.io import write_text  # noqa: E402
 from scripts.phantom import synth  # noqa: E402
 
 METHODS = ("none", "ants_rigid_mi", "ants_syn_mi", "ants_syn_masks", "true_field")
-LABELS = {"none": "no registration", "ants_rigid_mi": "ANTs Rigid, images (Mattes MI)",
-          "ants_syn_mi": "ANTs SyN, images (Mattes MI)", "ants_syn_masks": "ANTs SyN, true gland masks (oracle)",
-          "true_field": "stored ground-truth field (sanity check)"}
+LABELS = {
+    "none": "no registration",
+    "ants_rigid_mi": "ANTs Rigid, images (Mattes MI)",
+    "ants_syn_mi": "ANTs SyN, images (Mattes MI)",
+    "ants_syn_masks": "ANTs SyN, true gland masks (oracle)",
+    "true_field": "stored ground-truth field (sanity check)",
+}
 
 
 def _label_channels(path: Path, like: ants.ANTsImage) -> list:
@@ -62,8 +66,12 @@ def _score(fixed_labels, warped, fixed_affine) -> dict:
             lost += 1
             continue
         dists.append(float(np.linalg.norm(a - b)))
-    return {"dice": float(dice), "tre_mm": float(np.mean(dists)) if dists else None, "landmarks": len(dists),
-            "landmarks_lost": lost}
+    return {
+        "dice": float(dice),
+        "tre_mm": float(np.mean(dists)) if dists else None,
+        "landmarks": len(dists),
+        "landmarks_lost": lost,
+    }
 
 
 def ants_transforms(method: str, fixed, moving, seed: int, fixed_mask=None, moving_mask=None) -> list:
@@ -74,12 +82,25 @@ def ants_transforms(method: str, fixed, moving, seed: int, fixed_mask=None, movi
     Every run starts from the identity (see the module docstring).
     """
     if method == "ants_syn_masks":
-        reg = ants.registration(fixed_mask, moving_mask, type_of_transform="SyN", aff_metric="meansquares",
-                                syn_metric="meansquares", random_seed=seed, initial_transform="Identity")
+        reg = ants.registration(
+            fixed_mask,
+            moving_mask,
+            type_of_transform="SyN",
+            aff_metric="meansquares",
+            syn_metric="meansquares",
+            random_seed=seed,
+            initial_transform="Identity",
+        )
     else:
-        reg = ants.registration(fixed, moving, type_of_transform="Rigid" if method == "ants_rigid_mi" else "SyN",
-                                aff_metric="mattes", syn_metric="mattes", random_seed=seed,
-                                initial_transform="Identity")
+        reg = ants.registration(
+            fixed,
+            moving,
+            type_of_transform="Rigid" if method == "ants_rigid_mi" else "SyN",
+            aff_metric="mattes",
+            syn_metric="mattes",
+            random_seed=seed,
+            initial_transform="Identity",
+        )
     return reg["fwdtransforms"]
 
 
@@ -88,8 +109,12 @@ def ants_warp_labels(fixed, moving, transforms, label_path) -> np.ndarray:
     ``fixed``'s grid: each channel linear, thresholded at 0.5; uint8 (X, Y, Z, C)."""
     labels = np.asarray(nib.load(str(label_path)).dataobj, dtype=np.float32)
     labels = labels if labels.ndim == 4 else labels[..., None]
-    warped = [ants.apply_transforms(fixed, moving.new_image_like(np.ascontiguousarray(labels[..., c])), transforms,
-                                    interpolator="linear").numpy() for c in range(labels.shape[-1])]
+    warped = [
+        ants.apply_transforms(
+            fixed, moving.new_image_like(np.ascontiguousarray(labels[..., c])), transforms, interpolator="linear"
+        ).numpy()
+        for c in range(labels.shape[-1])
+    ]
     return (np.stack(warped, -1) >= 0.5).astype(np.uint8)
 
 
@@ -125,23 +150,34 @@ def _summary(rows: list, directions) -> str:
         sel = [r for r in rows if r["direction"] == direction]
         if not sel:
             continue
-        lines += [f"\n### {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'}),"
-                  f" {len(sel)} cases\n",
-                  "| method | gland Dice mean ± sd | Dice median | TRE mm mean ± sd | TRE median | landmarks lost | s/pair |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### {direction} ({'MR moving, TRUS fixed' if direction == 'mr2us' else 'TRUS moving, MR fixed'}),"
+            f" {len(sel)} cases\n",
+            "| method | gland Dice mean ± sd | Dice median | TRE mm mean ± sd | TRE median | landmarks lost | s/pair |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for m in METHODS:
             dice = np.array([r[m]["dice"] for r in sel])
             tre = np.array([r[m]["tre_mm"] for r in sel if r[m]["tre_mm"] is not None])
             lost = sum(r[m]["landmarks_lost"] for r in sel)
             secs = np.mean([r[m]["seconds"] for r in sel])
-            lines.append(f"| {LABELS[m]} | {dice.mean():.3f} ± {dice.std():.3f} | {np.median(dice):.3f} | "
-                         f"{tre.mean():.2f} ± {tre.std():.2f} | {np.median(tre):.2f} | {lost} | {secs:.0f} |")
+            lines.append(
+                f"| {LABELS[m]} | {dice.mean():.3f} ± {dice.std():.3f} | {np.median(dice):.3f} | "
+                f"{tre.mean():.2f} ± {tre.std():.2f} | {np.median(tre):.2f} | {lost} | {secs:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def run(cases: int = 20, seed: int = 0, size: str = "full", work: str = "/tmp/phantom_difficulty",
-        out: str = "docs/phantom_difficulty.md", directions: str = "mr2us,us2mr", overwrite: bool = False,
-        report_only: bool = False) -> str:
+def run(
+    cases: int = 20,
+    seed: int = 0,
+    size: str = "full",
+    work: str = "/tmp/phantom_difficulty",
+    out: str = "docs/phantom_difficulty.md",
+    directions: str = "mr2us,us2mr",
+    overwrite: bool = False,
+    report_only: bool = False,
+) -> str:
     """Generate ``cases`` phantom cases in ``work``/data (reused if present), register, and write ``out``.
 
     ``report_only`` writes the report from the pairs already in ``work``/results.jsonl without registering more.
@@ -167,10 +203,12 @@ def run(cases: int = 20, seed: int = 0, size: str = "full", work: str = "/tmp/ph
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     n_done = len({r["case"] for r in rows})
-    text = (f"# Phantom difficulty: classical registration on {n_done} of {meta['cases']} `{meta['size']}` cases"
-            f" (seed {meta['seed']})\n\n"
-            f"Generated by `benchmarks/phantom_difficulty.py`; see docs/phantom.md for the phantom.\n"
-            + _summary(rows, directions))
+    text = (
+        f"# Phantom difficulty: classical registration on {n_done} of {meta['cases']} `{meta['size']}` cases"
+        f" (seed {meta['seed']})\n\n"
+        f"Generated by `benchmarks/phantom_difficulty.py`; see docs/phantom.md for the phantom.\n"
+        + _summary(rows, directions)
+    )
     write_text(text, out, overwrite=overwrite)
     return out
 

@@ -181,7 +181,7 @@ def variant_kwargs(variant: str) -> dict:
         return {"msfa_mode": variant}
     path = Path(variant) if Path(variant).is_absolute() else Path(__file__).resolve().parents[1] / variant
     prefix = "network_def#"
-    return {k[len(prefix):]: v for k, v in read_json(path, "network override").items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in read_json(path, "network override").items() if k.startswith(prefix)}
 
 
 def variant_name(variant: str) -> str:
@@ -323,6 +323,7 @@ def stage_profile(net: RegistrationNet, run, device) -> list[tuple[str, float]]:
     handles = []
     for name, modules in parts.items():
         for module in modules:
+
             def pre(_m, _i, name=name):
                 if cuda:
                     ev = torch.cuda.Event(enable_timing=True)
@@ -364,9 +365,7 @@ def stage_profile(net: RegistrationNet, run, device) -> list[tuple[str, float]]:
 
 def _fmt_row(name, per_pair_ms, peak_mib, ref_ms, extra=""):
     ratio = per_pair_ms / ref_ms if ref_ms else float("nan")
-    return (
-        f"{name:<44s} {per_pair_ms:>10.1f} {1000 / per_pair_ms:>9.2f} {peak_mib:>10.0f} {ratio:>8.2f}x  {extra}"
-    )
+    return f"{name:<44s} {per_pair_ms:>10.1f} {1000 / per_pair_ms:>9.2f} {peak_mib:>10.0f} {ratio:>8.2f}x  {extra}"
 
 
 def main(
@@ -447,7 +446,10 @@ def main(
 
     data = synthetic_batch(max(batch, train_batch), grid, labels, device)
     image = data["image"][:batch]
-    warps = {False: Warp(mode="bilinear", padding_mode="border"), True: GridCachedWarp(mode="bilinear", padding_mode="border")}
+    warps = {
+        False: Warp(mode="bilinear", padding_mode="border"),
+        True: GridCachedWarp(mode="bilinear", padding_mode="border"),
+    }
     memory = Memory(device)
     layouts, caches = _switch(channels_last), _switch(grid_cache)
     rows: list[tuple] = []  # (name, per-pair ms, peak MiB, note)
@@ -458,8 +460,10 @@ def main(
         times = time_unit(fn, device, n_warm, n_rep)
         per_pair = 1000 * statistics.median(times) / pairs
         rows.append((name, per_pair, memory.peak_mib(), note))
-        say(f"  {name}: {per_pair:.1f} ms/pair (min {1000 * min(times) / pairs:.1f}, {len(times)} runs), "
-            f"peak {rows[-1][2]:.0f} MiB {note}")
+        say(
+            f"  {name}: {per_pair:.1f} ms/pair (min {1000 * min(times) / pairs:.1f}, {len(times)} runs), "
+            f"peak {rows[-1][2]:.0f} MiB {note}"
+        )
 
     def field_note(mode, ddf, note=""):
         """Relative and max difference of a field from the eager fp32 contiguous field of its variant."""
@@ -534,7 +538,8 @@ def main(
                     fn = training_fn(variant, grid, device, subset, AMP[amp_name], cl, caches[-1])
                     record(name, fn, train_batch, f"batch {train_batch}", max(warmup, 1), max(repeats // 2, 1))
                     step_ms = rows[-1][1] * train_batch
-                    note = f"batch {train_batch}: {step_ms:.0f} ms/step; 100 epochs x 65 pairs ~ {100 * steps * step_ms / 60000:.1f} min"
+                    minutes = 100 * steps * step_ms / 60000
+                    note = f"batch {train_batch}: {step_ms:.0f} ms/step; 100 epochs x 65 pairs ~ {minutes:.1f} min"
                     rows[-1] = rows[-1][:3] + (note,)
                     del fn
     if voxelmorph:

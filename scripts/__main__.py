@@ -61,8 +61,11 @@ def check_flags(function, argv) -> None:
         if key in known or key in FIRE_FLAGS or negated in known:
             continue
         near = difflib.get_close_matches(key, sorted(known), n=1)
-        raise InputError(f"--{key}: not an argument of this command" + (f" (did you mean --{near[0]}?)" if near else "")
-                         + f"; its arguments: {', '.join('--' + k for k in sorted(known))}")
+        raise InputError(
+            f"--{key}: not an argument of this command"
+            + (f" (did you mean --{near[0]}?)" if near else "")
+            + f"; its arguments: {', '.join('--' + k for k in sorted(known))}"
+        )
 
 
 def main(argv=None):
@@ -71,7 +74,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:  # hand fire the real function so --help shows its docstring
         module, func = COMMANDS[argv[0]].split(":")
-        component, name, argv = getattr(importlib.import_module(f"scripts.{module}"), func), f"python -m scripts {argv[0]}", argv[1:]
+        component, name, argv = (
+            getattr(importlib.import_module(f"scripts.{module}"), func),
+            f"python -m scripts {argv[0]}",
+            argv[1:],
+        )
     else:
         component, name = {k: _lazy(v) for k, v in COMMANDS.items()}, "python -m scripts"
     try:

@@ -47,8 +47,9 @@ class BaselineNet(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         if kind == "voxelmorph":
-            backbone = VoxelMorphUNet(3, 2, unet_out_channels, channels=tuple(channels),
-                                      final_conv_channels=tuple(final_conv_channels))
+            backbone = VoxelMorphUNet(
+                3, 2, unet_out_channels, channels=tuple(channels), final_conv_channels=tuple(final_conv_channels)
+            )
             self.net = VoxelMorph(backbone=backbone, integration_steps=integration_steps, spatial_dims=3)
             self.integrate = self.net.dvf2ddf  # velocity -> ddf; the pipeline integrates -v for the inverse
             self.multiple = 2 ** (len(channels) // 2)

@@ -82,9 +82,7 @@ class MSFA(nn.Module):
         branches = []
         for k in kernels:
             size, dilation = (k, 1) if mode == "paper" else (3, (k - 1) // 2)
-            branches.append(
-                Convolution(3, channels, channels, kernel_size=size, dilation=dilation, conv_only=True)
-            )
+            branches.append(Convolution(3, channels, channels, kernel_size=size, dilation=dilation, conv_only=True))
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +90,6 @@ class MSFA(nn.Module):
         flat = feats.flatten(2)
         weights = torch.softmax(flat.mean(dim=2) + flat.amax(dim=2), dim=1)  # (N, K)
         return (feats * weights[:, :, None, None, None, None]).sum(dim=1)
-
 
     @staticmethod
     def _branch(branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +100,11 @@ class MSFA(nn.Module):
         32^3); such a branch runs outside autocast, in fp32, and is cast back to the others' dtype.
         """
         conv = branch.conv if hasattr(branch, "conv") else branch
-        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and any(k > n for k, n in zip(conv.kernel_size, x.shape[2:]))):
+        if (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and any(k > n for k, n in zip(conv.kernel_size, x.shape[2:]))
+        ):
             with torch.autocast("cpu", enabled=False):
                 return branch(x.float()).to(x.dtype)
         return branch(x)

@@ -70,8 +70,10 @@ def _exchange(a: Path, b: Path) -> bool:
 def _publish(stage: Path, dest: Path, overwrite: bool) -> None:
     """Move ``stage`` to ``dest`` (under the caller's lock): a rename, or an exchange and removal of the old folder."""
     if is_taken(dest) and not overwrite:
-        raise FileExistsError(f"{dest}: already exists (written by another run meanwhile?); pass overwrite=True "
-                              "(CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"{dest}: already exists (written by another run meanwhile?); pass overwrite=True "
+            "(CLI: --overwrite) to replace it"
+        )
     if not dest.exists() or not is_taken(dest):
         os.rename(stage, dest)  # an empty destination folder is replaced by the rename itself
         return
@@ -91,26 +93,35 @@ def check_replaceable(dest, overwrite: bool, inputs=(), marker: str = "result.js
     """
     given, dest = Path(dest), Path(dest).resolve()
     if given.is_symlink():
-        raise InputError(f"{given}: is a symbolic link (to {os.readlink(given)}); a case folder is replaced by a rename, "
-                         "which would replace the link, so give the folder itself")
+        raise InputError(
+            f"{given}: is a symbolic link (to {os.readlink(given)}); a case folder is replaced by a rename, "
+            "which would replace the link, so give the folder itself"
+        )
     if dest.exists() and not dest.is_dir():
         raise InputError(f"{given}: is a file, not a folder; choose a folder for the outputs")
     if Path.cwd().resolve().is_relative_to(dest):
-        raise InputError(f"{given}: is the current folder (or holds it); a case folder is published by a rename, which "
-                         "would pull the folder from under the shell: write into a sub-folder")
+        raise InputError(
+            f"{given}: is the current folder (or holds it); a case folder is published by a rename, which "
+            "would pull the folder from under the shell: write into a sub-folder"
+        )
     if not is_taken(dest):
         return
     if not flag(overwrite, "overwrite"):
         taken = sum(1 for p in dest.iterdir() if not _is_staging(p))
-        raise FileExistsError(f"{dest}: already exists ({taken} files); pass overwrite=True (CLI: --overwrite) "
-                              "to replace it")
+        raise FileExistsError(
+            f"{dest}: already exists ({taken} files); pass overwrite=True (CLI: --overwrite) " "to replace it"
+        )
     if not (dest / marker).is_file():
-        raise InputError(f"{dest}: holds files but no {marker}, so it is not an earlier registration's output folder; "
-                         "overwrite replaces a whole case folder, so choose a new or empty folder")
+        raise InputError(
+            f"{dest}: holds files but no {marker}, so it is not an earlier registration's output folder; "
+            "overwrite replaces a whole case folder, so choose a new or empty folder"
+        )
     inside = [str(p) for p in inputs if p is not None and Path(p).resolve().is_relative_to(dest)]
     if inside:
-        raise InputError(f"{inside[0]}: an input lies inside the output folder {dest}, which overwrite would replace; "
-                         "move it or write elsewhere")
+        raise InputError(
+            f"{inside[0]}: an input lies inside the output folder {dest}, which overwrite would replace; "
+            "move it or write elsewhere"
+        )
 
 
 @contextmanager

@@ -21,18 +21,29 @@ from scripts.data import DIRECTIONS, load_split
 from scripts.io import InputError, flag, read_nifti, same_grid, write_json
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
-from scripts.trained_model import settings_of
 from scripts.points import check_point_files, map_files
 from scripts.qc import quality_check
 from scripts.timing import StageTimer, summary
+from scripts.trained_model import settings_of
 
 __all__ = ["register", "register_folder", "map_points", "load_registration"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 # register_pair settings read from the inference config
-CONFIG_KEYS = ("spatial_size", "depth_crop", "axcodes", "rigid_args", "int_steps", "label_threshold",
-               "preprocessing", "inferer", "postprocessing", "device", "amp")
+CONFIG_KEYS = (
+    "spatial_size",
+    "depth_crop",
+    "axcodes",
+    "rigid_args",
+    "int_steps",
+    "label_threshold",
+    "preprocessing",
+    "inferer",
+    "postprocessing",
+    "device",
+    "amp",
+)
 GLAND_SOURCES = ("auto", "predicted", "label", "none")
 
 
@@ -47,10 +58,14 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
     of its own (``configs/inference_onnx.json``: the ONNX file on ONNX Runtime) gives that network instead.
     ``use_network=False``: no network (``None``: the rigid step only, for comparison), the rest as above.
     """
-    files = [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    files = (
+        [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    )
     for path in files:
         if not Path(path).is_file():
-            raise InputError(f"{path}: config {'is a folder, not a file' if Path(path).is_dir() else 'file does not exist'}")
+            raise InputError(
+                f"{path}: config {'is a folder, not a file' if Path(path).is_dir() else 'file does not exist'}"
+            )
     parser = ConfigParser()
     for path in files:  # one by one, so that a file that does not parse is named
         try:
@@ -66,27 +81,38 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
         parser["use_seg"] = True
         settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
     elif roi_mask:
-        cause = (f"no gland segmenter weights at {seg_weights}" if flag(parser.get_parsed_content("use_seg"), "use_seg")
-                 else "the gland segmenter is switched off (use_seg false)")
-        print(f"WARNING: {cause}: the network gets whole images, not the ROI images it was trained on (roi_mask); "
-              "give moving and fixed gland masks, or use the segmenter (configs/seg_train.json trains one).",
-              file=sys.stderr)
+        cause = (
+            f"no gland segmenter weights at {seg_weights}"
+            if flag(parser.get_parsed_content("use_seg"), "use_seg")
+            else "the gland segmenter is switched off (use_seg false)"
+        )
+        print(
+            f"WARNING: {cause}: the network gets whole images, not the ROI images it was trained on (roi_mask); "
+            "give moving and fixed gland masks, or use the segmenter (configs/seg_train.json trains one).",
+            file=sys.stderr,
+        )
     if not flag(use_network, "use_network"):
         return None, settings
     if isinstance(parser.get("network"), dict):  # the config builds its own network (configs/inference_onnx.json)
         if checkpoint is not None:
-            raise InputError(f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
-                             "does not load PyTorch checkpoints; leave --checkpoint out")
+            raise InputError(
+                f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
+                "does not load PyTorch checkpoints; leave --checkpoint out"
+            )
         return parser.get_parsed_content("network"), settings
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise InputError(f"{checkpoint}: checkpoint file does not exist")
     weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
     if not weights.is_file():
-        print(f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
-              "part). Train the network (configs/train.json) or pass --checkpoint.", file=sys.stderr)
+        print(
+            f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
+            "part). Train the network (configs/train.json) or pass --checkpoint.",
+            file=sys.stderr,
+        )
         return None, settings
-    network = load_weights(parser.get_parsed_content("network_def"), str(weights), settings["device"],
-                           settings=settings_of(parser))
+    network = load_weights(
+        parser.get_parsed_content("network_def"), str(weights), settings["device"], settings=settings_of(parser)
+    )
     return network, settings
 
 
@@ -105,8 +131,11 @@ def check_qc_settings(qc) -> dict:
     for key, value in qc.items():
         if key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
-            raise InputError(f"--qc: unknown threshold {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                             + f"; known: {', '.join(known)}")
+            raise InputError(
+                f"--qc: unknown threshold {key!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; known: {', '.join(known)}"
+            )
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InputError(f"--qc: {key} must be a number, got {value!r}")
         if "dice" in key and value is not None and not 0 <= value <= 1:
@@ -124,8 +153,25 @@ def _check_case_inputs(fixed, fixed_gland, points, frame) -> None:
     check_point_files(points, frame)
 
 
-def _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, gland_source,
-                   points, frame, use_rigid, pictures, qc, overwrite, timer=None, settings_files=()) -> dict:
+def _register_case(
+    network,
+    settings,
+    moving,
+    fixed,
+    out,
+    moving_labels,
+    direction,
+    fixed_gland,
+    gland_source,
+    points,
+    frame,
+    use_rigid,
+    pictures,
+    qc,
+    overwrite,
+    timer=None,
+    settings_files=(),
+) -> dict:
     """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
 
     ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
@@ -139,14 +185,24 @@ def _register_case(network, settings, moving, fixed, out, moving_labels, directi
     _check_case_inputs(fixed, fixed_gland, points, frame)
     inputs = (moving, fixed, moving_labels, fixed_gland, *(points or []), *settings_files)
     with case_transaction(out, overwrite, inputs) as stage:  # every file below, published together
-        result = register_pair(moving, fixed, stage, moving_labels, network=network, direction=direction,
-                               use_rigid=use_rigid, publish=False, **settings)
+        result = register_pair(
+            moving,
+            fixed,
+            stage,
+            moving_labels,
+            network=network,
+            direction=direction,
+            use_rigid=use_rigid,
+            publish=False,
+            **settings,
+        )
         timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
         if gland_source == "predicted":
             fixed_gland = stage / result["masks"]["fixed"]
         with timer("qc"):
-            verdict = quality_check(stage, fixed_gland, gland_source if fixed_gland is not None else None,
-                                    moving_gland=moving_labels, **qc)
+            verdict = quality_check(
+                stage, fixed_gland, gland_source if fixed_gland is not None else None, moving_gland=moving_labels, **qc
+            )
         with timer("pictures"):
             images = case_pictures(stage, moving_labels, fixed_gland, title=out.name) if pictures else []
         if points is not None:
@@ -187,9 +243,23 @@ def _flags(**values) -> list[bool]:
     return [flag(value, name) for name, value in values.items()]
 
 
-def register(moving, fixed, out, moving_labels=None, points=None, direction: str = "mr2us", frame: str | None = None,
-             fixed_gland=None, config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
-             pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
+def register(
+    moving,
+    fixed,
+    out,
+    moving_labels=None,
+    points=None,
+    direction: str = "mr2us",
+    frame: str | None = None,
+    fixed_gland=None,
+    config_file=None,
+    checkpoint=None,
+    use_rigid: bool = True,
+    use_network: bool = True,
+    pictures: bool = True,
+    qc: dict | None = None,
+    overwrite: bool = False,
+) -> None:
     """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
 
     Args:
@@ -210,19 +280,37 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
         overwrite: replace existing outputs.
     """
     timer = StageTimer()
-    use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
-                                                         pictures=pictures, overwrite=overwrite)
+    use_rigid, use_network, pictures, overwrite = _flags(
+        use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
+    )
     moving, fixed, out, moving_labels, fixed_gland, checkpoint, points = _paths(
-        moving, fixed, out, moving_labels, fixed_gland, checkpoint, points)
+        moving, fixed, out, moving_labels, fixed_gland, checkpoint, points
+    )
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
     qc = check_qc_settings(qc)
     with timer("load"):
         network, settings = load_registration(config_file, checkpoint, use_network)
     source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
-    case = _register_case(network, settings, moving, fixed, out, moving_labels, direction, fixed_gland, source,
-                          points, frame, use_rigid, pictures, qc, overwrite, timer,
-                          _settings_files(config_file, checkpoint))
+    case = _register_case(
+        network,
+        settings,
+        moving,
+        fixed,
+        out,
+        moving_labels,
+        direction,
+        fixed_gland,
+        source,
+        points,
+        frame,
+        use_rigid,
+        pictures,
+        qc,
+        overwrite,
+        timer,
+        _settings_files(config_file, checkpoint),
+    )
     print(f"wrote {len(case['written'])} files:")
     for path in case["written"]:
         print(f"  {path}")
@@ -231,9 +319,20 @@ def register(moving, fixed, out, moving_labels=None, points=None, direction: str
         raise SystemExit(QC_FAIL_STATUS)
 
 
-def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "mr2us", gland: str = "auto",
-                    config_file=None, checkpoint=None, use_rigid: bool = True, use_network: bool = True,
-                    pictures: bool = True, qc: dict | None = None, overwrite: bool = False) -> None:
+def register_folder(
+    dataset_dir,
+    out,
+    split: str = "holdout",
+    direction: str = "mr2us",
+    gland: str = "auto",
+    config_file=None,
+    checkpoint=None,
+    use_rigid: bool = True,
+    use_network: bool = True,
+    pictures: bool = True,
+    qc: dict | None = None,
+    overwrite: bool = False,
+) -> None:
     """Register every case of a μ-RegPro split (outputs in ``out/<case>/``) and write ``out/index.html``.
 
     Args:
@@ -242,8 +341,9 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
             "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
         Other arguments as for :func:`register`.
     """
-    use_rigid, use_network, pictures, overwrite = _flags(use_rigid=use_rigid, use_network=use_network,
-                                                         pictures=pictures, overwrite=overwrite)
+    use_rigid, use_network, pictures, overwrite = _flags(
+        use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
+    )
     dataset_dir, out, checkpoint = _paths(dataset_dir, out, checkpoint)
     qc = check_qc_settings(qc)
     if gland not in GLAND_SOURCES:
@@ -258,21 +358,46 @@ def register_folder(dataset_dir, out, split: str = "holdout", direction: str = "
     done = []
     for case in tqdm(cases, desc="register", unit="case"):
         fixed_gland = case["fixed_label"] if source == "label" else None
-        result = _register_case(network, settings, case["moving_image"], case["fixed_image"], Path(out) / case["case"],
-                                case["moving_label"], direction, fixed_gland, source, None, None, use_rigid,
-                                pictures, qc, overwrite, settings_files=settings_files)
+        result = _register_case(
+            network,
+            settings,
+            case["moving_image"],
+            case["fixed_image"],
+            Path(out) / case["case"],
+            case["moving_label"],
+            direction,
+            fixed_gland,
+            source,
+            None,
+            None,
+            use_rigid,
+            pictures,
+            qc,
+            overwrite,
+            settings_files=settings_files,
+        )
         done.append({"case": case["case"], **result})
         _report(case["case"], result["qc"], result["seconds"], tqdm.write)
     index = write_index(out, done, overwrite)
     n = {v: sum(c["qc"]["verdict"] == v for c in done) for v in ("pass", "warn", "fail")}
-    print(f"wrote {len(done)} case folders in {out} and the index {index}; QC: {n['pass']} pass, {n['warn']} warn, "
-          f"{n['fail']} fail")
+    print(
+        f"wrote {len(done)} case folders in {out} and the index {index}; QC: {n['pass']} pass, {n['warn']} warn, "
+        f"{n['fail']} fail"
+    )
     if n["fail"]:
         raise SystemExit(QC_FAIL_STATUS)
 
 
-def map_points(transforms, out, points=None, labels=None, to: str = "fixed", frame: str | None = None,
-               label_threshold: float = 0.5, overwrite: bool = False) -> None:
+def map_points(
+    transforms,
+    out,
+    points=None,
+    labels=None,
+    to: str = "fixed",
+    frame: str | None = None,
+    label_threshold: float = 0.5,
+    overwrite: bool = False,
+) -> None:
     """Map points (CSV label,x,y,z or 3D Slicer ``.mrk.json``) and label volumes through a registration's files.
 
     Args:
@@ -286,7 +411,14 @@ def map_points(transforms, out, points=None, labels=None, to: str = "fixed", fra
     """
     transforms, out = _paths(transforms, out)
     split = lambda x: x.split(",") if isinstance(x, str) else x  # noqa: E731
-    for path in map_files(transforms, out, points=split(points), labels=split(labels), to=to, frame=frame,
-                          label_threshold=label_threshold, overwrite=overwrite):
+    for path in map_files(
+        transforms,
+        out,
+        points=split(points),
+        labels=split(labels),
+        to=to,
+        frame=frame,
+        label_threshold=label_threshold,
+        overwrite=overwrite,
+    ):
         print(f"wrote {path}")
-

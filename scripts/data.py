@@ -28,8 +28,18 @@ MODALITY_DIRS = {"mr_image": "mr_images", "us_image": "us_images", "mr_label": "
 DIRECTIONS = {"mr2us": ("mr", "us"), "us2mr": ("us", "mr")}  # direction -> (moving, fixed) modality
 NAMES = {"mr": "MR", "us": "TRUS"}
 
-__all__ = ["load_split", "find_cases", "read_datalist", "check_case", "with_direction", "write_datalist", "DIRECTIONS",
-           "case_cache_key", "settings_cache_key", "prime_cache"]
+__all__ = [
+    "load_split",
+    "find_cases",
+    "read_datalist",
+    "check_case",
+    "with_direction",
+    "write_datalist",
+    "DIRECTIONS",
+    "case_cache_key",
+    "settings_cache_key",
+    "prime_cache",
+]
 
 
 def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
@@ -45,7 +55,9 @@ def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
     for key, sub in MODALITY_DIRS.items():
         folder = root / sub
         if not folder.is_dir():
-            raise InputError(f"{folder}: folder is missing (a μ-RegPro split needs {', '.join(MODALITY_DIRS.values())})")
+            raise InputError(
+                f"{folder}: folder is missing (a μ-RegPro split needs {', '.join(MODALITY_DIRS.values())})"
+            )
         names[key] = {p.name for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
     every = set().union(*names.values())
     if not every:
@@ -57,10 +69,13 @@ def find_cases(dataset_dir: str | Path, split: str) -> list[dict]:
                 f"{root / MODALITY_DIRS[key] / name}: missing, but {root / MODALITY_DIRS[present] / name} exists "
                 "(every case needs an MR image, a TRUS image and both label files)"
             )
-    return _unique_names([
-        {"case": case_name(name), **{key: str(root / MODALITY_DIRS[key] / name) for key in MODALITY_DIRS}}
-        for name in sorted(every)
-    ], root)
+    return _unique_names(
+        [
+            {"case": case_name(name), **{key: str(root / MODALITY_DIRS[key] / name) for key in MODALITY_DIRS}}
+            for name in sorted(every)
+        ],
+        root,
+    )
 
 
 def case_name(file_name: str) -> str:
@@ -76,8 +91,10 @@ def _unique_names(cases: list[dict], source) -> list[dict]:
     seen = {}
     for case in cases:
         if case["case"] in seen:
-            raise InputError(f"{source}: two cases are named {case['case']!r} ({seen[case['case']]} and "
-                             f"{case['mr_image']}); each case needs its own name")
+            raise InputError(
+                f"{source}: two cases are named {case['case']!r} ({seen[case['case']]} and "
+                f"{case['mr_image']}); each case needs its own name"
+            )
         seen[case["case"]] = case["mr_image"]
     return cases
 
@@ -178,7 +195,10 @@ def write_datalist(dataset_dir: str, out: str, splits: str = "train,val,holdout"
     for split in splits:
         if (Path(dataset_dir) / split).is_dir():
             content[split] = [
-                {"case": c["case"], **{k: os.path.relpath(Path(c[k]).resolve(), out_path.parent) for k in MODALITY_DIRS}}
+                {
+                    "case": c["case"],
+                    **{k: os.path.relpath(Path(c[k]).resolve(), out_path.parent) for k in MODALITY_DIRS},
+                }
                 for c in find_cases(dataset_dir, split)
             ]
     if not content:
@@ -192,8 +212,11 @@ def case_cache_key(item: dict) -> bytes:
 
     A regenerated or edited input file therefore gets a new cache entry instead of a stale one.
     """
-    files = {k: (os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items()
-             if isinstance(v, (str, Path)) and os.path.isfile(v)}
+    files = {
+        k: (os.stat(v).st_size, os.stat(v).st_mtime_ns)
+        for k, v in item.items()
+        if isinstance(v, (str, Path)) and os.path.isfile(v)
+    }
     dump = json.dumps({"item": item, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(dump.encode()).hexdigest().encode()
 

@@ -44,16 +44,25 @@ def bundle_run(config_files, overrides: dict, env: dict | None = None, log=None)
 def small_segmenter(channels=(8, 16, 32, 64)) -> dict:
     """Overrides of ``configs/seg_train.json`` / ``seg_inference.json`` for a U-Net with these channels."""
     channels = [int(c) for c in channels]
-    return {"seg_network_def#channels": channels, "seg_network_def#strides": [2] * (len(channels) - 1),
-            "seg_network_def#num_res_units": 1}
+    return {
+        "seg_network_def#channels": channels,
+        "seg_network_def#strides": [2] * (len(channels) - 1),
+        "seg_network_def#num_res_units": 1,
+    }
 
 
 def _stage(title: str, start: float) -> None:
     print(f"\n=== [{time.time() - start:6.0f} s] {title}", flush=True)
 
 
-def demo(workdir: str = "demo", data: str | None = None, cases: int = 4, seed: int = 1000, jobs: int = 2,
-         overwrite: bool = False) -> None:
+def demo(
+    workdir: str = "demo",
+    data: str | None = None,
+    cases: int = 4,
+    seed: int = 1000,
+    jobs: int = 2,
+    overwrite: bool = False,
+) -> None:
     """Run the demo and print the metrics (the summaries are in ``<workdir>/eval/*/summary.json``).
 
     Args:
@@ -78,25 +87,33 @@ def demo(workdir: str = "demo", data: str | None = None, cases: int = 4, seed: i
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     for weights in ("models/model.pt", "models/seg_model.pt"):
         if not (BUNDLE_ROOT / weights).is_file():
-            raise FileNotFoundError(f"{BUNDLE_ROOT / weights}: the shipped weights are missing (see docs/model_card.md)")
+            raise FileNotFoundError(
+                f"{BUNDLE_ROOT / weights}: the shipped weights are missing (see docs/model_card.md)"
+            )
 
     if not data.exists():
         _stage(f"1. generating {cases} new synthetic phantom pairs (realistic preset, seed {seed}) in {data}", start)
-        synth(str(data), cases=cases, seed=seed, size="full", splits="0,0,1", preset="realistic", preview=False,
-              jobs=jobs)
+        synth(
+            str(data), cases=cases, seed=seed, size="full", splits="0,0,1", preset="realistic", preview=False, jobs=jobs
+        )
     else:
         _stage(f"1. using the existing phantom data in {data}", start)
 
     rows = {"rigid stage only": work / "rigid_only", "rigid + network": work / "registered"}
     for i, (name, out) in enumerate(rows.items()):
-        _stage(f"2{'ab'[i]}. registering the pairs, {name} (python -m scripts register-folder"
-               f"{' --use_network false' if i == 0 else ''})", start)
+        _stage(
+            f"2{'ab'[i]}. registering the pairs, {name} (python -m scripts register-folder"
+            f"{' --use_network false' if i == 0 else ''})",
+            start,
+        )
         register_folder(str(data), str(out), split="holdout", gland="predicted", use_network=i == 1, pictures=i == 1)
 
     _stage("3. μ-RegPro metrics (SYNTHETIC data)", start)
     summaries = {}
-    for name, kwargs in (("no registration", {"method": "identity"}),
-                         *((n, {"method": "warped", "warped_dir": str(o), "ddf_dir": str(o)}) for n, o in rows.items())):
+    for name, kwargs in (
+        ("no registration", {"method": "identity"}),
+        *((n, {"method": "warped", "warped_dir": str(o), "ddf_dir": str(o)}) for n, o in rows.items()),
+    ):
         for mode in ("official", "float"):
             out = work / "eval" / f"{name.replace(' ', '_').replace('+', 'and')}_{mode}"
             summaries[(name, mode)] = evaluate(str(data), split="holdout", mode=mode, out=str(out), **kwargs)
@@ -117,8 +134,10 @@ def _print_gain(eval_dir: Path) -> None:
     rigid, net = table("rigid_stage_only"), table("rigid_and_network")
     print("\nper pair, rigid stage -> rigid + network (float mode):")
     for case in sorted(rigid):
-        print(f"  {case}: gland Dice {float(rigid[case]['dsc']):.3f} -> {float(net[case]['dsc']):.3f}, "
-              f"TRE {float(rigid[case]['tre_mm']):.2f} -> {float(net[case]['tre_mm']):.2f} mm")
+        print(
+            f"  {case}: gland Dice {float(rigid[case]['dsc']):.3f} -> {float(net[case]['dsc']):.3f}, "
+            f"TRE {float(rigid[case]['tre_mm']):.2f} -> {float(net[case]['tre_mm']):.2f} mm"
+        )
 
 
 def _print_table(summaries: dict) -> None:

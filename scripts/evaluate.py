@@ -33,7 +33,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 from scripts.data import load_split
-from scripts.io import InputError, flag, atomic_write, load_array, read_nifti, same_grid, write_json, write_text
+from scripts.io import InputError, atomic_write, flag, load_array, read_nifti, same_grid, write_json, write_text
 from scripts.metrics import MODES, aggregate, case_metrics, minmax_normalise
 
 __all__ = ["evaluate", "read_label", "identity_warp", "ddf_to_voxels", "OUTPUTS"]
@@ -54,7 +54,7 @@ def read_label(path, what: str = "label") -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def identity_warp(moving_label: np.ndarray, moving_affine: np.ndarray, fixed_img) -> np.ndarray:
-    """"No registration": resample a ``(C, ...)`` moving label onto the fixed grid through the affines (world mm).
+    """ "No registration": resample a ``(C, ...)`` moving label onto the fixed grid through the affines (world mm).
 
     Linear interpolation, 0 outside the moving volume. Returns ``(C, X, Y, Z)`` on ``fixed_img``'s grid.
     """
@@ -213,12 +213,16 @@ def evaluate(
         fixed, fixed_img = read_label(case["fixed_label"], "fixed label")
         moving, moving_img = read_label(case["moving_label"], "moving label")
         if gland_channel >= len(fixed):
-            raise InputError(f"{case['fixed_label']}: has {len(fixed)} label channels, so there is no gland_channel "
-                             f"{gland_channel}")
+            raise InputError(
+                f"{case['fixed_label']}: has {len(fixed)} label channels, so there is no gland_channel "
+                f"{gland_channel}"
+            )
         moving = minmax_normalise(moving)  # the official pipeline normalises the moving labels before warping
         warped, ddf = _warped(case, method, warped_dir, predictor, moving, moving_img, fixed_img)
         if ddf_dir is not None:
-            ddf = _read_ddf(case_file(ddf_dir, case["case"], "transform_fixed_to_moving.nii.gz"), fixed_img, "displacement field")
+            ddf = _read_ddf(
+                case_file(ddf_dir, case["case"], "transform_fixed_to_moving.nii.gz"), fixed_img, "displacement field"
+            )
         elif ddf is not None:
             ddf = ddf_to_voxels(ddf, fixed_img.affine)
         true_ddf = None

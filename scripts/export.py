@@ -27,8 +27,8 @@ from monai.bundle import ConfigParser, ckpt_export
 
 from scripts.io import InputError, atomic_write
 from scripts.pipeline import load_weights
-from scripts.weights import read_checkpoint, verify_checkpoint
 from scripts.trained_model import settings_of
+from scripts.weights import read_checkpoint, verify_checkpoint
 
 __all__ = ["NETWORKS", "FORMATS", "export", "write_onnx", "adaptive_avg_pool3d_as_matmul"]
 
@@ -53,11 +53,19 @@ class NetworkSpec:
 
 NETWORKS = {
     "registration": NetworkSpec(
-        "configs/inference.json", "network_def", "models/model.pt", "model", "spatial_size",
+        "configs/inference.json",
+        "network_def",
+        "models/model.pt",
+        "model",
+        "spatial_size",
         "_meta_#network_data_format#inputs#image#num_channels",
     ),
     "segmentation": NetworkSpec(
-        "configs/seg_inference.json", "seg_network_def", "models/seg_model.pt", "seg_model", "seg_spatial_size",
+        "configs/seg_inference.json",
+        "seg_network_def",
+        "models/seg_model.pt",
+        "seg_model",
+        "seg_spatial_size",
         "seg_network_def#in_channels",
     ),
 }
@@ -97,7 +105,9 @@ class _FieldAndVelocity(torch.nn.Module):
         return out["ddf"], out["velocity"]
 
 
-def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = MIN_ONNX_OPSET, program=None) -> list[str]:
+def write_onnx(
+    net: torch.nn.Module, example: torch.Tensor, path, opset: int = MIN_ONNX_OPSET, program=None
+) -> list[str]:
     """Write ``net`` at ``example``'s shape as ONNX to ``path``; returns the output names.
 
     Outputs: ``pred`` (the network's output) and, for a network that integrates a velocity (it has an
@@ -115,23 +125,34 @@ def write_onnx(net: torch.nn.Module, example: torch.Tensor, path, opset: int = M
     if program is None:
         with torch.no_grad():
             program = torch.export.export(_FieldAndVelocity(net) if len(outputs) == 2 else net, (example,))
-    table = {op: adaptive_avg_pool3d_as_matmul
-             for op in (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)}
-    onnx_program = torch.onnx.export(program.run_decompositions(table), (example,), dynamo=True, opset_version=opset,
-                                     input_names=["image"], output_names=outputs, optimize=False)
+    table = {
+        op: adaptive_avg_pool3d_as_matmul
+        for op in (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)
+    }
+    onnx_program = torch.onnx.export(
+        program.run_decompositions(table),
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["image"],
+        output_names=outputs,
+        optimize=False,
+    )
     # fold only small constants: folding Warp's grid-sized index tensors would bloat the file
     onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=ONNX_FOLD_LIMIT)
     if len(outputs) == 2:
         warp = net.integrate.warp_layer  # MONAI Warp: the grid_sample settings it resolved
-        onnx_program.model.metadata_props.update(int_steps=str(net.integrate.num_steps),
-                                                 int_mode=str(warp._interp_mode_native),
-                                                 int_padding=str(warp._padding_mode_native))
+        onnx_program.model.metadata_props.update(
+            int_steps=str(net.integrate.num_steps),
+            int_mode=str(warp._interp_mode_native),
+            int_padding=str(warp._padding_mode_native),
+        )
     onnx_program.save(str(path), external_data=False)
     return outputs
 
 
 def _checkpoint_key(path) -> str:
-    """"model" for a training checkpoint ``{"model": state_dict, ...}``, "" for a bare state dict."""
+    """ "model" for a training checkpoint ``{"model": state_dict, ...}``, "" for a bare state dict."""
     state = read_checkpoint(path)
     return "model" if isinstance(state, dict) and isinstance(state.get("model"), dict) else ""
 
@@ -148,23 +169,34 @@ def _parser(root: Path, spec: NetworkSpec, override: dict) -> ConfigParser:
 def _write_torchscript(tmp, root, spec, ckpt, override, input_shape) -> str:
     """ckpt_export: script first; on failure trace at ``input_shape``. Returns how it was converted."""
     common = {
-        "net_id": spec.net_id, "filepath": tmp, "ckpt_file": str(ckpt), "key_in_ckpt": _checkpoint_key(ckpt),
-        "meta_file": str(root / "configs" / "metadata.json"), "config_file": str(root / spec.config_file),
-        "bundle_root": str(root), **override,
+        "net_id": spec.net_id,
+        "filepath": tmp,
+        "ckpt_file": str(ckpt),
+        "key_in_ckpt": _checkpoint_key(ckpt),
+        "meta_file": str(root / "configs" / "metadata.json"),
+        "config_file": str(root / spec.config_file),
+        "bundle_root": str(root),
+        **override,
     }
     try:
         ckpt_export(use_trace=False, **common)
         return "scripted"
     except Exception as err:  # torch.jit.script raises several types; any failure means "not scriptable"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    logger.warning("%s: torch.jit.script failed (%s); tracing at input shape %s instead", spec.net_id, reason, input_shape)
+    logger.warning(
+        "%s: torch.jit.script failed (%s); tracing at input shape %s instead", spec.net_id, reason, input_shape
+    )
     ckpt_export(use_trace=True, input_shape=list(input_shape), **common)
     return f"traced at {list(input_shape)} (torch.jit.script failed: {reason})"
 
 
 def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, formats, override, opset, overwrite) -> dict:
     parser = _parser(root, spec, override)
-    input_shape = (1, int(parser.get_parsed_content(spec.channels_id)), *map(int, parser.get_parsed_content(spec.grid_id)))
+    input_shape = (
+        1,
+        int(parser.get_parsed_content(spec.channels_id)),
+        *map(int, parser.get_parsed_content(spec.grid_id)),
+    )
     paths = {fmt: out_dir / f"{spec.stem}.{fmt}" for fmt in formats}
     result: dict = {"input_shape": list(input_shape)}
     if "ts" in paths:
@@ -175,8 +207,13 @@ def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, format
         atomic_write(paths["ts"], write_ts, overwrite)
     if "pt2" in paths or "onnx" in paths:
         kind = {"keys": (spec.grid_id,), "network": spec.net_id}
-        net = load_weights(parser.get_parsed_content(spec.net_id), str(ckpt), "cpu", bundle_root=root,
-                           settings=settings_of(parser, kind))
+        net = load_weights(
+            parser.get_parsed_content(spec.net_id),
+            str(ckpt),
+            "cpu",
+            bundle_root=root,
+            settings=settings_of(parser, kind),
+        )
         example = torch.rand(input_shape, generator=torch.Generator().manual_seed(0))
         program = None
         if "pt2" in paths:
@@ -238,11 +275,20 @@ def export(
             continue
         jobs.append((name, spec, ckpt, Path(out_dir) if out_dir else ckpt.parent))
     if not jobs:
-        raise InputError(f"nothing to export: {'; '.join(r['skipped'] for r in results.values()) or 'no network given'}")
+        raise InputError(
+            f"nothing to export: {'; '.join(r['skipped'] for r in results.values()) or 'no network given'}"
+        )
     existing = [str(d / f"{s.stem}.{f}") for _, s, _, d in jobs for f in formats if (d / f"{s.stem}.{f}").exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} exports); pass overwrite=True to replace")
-    for _, _, ckpt, _ in jobs:  # every manifest check before MONAI's ckpt_export or torch reads a byte, or a file is written
+        raise FileExistsError(
+            f"{existing[0]}: already exists ({len(existing)} exports); pass overwrite=True to replace"
+        )
+    for (
+        _,
+        _,
+        ckpt,
+        _,
+    ) in jobs:  # every manifest check before MONAI's ckpt_export or torch reads a byte, or a file is written
         verify_checkpoint(ckpt, root)
 
     for name, spec, ckpt, folder in jobs:

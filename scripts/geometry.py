@@ -161,16 +161,22 @@ def _interpolate(data: np.ndarray, index: np.ndarray, order: int, single: bool =
     if len(grid) % batch:
         grid = torch.cat([grid, grid.new_zeros(batch - len(grid) % batch, 3)])
     with torch.no_grad():
-        out = F.grid_sample(channels[None].expand(batch, -1, -1, -1, -1), grid.view(batch, -1, 1, 1, 3), mode=(
-            "bilinear" if order == 1 else "nearest"), padding_mode="border", align_corners=True)  # (batch, C, n, 1, 1)
+        out = F.grid_sample(
+            channels[None].expand(batch, -1, -1, -1, -1),
+            grid.view(batch, -1, 1, 1, 3),
+            mode=("bilinear" if order == 1 else "nearest"),
+            padding_mode="border",
+            align_corners=True,
+        )  # (batch, C, n, 1, 1)
     out = out[..., 0, 0].permute(0, 2, 1).reshape(-1, len(channels))[: len(flat)]
     out = out.to(torch.float64).masked_fill_(~inside[:, None], 0.0).numpy()
     out = out.reshape(index.shape[:-1] + (len(channels),))
     return out[..., 0] if data.ndim == 3 else out
 
 
-def sample(data: np.ndarray, affine_ras: np.ndarray, points_lps: np.ndarray, order: int = 1,
-           single: bool = False) -> np.ndarray:
+def sample(
+    data: np.ndarray, affine_ras: np.ndarray, points_lps: np.ndarray, order: int = 1, single: bool = False
+) -> np.ndarray:
     """Values of a volume at LPS mm points: ``data`` (X, Y, Z) or (X, Y, Z, C) -> (...) or (..., C).
 
     Linear (``order=1``) or nearest (``order=0``) interpolation; zero beyond the volume's voxel edges;

@@ -78,14 +78,17 @@ HEADER_TOLERANCE_MM = 1e-3  # sform vs qform, sform vs pixdim: largest gap of a 
 SHEAR_TOLERANCE = 1e-4  # cosine between two voxel axes (ITK refuses a direction matrix beyond 1e-4 as well)
 MIN_VOXEL_MM = 1e-3  # a voxel axis shorter than this makes the affine singular
 MIN_VOXELS_PER_AXIS = 4  # images to register: ITK's recursive Gaussian (ANTs' mutual information, QC) needs 4
-_HEADER_FIX = ("write the one affine you trust into both (nibabel: img.set_sform(affine, code=1); "
-               "img.set_qform(affine, code=1), which also sets pixdim; or fslorient)")
+_HEADER_FIX = (
+    "write the one affine you trust into both (nibabel: img.set_sform(affine, code=1); "
+    "img.set_qform(affine, code=1), which also sets pixdim; or fslorient)"
+)
 
 
 def _corner_gap(a: np.ndarray, b: np.ndarray, shape) -> float:
     """Largest distance (mm) between the positions two voxel -> world affines give the 8 corner voxels of ``shape``."""
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                        for k in (0, shape[2] - 1)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
     difference = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     return float(np.linalg.norm(corners @ difference[:3].T, axis=1).max())
 
@@ -129,75 +132,97 @@ def check_header(img, path: str | os.PathLike, what: str = "image") -> None:
     spatial = min(len(img.shape), 3)
     scode, qcode = int(raw["sform_code"]), int(raw["qform_code"])
     if scode <= 0 and qcode <= 0:
-        raise InputError(f"{path}: {what} has no orientation (qform_code and sform_code are both 0): nibabel, ITK "
-                         f"and ANTs would each guess a different position; {_HEADER_FIX}")
-    pixdim = np.asarray(raw["pixdim"][1:1 + spatial], np.float64)
+        raise InputError(
+            f"{path}: {what} has no orientation (qform_code and sform_code are both 0): nibabel, ITK "
+            f"and ANTs would each guess a different position; {_HEADER_FIX}"
+        )
+    pixdim = np.asarray(raw["pixdim"][1 : 1 + spatial], np.float64)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
-        raise InputError(f"{path}: {what} has voxel size {_sizes(pixdim)} in pixdim; every voxel size must be "
-                         f"positive (readers guess a repair, not always the same one); {_HEADER_FIX}")
+        raise InputError(
+            f"{path}: {what} has voxel size {_sizes(pixdim)} in pixdim; every voxel size must be "
+            f"positive (readers guess a repair, not always the same one); {_HEADER_FIX}"
+        )
     qfac = float(raw["pixdim"][0])
     if qcode > 0 and qfac < 0 and qfac != -1:
-        raise InputError(f"{path}: {what} has qfac (pixdim[0]) {qfac:g}, which must be 1 or -1 (nibabel reads it "
-                         f"as 1, ITK/ANTs as -1); {_HEADER_FIX}")
+        raise InputError(
+            f"{path}: {what} has qfac (pixdim[0]) {qfac:g}, which must be 1 or -1 (nibabel reads it "
+            f"as 1, ITK/ANTs as -1); {_HEADER_FIX}"
+        )
     form = "sform" if scode > 0 else "qform"
     affine = np.asarray(raw.get_sform() if scode > 0 else img.header.get_qform(), np.float64)
     if not np.all(np.isfinite(affine)):
         raise InputError(f"{path}: {what} has a non-finite {form} (NaN or Inf); {_HEADER_FIX}")
     lengths = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(lengths < MIN_VOXEL_MM):
-        raise InputError(f"{path}: {what} has a singular {form}: voxel axes of length {_sizes(lengths)} (under "
-                         f"{MIN_VOXEL_MM:g} mm); {_HEADER_FIX}")
+        raise InputError(
+            f"{path}: {what} has a singular {form}: voxel axes of length {_sizes(lengths)} (under "
+            f"{MIN_VOXEL_MM:g} mm); {_HEADER_FIX}"
+        )
     unit = affine[:3, :3] / lengths
     if abs(np.linalg.det(unit)) < 1e-6:
         raise InputError(f"{path}: {what} has a singular {form}: two voxel axes are parallel; {_HEADER_FIX}")
     skew = max(np.abs(unit.T @ unit - np.eye(3)).max(), np.abs(unit @ unit.T - np.eye(3)).max())
     if skew > SHEAR_TOLERANCE:
-        raise InputError(f"{path}: {what} has a sheared {form} (voxel axes off orthogonal by {skew:.2g} in cosine, "
-                         f"over {SHEAR_TOLERANCE:g}), which ITK and ANTs cannot represent: resample the image onto "
-                         f"a grid with orthogonal axes, or if the shear is rounding noise, replace the sform by its "
-                         f"nearest rotation (nibabel: img.set_qform(img.affine, code=1); "
-                         f"img.set_sform(img.get_qform(), code=1))")
+        raise InputError(
+            f"{path}: {what} has a sheared {form} (voxel axes off orthogonal by {skew:.2g} in cosine, "
+            f"over {SHEAR_TOLERANCE:g}), which ITK and ANTs cannot represent: resample the image onto "
+            f"a grid with orthogonal axes, or if the shear is rounding noise, replace the sform by its "
+            f"nearest rotation (nibabel: img.set_qform(img.affine, code=1); "
+            f"img.set_sform(img.get_qform(), code=1))"
+        )
     if scode > 0:
         as_itk = affine.copy()  # what ITK reads: the sform's directions and origin, pixdim's voxel sizes
         as_itk[:3, :spatial] = unit[:, :spatial] * pixdim
         gap = _corner_gap(affine, as_itk, shape)
         if gap > HEADER_TOLERANCE_MM:
-            raise InputError(f"{path}: {what}'s voxel size in pixdim {_sizes(pixdim)} differs from its sform's "
-                             f"{_sizes(lengths[:spatial])}, {gap:.3g} mm at the grid corners (over "
-                             f"{HEADER_TOLERANCE_MM:g} mm): ITK/ANTs take the voxel size from pixdim, nibabel from the "
-                             f"sform; {_HEADER_FIX}")
+            raise InputError(
+                f"{path}: {what}'s voxel size in pixdim {_sizes(pixdim)} differs from its sform's "
+                f"{_sizes(lengths[:spatial])}, {gap:.3g} mm at the grid corners (over "
+                f"{HEADER_TOLERANCE_MM:g} mm): ITK/ANTs take the voxel size from pixdim, nibabel from the "
+                f"sform; {_HEADER_FIX}"
+            )
     if scode > 0 and qcode > 0:
         # the qform is a float32 quaternion: rebuilt as a matrix it can miss the sform it was written from by 0.2 mm
         # over 150 mm (rotations near 180 degrees, e.g. ITK-written oblique LPS volumes); a qform that stores the
         # sform's own rotation and origin (to 1e-5 and HEADER_TOLERANCE_MM) agrees with it whatever that gap
         gap = _corner_gap(affine, img.header.get_qform(), shape)
         if gap > HEADER_TOLERANCE_MM and not _stores_same_qform(raw, affine):
-            raise InputError(f"{path}: {what}'s sform (code {scode}) and qform (code {qcode}) disagree by {gap:.3g} "
-                             f"mm at the grid corners (over {HEADER_TOLERANCE_MM:g} mm): nibabel reads the sform, "
-                             f"ITK/ANTs {'the sform' if scode == 1 else 'the qform'}, other tools either; keep the one "
-                             f"you trust (nibabel: img.set_qform(img.get_sform(), code=1) or "
-                             f"img.set_sform(img.get_qform(), code=1); fslorient -copysform2qform or -copyqform2sform)")
+            raise InputError(
+                f"{path}: {what}'s sform (code {scode}) and qform (code {qcode}) disagree by {gap:.3g} "
+                f"mm at the grid corners (over {HEADER_TOLERANCE_MM:g} mm): nibabel reads the sform, "
+                f"ITK/ANTs {'the sform' if scode == 1 else 'the qform'}, other tools either; keep the one "
+                f"you trust (nibabel: img.set_qform(img.get_sform(), code=1) or "
+                f"img.set_sform(img.get_qform(), code=1); fslorient -copysform2qform or -copyqform2sform)"
+            )
         if gap > HEADER_TOLERANCE_MM and scode != 1:  # ITK reads the qform unless sform_code is 1 (scanner)
-            raise InputError(f"{path}: {what}'s qform stores its sform only to {gap:.3g} mm at the grid corners (the "
-                             f"NIfTI quaternion's precision for this rotation), and with sform_code {scode} ITK/ANTs "
-                             f"read the qform where nibabel reads the sform; set sform_code to 1 (nibabel: "
-                             f"img.set_sform(img.get_sform(), code=1)) or qform_code to 0")
+            raise InputError(
+                f"{path}: {what}'s qform stores its sform only to {gap:.3g} mm at the grid corners (the "
+                f"NIfTI quaternion's precision for this rotation), and with sform_code {scode} ITK/ANTs "
+                f"read the qform where nibabel reads the sform; set sform_code to 1 (nibabel: "
+                f"img.set_sform(img.get_sform(), code=1)) or qform_code to 0"
+            )
 
 
 def _stores_same_qform(header, sform: np.ndarray) -> bool:
     """True when ``header``'s qform parameters are those of ``sform`` (quaternion to 1e-5, origin to the tolerance)."""
     expected = header.copy()
     expected.set_qform(sform)
-    params = lambda h: (np.array([h["quatern_b"], h["quatern_c"], h["quatern_d"]], np.float64),  # noqa: E731
-                        np.array([h["qoffset_x"], h["qoffset_y"], h["qoffset_z"]], np.float64),
-                        -1.0 if h["pixdim"][0] < 0 else 1.0)
+
+    def params(h):
+        return (
+            np.array([h["quatern_b"], h["quatern_c"], h["quatern_d"]], np.float64),
+            np.array([h["qoffset_x"], h["qoffset_y"], h["qoffset_z"]], np.float64),
+            -1.0 if h["pixdim"][0] < 0 else 1.0,
+        )
+
     (q, offset, qfac), (q0, offset0, qfac0) = params(header), params(expected)
     rotation = min(np.abs(q - q0).max(), np.abs(q + q0).max())  # q and -q: one rotation
     return qfac == qfac0 and rotation <= 1e-5 and np.abs(offset - offset0).max() <= HEADER_TOLERANCE_MM
 
 
-def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = None, what: str = "image",
-               min_size: int = 1):
+def read_nifti(
+    path: str | os.PathLike, ndim: int | tuple[int, ...] | None = None, what: str = "image", min_size: int = 1
+):
     """Open a NIfTI file, check its dimensionality and its header's geometry, raising :class:`InputError` on failure.
 
     Args:
@@ -230,9 +255,11 @@ def read_nifti(path: str | os.PathLike, ndim: int | tuple[int, ...] | None = Non
     short = [(k, int(n)) for k, n in enumerate(img.shape[:3]) if n < min_size]
     if short:
         axis, n = short[0]
-        raise InputError(f"{path}: {what} has {n} voxel{'s' if n != 1 else ''} along axis {axis} (shape "
-                         f"{tuple(img.shape)}); registration needs at least {min_size} along every axis "
-                         f"(a volume, not a slice)")
+        raise InputError(
+            f"{path}: {what} has {n} voxel{'s' if n != 1 else ''} along axis {axis} (shape "
+            f"{tuple(img.shape)}); registration needs at least {min_size} along every axis "
+            f"(a volume, not a slice)"
+        )
     check_header(img, path, what)
     return img
 

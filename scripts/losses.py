@@ -185,8 +185,10 @@ class RegistrationLoss(nn.Module):
         and with ``field_weight`` > 0 ``field`` (N,) (weighted) and ``field_error`` (detached scalar, voxel^2).
         """
         if self.field_weight > 0 and true_ddf is None:
-            raise ValueError("RegistrationLoss(field_weight > 0) needs true_ddf: train.json adds it with "
-                             "scripts.transforms.TrueFieldToBoxd when loss#field_weight > 0")
+            raise ValueError(
+                "RegistrationLoss(field_weight > 0) needs true_ddf: train.json adds it with "
+                "scripts.transforms.TrueFieldToBoxd when loss#field_weight > 0"
+            )
         with torch.autocast(device_type=ddf.device.type, enabled=False):
             ddf = ddf.float()
             warped_image = self.warp(moving_image.float(), ddf)

@@ -36,6 +36,8 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31
         except OSError:
             mallopt = None
         if mallopt is not None:
-            _done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+            _done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+                mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+            )
         logging.getLogger(__name__).debug("glibc keeps freed memory: %s", _done)
     return _done

@@ -15,7 +15,13 @@ from monai.networks.blocks import DVF2DDF, UpSample
 from torch import nn
 
 from scripts.blocks import (
-    ECMCA, CompactLSTMRefiner, FuseConv, GridCachedWarp, PaperLSTMRefiner, TaskMaskNet, conv_block,
+    ECMCA,
+    CompactLSTMRefiner,
+    FuseConv,
+    GridCachedWarp,
+    PaperLSTMRefiner,
+    TaskMaskNet,
+    conv_block,
 )
 
 __all__ = ["RegistrationNet"]
@@ -107,10 +113,7 @@ class RegistrationNet(nn.Module):
         self.encoder_moving, self.encoder_fixed = encoder(), encoder()
         self.pool = nn.MaxPool3d(pool_size)
         self.ecmca = nn.ModuleList(
-            [
-                ECMCA(c, msfa, msfa_kernels, msfa_mode, dca, dca_kernel, attention, attention_reduction)
-                for c in enc
-            ]
+            [ECMCA(c, msfa, msfa_kernels, msfa_mode, dca, dca_kernel, attention, attention_reduction) for c in enc]
         )
         # one FuseConv per level: levels 0..L-2 give the skips, the deepest one is the bottleneck
         self.fuse = nn.ModuleList([FuseConv(2 * c, c, negative_slope) for c in enc])

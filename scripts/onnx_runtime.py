@@ -38,12 +38,16 @@ class OnnxRegistrationNet:
         try:
             import onnxruntime as ort  # optional: only this backend needs it
         except ImportError as err:
-            raise InputError(f"{path}: running an ONNX file needs onnxruntime, which this environment lacks "
-                             "(pip install onnxruntime==1.32.0)") from err
+            raise InputError(
+                f"{path}: running an ONNX file needs onnxruntime, which this environment lacks "
+                "(pip install onnxruntime==1.32.0)"
+            ) from err
 
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path}: ONNX file does not exist; write it with `python -m scripts export --formats onnx`")
+            raise InputError(
+                f"{path}: ONNX file does not exist; write it with `python -m scripts export --formats onnx`"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads) or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -54,23 +58,32 @@ class OnnxRegistrationNet:
         inputs = self.session.get_inputs()
         self.outputs = [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or "pred" not in self.outputs:
-            raise InputError(f"{path}: expected one input and an output named 'pred', got inputs "
-                             f"{[i.name for i in inputs]} and outputs {self.outputs}")
+            raise InputError(
+                f"{path}: expected one input and an output named 'pred', got inputs "
+                f"{[i.name for i in inputs]} and outputs {self.outputs}"
+            )
         self.input_name, self.input_shape = inputs[0].name, list(inputs[0].shape)
         self.path = path
         self.integrate = None
         if "velocity" in self.outputs:
             stored = self.session.get_modelmeta().custom_metadata_map
             if None in (int_steps, int_padding) and not {"int_steps", "int_padding"} <= stored.keys():
-                raise InputError(f"{path}: has a velocity output but no integration settings (int_steps, int_padding) "
-                                 "in its metadata; export it again with `python -m scripts export`, or pass them")
-            self.integrate = DVF2DDF(num_steps=int(int_steps or stored["int_steps"]), mode=stored.get("int_mode", "bilinear"),
-                                     padding_mode=int_padding or stored["int_padding"])
+                raise InputError(
+                    f"{path}: has a velocity output but no integration settings (int_steps, int_padding) "
+                    "in its metadata; export it again with `python -m scripts export`, or pass them"
+                )
+            self.integrate = DVF2DDF(
+                num_steps=int(int_steps or stored["int_steps"]),
+                mode=stored.get("int_mode", "bilinear"),
+                padding_mode=int_padding or stored["int_padding"],
+            )
 
     def _run(self, image: torch.Tensor) -> dict:
         if list(image.shape) != self.input_shape:
-            raise InputError(f"{self.path}: exported for input shape {self.input_shape}, got {list(image.shape)}; "
-                             "export again at this grid (spatial_size) or set spatial_size to the exported grid")
+            raise InputError(
+                f"{self.path}: exported for input shape {self.input_shape}, got {list(image.shape)}; "
+                "export again at this grid (spatial_size) or set spatial_size to the exported grid"
+            )
         arrays = self.session.run(None, {self.input_name: image.detach().float().cpu().numpy()})
         return {name: torch.from_numpy(a).to(image.device) for name, a in zip(self.outputs, arrays)}
 

@@ -24,8 +24,19 @@ from scripts.io import InputError, flag
 __all__ = ["check_overrides", "config_ids", "bool_ids", "config_files"]
 
 # arguments of monai.bundle's ``run`` itself, not config ids
-RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
-                 "tracking", "workflow_type", "workflow_name", "properties_path"}
+RUN_ARGUMENTS = {
+    "config_file",
+    "meta_file",
+    "logging_file",
+    "args_file",
+    "run_id",
+    "init_id",
+    "final_id",
+    "tracking",
+    "workflow_type",
+    "workflow_name",
+    "properties_path",
+}
 
 
 def config_ids(content, prefix: str = "") -> list[str]:
@@ -93,15 +104,20 @@ def check_overrides(argv: list[str] | None = None) -> None:
         parent = key.rpartition("#")[0]
         return parent in known and isinstance(parser.get(parent), dict) and "_target_" in parser.get(parent)
 
-    unknown = [k for k in options if k not in RUN_ARGUMENTS and k not in known and k.replace("-", "_") not in known
-               and not new_argument(k)]
+    unknown = [
+        k
+        for k in options
+        if k not in RUN_ARGUMENTS and k not in known and k.replace("-", "_") not in known and not new_argument(k)
+    ]
     if unknown:
         lines = []
         for key in unknown:
             near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             lines.append(f"--{key}" + (f" (did you mean --{near[0]}?)" if near else ""))
-        raise InputError(f"{', '.join(files)}: no config id for the override(s) {'; '.join(lines)}; a typo would be "
-                         "added as a new id and ignored")
+        raise InputError(
+            f"{', '.join(files)}: no config id for the override(s) {'; '.join(lines)}; a typo would be "
+            "added as a new id and ignored"
+        )
     wrapper = Path(argv[0] if argv else sys.argv[0]).as_posix().endswith("scripts/__main__.py")
     for key in sorted(set(options) & bool_ids(files)):
         raw = options[key]
@@ -110,6 +126,8 @@ def check_overrides(argv: list[str] | None = None) -> None:
         # anything but a yes/no word is refused; a "no" word would reach the config as text, which reads as yes
         # (python -m scripts run turns the words into bools before the run, scripts/runner.py)
         if not flag(raw, f"--{key}") and not wrapper:
-            raise InputError(f"--{key} {raw}: python -m monai.bundle run passes {raw!r} on as text, which Python reads "
-                             "as yes; write True or False (or run through python -m scripts run, which reads yes/no, "
-                             "true/false, 1/0 in any case)")
+            raise InputError(
+                f"--{key} {raw}: python -m monai.bundle run passes {raw!r} on as text, which Python reads "
+                "as yes; write True or False (or run through python -m scripts run, which reads yes/no, "
+                "true/false, 1/0 in any case)"
+            )

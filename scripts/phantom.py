@@ -27,8 +27,18 @@ from scripts.phantom_anatomy import N_CHANNELS, Anatomy, AnatomyParams
 from scripts.phantom_appearance import MRParams, USParams, render_mr, render_us
 from scripts.phantom_transform import PhantomTransform, TransformParams, rotation_matrix
 
-__all__ = ["synth", "generate_case", "SIZES", "PRESETS", "Preset", "ObserverParams", "Geometry", "RAS_TO_LPS",
-           "ddf_to_nifti_array", "jacobian_determinant"]
+__all__ = [
+    "synth",
+    "generate_case",
+    "SIZES",
+    "PRESETS",
+    "Preset",
+    "ObserverParams",
+    "Geometry",
+    "RAS_TO_LPS",
+    "ddf_to_nifti_array",
+    "jacobian_determinant",
+]
 
 SPLITS = ("train", "val", "holdout")
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # x_LPS = diag(-1, -1, 1) x_RAS (same for displacement vectors)
@@ -48,10 +58,7 @@ class Geometry:
 
 
 # full = μ-RegPro grids; small = the same fields of view at 3× the spacing (for tests and demos)
-SIZES = {
-    "full": Geometry((120, 128, 128), (81, 118, 88), 0.8),
-    "small": Geometry((40, 43, 43), (27, 39, 29), 2.4),
-}
+SIZES = {"full": Geometry((120, 128, 128), (81, 118, 88), 0.8), "small": Geometry((40, 43, 43), (27, 39, 29), 2.4)}
 
 
 @dataclass(frozen=True)
@@ -87,26 +94,60 @@ def _realistic(shifted: bool = False) -> Preset:
     """The ``realistic`` preset (calibrated in docs/phantom.md) or its ``shifted`` variant (a held-out distribution)."""
     sh = shifted
     anatomy = AnatomyParams(
-        gland_volume_cc=(50.0, 110.0) if sh else (20.0, 100.0), median_lobe_probability=0.6 if sh else 0.35,
-        seminal_vesicles=True, bph_nodules=(1, 6) if sh else (0, 4), lesions=(0, 2),
-        cyst_radius_mm=(1.8, 4.5), calcification_radius_mm=(1.2, 3.0), landmark_elongation=(1.0, 1.6))
+        gland_volume_cc=(50.0, 110.0) if sh else (20.0, 100.0),
+        median_lobe_probability=0.6 if sh else 0.35,
+        seminal_vesicles=True,
+        bph_nodules=(1, 6) if sh else (0, 4),
+        lesions=(0, 2),
+        cyst_radius_mm=(1.8, 4.5),
+        calcification_radius_mm=(1.2, 3.0),
+        landmark_elongation=(1.0, 1.6),
+    )
     transform = TransformParams(
-        rotation_deg=(5.0, 10.0) if sh else (3.0, 8.0), translation_mm=(3.0, 7.0) if sh else (2.0, 6.0),
-        elastic_centres=10, elastic_spread_mm=14.0, elastic_sigma_mm=12.0, elastic_amplitude_mm=3.0,
-        compression_mm=(0.0, 0.0), bladder_filling_mm=(0.0, 4.0), rectal_filling_mm=(-2.0, 3.0),
-        sliding_deg=(1.0, 4.0), indentation_mm=(10.0, 18.0) if sh else (5.0, 15.0))
+        rotation_deg=(5.0, 10.0) if sh else (3.0, 8.0),
+        translation_mm=(3.0, 7.0) if sh else (2.0, 6.0),
+        elastic_centres=10,
+        elastic_spread_mm=14.0,
+        elastic_sigma_mm=12.0,
+        elastic_amplitude_mm=3.0,
+        compression_mm=(0.0, 0.0),
+        bladder_filling_mm=(0.0, 4.0),
+        rectal_filling_mm=(-2.0, 3.0),
+        sliding_deg=(1.0, 4.0),
+        indentation_mm=(10.0, 18.0) if sh else (5.0, 15.0),
+    )
     mr = MRParams(
-        intensity=dict(MRParams().intensity, cyst=(0.60, 1.00), seminal_vesicle=(0.70, 0.95),
-                       bph_nodule=(0.25, 0.60), lesion=(0.18, 0.35)),
-        texture=dict(MRParams().texture, bph_nodule=0.40), noise_sigma=(0.04, 0.08) if sh else (0.02, 0.06),
-        slice_thickness_mm=(3.5, 4.5) if sh else (2.5, 4.0), coil_gain=(0.3, 1.0))
+        intensity=dict(
+            MRParams().intensity,
+            cyst=(0.60, 1.00),
+            seminal_vesicle=(0.70, 0.95),
+            bph_nodule=(0.25, 0.60),
+            lesion=(0.18, 0.35),
+        ),
+        texture=dict(MRParams().texture, bph_nodule=0.40),
+        noise_sigma=(0.04, 0.08) if sh else (0.02, 0.06),
+        slice_thickness_mm=(3.5, 4.5) if sh else (2.5, 4.0),
+        coil_gain=(0.3, 1.0),
+    )
     us = USParams(
-        echogenicity=dict(USParams().echogenicity, cyst=(0.01, 0.15), calcification=(0.9, 2.5),
-                          seminal_vesicle=(0.15, 0.35), bph_nodule=(0.20, 0.60), lesion=(0.25, 0.45)),
-        capsule_gain=(0.2, 1.2) if sh else (0.3, 2.0), capsule_fade=(0.7, 1.0) if sh else (0.5, 1.0),
-        gain_db=(-6.0, 6.0) if sh else (-4.0, 4.0), tgc_db=3.0, reverberation=(0.1, 0.4), side_lobe=(0.05, 0.2),
-        contact_shadows=(1, 3) if sh else (0, 2), noise_floor=0.03 if sh else 0.02,
-        dynamic_range_db=(40.0, 55.0) if sh else (45.0, 60.0))
+        echogenicity=dict(
+            USParams().echogenicity,
+            cyst=(0.01, 0.15),
+            calcification=(0.9, 2.5),
+            seminal_vesicle=(0.15, 0.35),
+            bph_nodule=(0.20, 0.60),
+            lesion=(0.25, 0.45),
+        ),
+        capsule_gain=(0.2, 1.2) if sh else (0.3, 2.0),
+        capsule_fade=(0.7, 1.0) if sh else (0.5, 1.0),
+        gain_db=(-6.0, 6.0) if sh else (-4.0, 4.0),
+        tgc_db=3.0,
+        reverberation=(0.1, 0.4),
+        side_lobe=(0.05, 0.2),
+        contact_shadows=(1, 3) if sh else (0, 2),
+        noise_floor=0.03 if sh else 0.02,
+        dynamic_range_db=(40.0, 55.0) if sh else (45.0, 60.0),
+    )
     return Preset(anatomy, transform, mr, us, ObserverParams(enabled=True))
 
 
@@ -131,9 +172,11 @@ def jacobian_determinant(ddf_lps: np.ndarray, affine: np.ndarray) -> np.ndarray:
     u = ddf_lps[..., 0, :] * RAS_TO_LPS.astype(np.float32)  # back to RAS mm
     grad_vox = np.stack([np.stack(np.gradient(u[..., c]), -1) for c in range(3)], -2)  # (X, Y, Z, 3 comp, 3 axis)
     j = grad_vox @ np.linalg.inv(affine[:3, :3]).astype(np.float32) + np.eye(3, dtype=np.float32)
-    return (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
-            - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
-            + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
+    return (
+        j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
+        - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
+        + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0])
+    )
 
 
 def _sample_field(ddf_lps: np.ndarray, affine: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +194,12 @@ def inverse_consistency(field_a, affine_a, mask_a, field_b, affine_b) -> dict:
     mid = pts + field_a[..., 0, :].reshape(-1, 3)[mask_a.reshape(-1)] * RAS_TO_LPS
     back, inside = _sample_field(field_b, affine_b, mid)
     err = np.linalg.norm(mid + back - pts, axis=1)[inside]
-    return {"max_mm": round(float(err.max()), 5), "mean_mm": round(float(err.mean()), 5),
-            "voxels": int(inside.sum()), "voxels_leaving_grid": int((~inside).sum())}
+    return {
+        "max_mm": round(float(err.max()), 5),
+        "mean_mm": round(float(err.mean()), 5),
+        "voxels": int(inside.sum()),
+        "voxels_leaving_grid": int((~inside).sum()),
+    }
 
 
 def _grids(anat: Anatomy, geom: Geometry, index: int, rng):
@@ -216,9 +263,16 @@ def draw_geometry(seed: int, index: int, size: str, anatomy: AnatomyParams, tran
     return rng, anat, phi, grids
 
 
-def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyParams | None = None,
-                  transform: TransformParams | None = None, mr: MRParams | None = None,
-                  us: USParams | None = None, preset: str = "basic") -> dict:
+def generate_case(
+    seed: int,
+    index: int,
+    size: str = "small",
+    anatomy: AnatomyParams | None = None,
+    transform: TransformParams | None = None,
+    mr: MRParams | None = None,
+    us: USParams | None = None,
+    preset: str = "basic",
+) -> dict:
     """Build one case in memory (no files). Deterministic from (seed, index, preset).
 
     ``preset`` picks every range (:data:`PRESETS`); ``anatomy``/``transform``/``mr``/``us`` replace its parts.
@@ -234,19 +288,23 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
     if preset not in PRESETS:
         raise InputError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
     pre = PRESETS[preset]
-    anatomy, transform, mr, us = (given if given is not None else default for given, default in
-                                  ((anatomy, pre.anatomy), (transform, pre.transform), (mr, pre.mr), (us, pre.us)))
+    anatomy, transform, mr, us = (
+        given if given is not None else default
+        for given, default in ((anatomy, pre.anatomy), (transform, pre.transform), (mr, pre.mr), (us, pre.us))
+    )
     geom = SIZES[size]
     rng, anat, phi, (mr_affine, us_affine, probe_point, probe_axis, probe_vox, oblique) = draw_geometry(
-        seed, index, size, anatomy, transform)
+        seed, index, size, anatomy, transform
+    )
     sp = geom.spacing
 
     # MR: anatomy evaluated directly at the MR voxels (MR world = anatomy frame)
     x_mr = voxel_to_world(mr_affine, geom.mr_shape)
     s_mr = anat.sample(x_mr)
     mr_label = anat.labels(s_mr).reshape(*geom.mr_shape, -1)
-    mr_image, mr_info = render_mr(anat.tissue(s_mr), s_mr["texture"], x_mr, geom.mr_shape, rng, mr,
-                                  rectum_mm=s_mr["rectum"], spacing=sp)
+    mr_image, mr_info = render_mr(
+        anat.tissue(s_mr), s_mr["texture"], x_mr, geom.mr_shape, rng, mr, rectum_mm=s_mr["rectum"], spacing=sp
+    )
     ddf_us2mr = ddf_to_nifti_array(phi.forward(x_mr) - x_mr, geom.mr_shape)
 
     # TRUS: voxels pulled back into the MR world through phi^-1, anatomy evaluated there
@@ -255,27 +313,59 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
     s_us = anat.sample(p)
     us_label = anat.labels(s_us).reshape(*geom.us_shape, -1)
     inv_aff = np.linalg.inv(us_affine)
-    lm_vox = [(lm["kind"], inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3],
-               float(np.mean(lm.get("radii", lm["radius"])))) for lm in anat.landmarks]
-    us_image, fan, us_info = render_us(anat.tissue(s_us), s_us["texture"], s_us["gland_mm"], geom.us_shape, sp,
-                                       probe_vox, geom.probe_radius_mm, lm_vox, rng, us,
-                                       capsule_site=_capsule_site(anat, p) if us.capsule_fade[1] > 0 else None)
+    lm_vox = [
+        (
+            lm["kind"],
+            inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3],
+            float(np.mean(lm.get("radii", lm["radius"]))),
+        )
+        for lm in anat.landmarks
+    ]
+    us_image, fan, us_info = render_us(
+        anat.tissue(s_us),
+        s_us["texture"],
+        s_us["gland_mm"],
+        geom.us_shape,
+        sp,
+        probe_vox,
+        geom.probe_radius_mm,
+        lm_vox,
+        rng,
+        us,
+        capsule_site=_capsule_site(anat, p) if us.capsule_fade[1] > 0 else None,
+    )
     ddf_mr2us = ddf_to_nifti_array(p - q, geom.us_shape)
 
-    jac = {"mr2us": float(jacobian_determinant(ddf_mr2us, us_affine).min()),
-           "us2mr": float(jacobian_determinant(ddf_us2mr, mr_affine).min())}
+    jac = {
+        "mr2us": float(jacobian_determinant(ddf_mr2us, us_affine).min()),
+        "us2mr": float(jacobian_determinant(ddf_us2mr, mr_affine).min()),
+    }
     landmarks = []
     for i, lm in enumerate(anat.landmarks):
-        landmarks.append({
-            "channel": 2 + i if i < 4 else None, "kind": lm["kind"], "radius_mm": round(lm["radius"], 4),
-            "mr_centre_ras_mm": np.round(lm["centre"], 5).tolist(),
-            "us_centre_ras_mm": np.round(phi.forward(lm["centre"][None])[0], 5).tolist()})
+        landmarks.append(
+            {
+                "channel": 2 + i if i < 4 else None,
+                "kind": lm["kind"],
+                "radius_mm": round(lm["radius"], 4),
+                "mr_centre_ras_mm": np.round(lm["centre"], 5).tolist(),
+                "us_centre_ras_mm": np.round(phi.forward(lm["centre"][None])[0], 5).tolist(),
+            }
+        )
     truth = {
-        "seed": int(seed), "index": int(index), "size": size,
+        "seed": int(seed),
+        "index": int(index),
+        "size": size,
         "frames": "RAS mm; MR world = the anatomy frame; TRUS world = phi(MR world); see docs/phantom.md",
-        "channels": {"0": "gland", "1": "urethra (inside the gland)",
-                     **{str(c): (f"landmark {c - 2}: {anat.landmarks[c - 2]['kind']}" if c - 2 < len(anat.landmarks)
-                                 else "empty") for c in range(2, 6)}},
+        "channels": {
+            "0": "gland",
+            "1": "urethra (inside the gland)",
+            **{
+                str(c): (
+                    f"landmark {c - 2}: {anat.landmarks[c - 2]['kind']}" if c - 2 < len(anat.landmarks) else "empty"
+                )
+                for c in range(2, 6)
+            },
+        },
         "landmarks": landmarks,
         "gland_centre_mr_ras_mm": np.round(anat.gland_centre, 5).tolist(),
         "gland_centre_us_ras_mm": np.round(phi.forward(anat.gland_centre[None])[0], 5).tolist(),
@@ -285,18 +375,31 @@ def generate_case(seed: int, index: int, size: str = "small", anatomy: AnatomyPa
         "probe_axis_voxel": probe_vox[:2].round(4).tolist(),
         "inverse_fixed_point_residual_mm": residual,
         "inverse_consistency": {
-            "mr2us_then_us2mr_in_us_gland": inverse_consistency(ddf_mr2us, us_affine, us_label[..., 0] > 0,
-                                                               ddf_us2mr, mr_affine),
-            "us2mr_then_mr2us_in_mr_gland": inverse_consistency(ddf_us2mr, mr_affine, mr_label[..., 0] > 0,
-                                                               ddf_mr2us, us_affine),
-            "note": "stored float32 fields composed with trilinear interpolation, mm"},
+            "mr2us_then_us2mr_in_us_gland": inverse_consistency(
+                ddf_mr2us, us_affine, us_label[..., 0] > 0, ddf_us2mr, mr_affine
+            ),
+            "us2mr_then_mr2us_in_mr_gland": inverse_consistency(
+                ddf_us2mr, mr_affine, mr_label[..., 0] > 0, ddf_mr2us, us_affine
+            ),
+            "note": "stored float32 fields composed with trilinear interpolation, mm",
+        },
         "jacobian_determinant_min": jac,
         "gland_in_trus_fan_fraction": round(float(fan[us_label[..., 0] > 0].mean()), 4),
         "appearance": {"mr": mr_info, "us": us_info},
     }
-    case = {"mr_image": mr_image, "us_image": us_image, "mr_label": mr_label, "us_label": us_label,
-            "ddf_mr2us": ddf_mr2us, "ddf_us2mr": ddf_us2mr, "mr_affine": mr_affine, "us_affine": us_affine,
-            "truth": truth, "anatomy": anat, "transform": phi}
+    case = {
+        "mr_image": mr_image,
+        "us_image": us_image,
+        "mr_label": mr_label,
+        "us_label": us_label,
+        "ddf_mr2us": ddf_mr2us,
+        "ddf_us2mr": ddf_us2mr,
+        "mr_affine": mr_affine,
+        "us_affine": us_affine,
+        "truth": truth,
+        "anatomy": anat,
+        "transform": phi,
+    }
     if preset != "basic":  # extras only here: the basic output stays byte-identical to the original phantom
         _add_realistic_truth(case, preset, pre.observer, anat, s_mr, x_mr, s_us, p, q, geom, seed, index)
     return case
@@ -308,31 +411,51 @@ def _add_realistic_truth(case, preset, observer, anat, s_mr, x_mr, s_us, p, q, g
 
     truth = case["truth"]
     if observer.enabled:
-        for mod, s, anatomy_points, world, shape, stream in (("mr", s_mr, x_mr, x_mr, geom.mr_shape, 1),
-                                                             ("us", s_us, p, q, geom.us_shape, 2)):
+        for mod, s, anatomy_points, world, shape, stream in (
+            ("mr", s_mr, x_mr, x_mr, geom.mr_shape, 1),
+            ("us", s_us, p, q, geom.us_shape, 2),
+        ):
             case[f"{mod}_true_label"] = case[f"{mod}_label"]
             orng = np.random.default_rng([int(seed), int(index), stream])
             case[f"{mod}_label"] = _observer_labels(anat, s, anatomy_points, world, shape, orng, observer)
-        agree = {mod: [float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)) for a, b in (
-            (case[f"{mod}_label"][..., c] > 0, case[f"{mod}_true_label"][..., c] > 0) for c in range(N_CHANNELS))]
-            for mod in ("mr", "us")}
-        truth["observer"] = {"labels": "the label folders hold one simulated observer's labels per image; the "
-                                       "analytic labels are in truth/mr_labels and truth/us_labels",
-                             "dice_vs_truth_per_channel": {m: np.round(v, 4).tolist() for m, v in agree.items()},
-                             "params": vars(observer)}
+        agree = {
+            mod: [
+                float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+                for a, b in (
+                    (case[f"{mod}_label"][..., c] > 0, case[f"{mod}_true_label"][..., c] > 0) for c in range(N_CHANNELS)
+                )
+            ]
+            for mod in ("mr", "us")
+        }
+        truth["observer"] = {
+            "labels": "the label folders hold one simulated observer's labels per image; the "
+            "analytic labels are in truth/mr_labels and truth/us_labels",
+            "dice_vs_truth_per_channel": {m: np.round(v, 4).tolist() for m, v in agree.items()},
+            "params": vars(observer),
+        }
     fits = {d: ideal_fits(case, d) for d in ("mr2us", "us2mr")}
     truth["ideal_fits"] = {
-        d: {"landmark_error_mm": {k: np.round(v, 4).tolist() for k, v in f["landmark_error_mm"].items()},
+        d: {
+            "landmark_error_mm": {k: np.round(v, 4).tolist() for k, v in f["landmark_error_mm"].items()},
             "rigid_moving_to_fixed_ras": f["rigid"].round(8).tolist(),
-            "affine_moving_to_fixed_ras": f["affine"].round(8).tolist()} for d, f in fits.items()}
+            "affine_moving_to_fixed_ras": f["affine"].round(8).tolist(),
+        }
+        for d, f in fits.items()
+    }
     truth["preset"] = preset
-    truth["gland_volume_cc"] = round(float(case.get("mr_true_label", case["mr_label"])[..., 0].sum()
-                                           * geom.spacing**3 / 1000), 3)
+    truth["gland_volume_cc"] = round(
+        float(case.get("mr_true_label", case["mr_label"])[..., 0].sum() * geom.spacing**3 / 1000), 3
+    )
     truth["median_lobe"] = round(anat.median_lobe, 4)
     truth["appearance_only"] = {name: len(v) for name, v in anat.ellipsoids.items()}
-    jac = jacobian_determinant(case["ddf_us2mr"], case["mr_affine"])[case.get("mr_true_label", case["mr_label"])[..., 0] > 0]
-    truth["jacobian_determinant_in_mr_gland"] = {"mean": round(float(jac.mean()), 4), "p5": round(float(np.percentile(jac, 5)), 4),
-                                                 "p95": round(float(np.percentile(jac, 95)), 4)}
+    jac = jacobian_determinant(case["ddf_us2mr"], case["mr_affine"])[
+        case.get("mr_true_label", case["mr_label"])[..., 0] > 0
+    ]
+    truth["jacobian_determinant_in_mr_gland"] = {
+        "mean": round(float(jac.mean()), 4),
+        "p5": round(float(np.percentile(jac, 5)), 4),
+        "p95": round(float(np.percentile(jac, 95)), 4),
+    }
 
 
 def split_counts(cases: int, fractions) -> list[int]:
@@ -374,12 +497,24 @@ def write_case(case: dict, root: Path, split: str, name: str, overwrite: bool = 
         from scripts.phantom_preview import save_preview  # matplotlib only when previews are wanted
 
         t = case["truth"]
-        centre = [np.linalg.solve(case[a][:3, :3], np.asarray(t[k]) - case[a][:3, 3])
-                  for a, k in (("mr_affine", "gland_centre_mr_ras_mm"), ("us_affine", "gland_centre_us_ras_mm"))]
-        atomic_write(d / "preview" / f"{name}.png",
-                     lambda tmp: save_preview(tmp, case["mr_image"], case["mr_label"], centre[0], case["us_image"],
-                                              case["us_label"], centre[1], f"{split}/{name} seed {t['seed']}"),
-                     overwrite)
+        centre = [
+            np.linalg.solve(case[a][:3, :3], np.asarray(t[k]) - case[a][:3, 3])
+            for a, k in (("mr_affine", "gland_centre_mr_ras_mm"), ("us_affine", "gland_centre_us_ras_mm"))
+        ]
+        atomic_write(
+            d / "preview" / f"{name}.png",
+            lambda tmp: save_preview(
+                tmp,
+                case["mr_image"],
+                case["mr_label"],
+                centre[0],
+                case["us_image"],
+                case["us_label"],
+                centre[1],
+                f"{split}/{name} seed {t['seed']}",
+            ),
+            overwrite,
+        )
 
 
 def _write_one(args) -> str:
@@ -388,8 +523,17 @@ def _write_one(args) -> str:
     return f"{split}/case{index:06d} written"
 
 
-def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="0.7,0.15,0.15",
-          overwrite: bool = False, preview: bool = True, preset: str = "basic", jobs: int = 1) -> str:
+def synth(
+    out: str,
+    cases: int = 8,
+    seed: int = 0,
+    size: str = "small",
+    splits="0.7,0.15,0.15",
+    overwrite: bool = False,
+    preview: bool = True,
+    preset: str = "basic",
+    jobs: int = 1,
+) -> str:
     """Generate ``cases`` synthetic MR–TRUS pairs with ground truth into ``out`` (μ-RegPro layout).
 
     Args:
@@ -418,7 +562,9 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: output path exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"{root}: output folder is not empty; pass overwrite=True (CLI: --overwrite) to write into it")
+        raise FileExistsError(
+            f"{root}: output folder is not empty; pass overwrite=True (CLI: --overwrite) to write into it"
+        )
     counts = split_counts(cases, splits)
     names = [s for s, n in zip(SPLITS, counts) for _ in range(n)]
     work = [(seed, i, size, preset, root, split, overwrite, preview) for i, split in enumerate(names)]
@@ -429,9 +575,19 @@ def synth(out: str, cases: int = 8, seed: int = 0, size: str = "small", splits="
     else:
         for item in work:
             print(_write_one(item), flush=True)
-    write_json({"generator": "scripts/phantom.py", "seed": int(seed), "cases": cases, "size": size,
-                **({"preset": preset} if preset != "basic" else {}),
-                "splits": dict(zip(SPLITS, counts)), "spacing_mm": SIZES[size].spacing,
-                "mr_shape": list(SIZES[size].mr_shape), "us_shape": list(SIZES[size].us_shape)},
-               root / "phantom.json", overwrite)
+    write_json(
+        {
+            "generator": "scripts/phantom.py",
+            "seed": int(seed),
+            "cases": cases,
+            "size": size,
+            **({"preset": preset} if preset != "basic" else {}),
+            "splits": dict(zip(SPLITS, counts)),
+            "spacing_mm": SIZES[size].spacing,
+            "mr_shape": list(SIZES[size].mr_shape),
+            "us_shape": list(SIZES[size].us_shape),
+        },
+        root / "phantom.json",
+        overwrite,
+    )
     return os.fspath(root)

@@ -15,8 +15,22 @@ __all__ = ["AnatomyParams", "Anatomy", "TISSUES", "N_CHANNELS"]
 
 N_CHANNELS = 6  # label channels: 0 gland, 1 urethra, 2..5 landmarks (μ-RegPro has 6)
 # tissue classes, in painting order (a later class overrides an earlier one)
-TISSUES = ("pelvic", "muscle", "fat", "rectal_wall", "rectal_lumen", "bladder", "peripheral_zone",
-           "central_zone", "urethra", "cyst", "calcification", "seminal_vesicle", "bph_nodule", "lesion")
+TISSUES = (
+    "pelvic",
+    "muscle",
+    "fat",
+    "rectal_wall",
+    "rectal_lumen",
+    "bladder",
+    "peripheral_zone",
+    "central_zone",
+    "urethra",
+    "cyst",
+    "calcification",
+    "seminal_vesicle",
+    "bph_nodule",
+    "lesion",
+)
 T = {name: i for i, name in enumerate(TISSUES)}
 
 
@@ -94,8 +108,8 @@ class Anatomy:
     ellipsoids: dict = field(default_factory=dict)  # tissue name -> list of (centre (3,), radii (3,), rotation (3, 3))
 
     @classmethod
-    def random(cls, rng: np.random.Generator, params: AnatomyParams = AnatomyParams()) -> "Anatomy":
-        p = params
+    def random(cls, rng: np.random.Generator, params: AnatomyParams | None = None) -> "Anatomy":
+        p = params or AnatomyParams()
         c = np.asarray(p.gland_centre_mm) + rng.normal(0, p.gland_centre_jitter_mm, 3)
         radii = np.array([rng.uniform(*r) for r in p.gland_radii_mm])
         if p.gland_volume_cc[1] > 0:  # realistic: rescale to a drawn volume (BPH grows the gland mostly sideways)
@@ -107,8 +121,12 @@ class Anatomy:
         cz_radii = radii * p.central_zone_scale
         cz_centre = c + np.array([0.0, 0.25 * radii[1], 0.2 * radii[2]])
         rect_r = rng.uniform(*p.rectum_radius_mm)
-        rectum = np.array([c[0] + rng.normal(0, 1.5), c[1] - radii[1] * (1 - p.gland_posterior_flattening)
-                           - rng.uniform(*p.rectum_gap_mm)])
+        rectum = np.array(
+            [
+                c[0] + rng.normal(0, 1.5),
+                c[1] - radii[1] * (1 - p.gland_posterior_flattening) - rng.uniform(*p.rectum_gap_mm),
+            ]
+        )
         bl_r = np.asarray(p.bladder_radii_mm) * rng.uniform(0.85, 1.15, 3)
         bladder = c + np.array([rng.normal(0, 2), 0.35 * radii[1], radii[2] + rng.uniform(*p.bladder_gap_mm) + bl_r[2]])
         muscles = np.array([[c[0] - radii[0] - 14, rectum[1] + 4], [c[0] + radii[0] + 14, rectum[1] + 4]])
@@ -116,12 +134,30 @@ class Anatomy:
         tex_dir = rng.normal(size=(p.texture_waves, 3))
         tex_dir /= np.linalg.norm(tex_dir, axis=1, keepdims=True)
         tex_freq = tex_dir * (2 * np.pi / rng.uniform(*p.texture_wavelength_mm, (p.texture_waves, 1)))
-        anat = cls(c, radii, freq, rng.normal(0, p.gland_wave_amplitude, w), rng.uniform(0, 2 * np.pi, w),
-                   p.gland_posterior_flattening, cz_centre, cz_radii, rng.uniform(*p.urethra_radius_mm),
-                   rng.uniform(*p.urethra_curvature), np.array([rng.uniform(0.5, 2.0), rng.uniform(0, 2 * np.pi)]),
-                   rectum, rect_r, p.rectal_wall_mm, p.fat_shell_mm, bladder, bl_r, muscles,
-                   np.array([9.0, 14.0]) * rng.uniform(0.8, 1.2, 2), [], tex_freq,
-                   rng.uniform(0, 2 * np.pi, p.texture_waves))
+        anat = cls(
+            c,
+            radii,
+            freq,
+            rng.normal(0, p.gland_wave_amplitude, w),
+            rng.uniform(0, 2 * np.pi, w),
+            p.gland_posterior_flattening,
+            cz_centre,
+            cz_radii,
+            rng.uniform(*p.urethra_radius_mm),
+            rng.uniform(*p.urethra_curvature),
+            np.array([rng.uniform(0.5, 2.0), rng.uniform(0, 2 * np.pi)]),
+            rectum,
+            rect_r,
+            p.rectal_wall_mm,
+            p.fat_shell_mm,
+            bladder,
+            bl_r,
+            muscles,
+            np.array([9.0, 14.0]) * rng.uniform(0.8, 1.2, 2),
+            [],
+            tex_freq,
+            rng.uniform(0, 2 * np.pi, p.texture_waves),
+        )
         anat.landmarks = anat._draw_landmarks(rng, p)
         anat._draw_realistic(rng, p)
         return anat
@@ -133,12 +169,17 @@ class Anatomy:
         c, r = self.gland_centre, self.gland_radii
         if p.seminal_vesicles:
             self.ellipsoids["seminal_vesicle"] = [
-                (c + np.array([side * 0.5 * r[0], -0.55 * r[1], 0.95 * r[2]]) + rng.normal(0, 1.5, 3),
-                 np.array([rng.uniform(11, 17), rng.uniform(4, 6), rng.uniform(5, 8)]),
-                 _rotation_about([0.0, 1.0, 0.0], side * np.deg2rad(rng.uniform(15, 35))))
-                for side in (-1, 1)]
-        for name, count, radius, zone in (("bph_nodule", p.bph_nodules, p.bph_nodule_radius_mm, "central_zone"),
-                                          ("lesion", p.lesions, p.lesion_radius_mm, "peripheral_zone")):
+                (
+                    c + np.array([side * 0.5 * r[0], -0.55 * r[1], 0.95 * r[2]]) + rng.normal(0, 1.5, 3),
+                    np.array([rng.uniform(11, 17), rng.uniform(4, 6), rng.uniform(5, 8)]),
+                    _rotation_about([0.0, 1.0, 0.0], side * np.deg2rad(rng.uniform(15, 35))),
+                )
+                for side in (-1, 1)
+            ]
+        for name, count, radius, zone in (
+            ("bph_nodule", p.bph_nodules, p.bph_nodule_radius_mm, "central_zone"),
+            ("lesion", p.lesions, p.lesion_radius_mm, "peripheral_zone"),
+        ):
             if count[1] <= 0:
                 continue
             out = []
@@ -148,11 +189,16 @@ class Anatomy:
                     u *= rng.uniform(0.1, 0.85) / np.linalg.norm(u)
                     x = (self.cz_centre + u * self.cz_radii if zone == "central_zone" else c + u * r)[None]
                     in_cz = self.central_zone_level(x)[0] < 0
-                    if (in_cz if zone == "central_zone" else (not in_cz and self.gland_level(x)[0] < -0.1)):
+                    if in_cz if zone == "central_zone" else (not in_cz and self.gland_level(x)[0] < -0.1):
                         break
                 axis = rng.normal(size=3)
-                out.append((x[0], rng.uniform(*radius) * rng.uniform(0.7, 1.3, 3),
-                            _rotation_about(axis, rng.uniform(0, np.pi))))
+                out.append(
+                    (
+                        x[0],
+                        rng.uniform(*radius) * rng.uniform(0.7, 1.3, 3),
+                        _rotation_about(axis, rng.uniform(0, np.pi)),
+                    )
+                )
             self.ellipsoids[name] = out
 
     def ellipsoid_inside(self, x: np.ndarray, name: str) -> np.ndarray:
@@ -177,7 +223,9 @@ class Anatomy:
             pt = centre[None]
             inside = self.gland_level(pt)[0] * self.gland_radii.min() < -(radius + 2.0)
             clear = self.urethra_distance(pt)[0] > radius + p.landmark_min_gap_mm
-            apart = all(np.linalg.norm(centre - q["centre"]) > radius + q["radius"] + p.landmark_min_gap_mm for q in out)
+            apart = all(
+                np.linalg.norm(centre - q["centre"]) > radius + q["radius"] + p.landmark_min_gap_mm for q in out
+            )
             if inside and clear and apart:
                 out.append({"kind": kind, "centre": centre, "radius": float(radius)})
                 if p.landmark_elongation[1] > 1:  # realistic: an axis-aligned ellipsoid, mean radius kept
@@ -228,15 +276,21 @@ class Anatomy:
     def sample(self, x: np.ndarray) -> dict:
         """Evaluate every level function once at MR-world points (N, 3) RAS mm; feed to :meth:`labels`/:meth:`tissue`."""
         x = np.asarray(x, float)
-        s = {"gland": self.gland_level(x), "urethra": self.urethra_distance(x) - self.urethra_radius,
-             "central_zone": self.central_zone_level(x), "rectum": self.rectum_distance(x),
-             "bladder": np.linalg.norm((x - self.bladder_centre) / self.bladder_radii, axis=1) - 1,
-             "landmarks": [self.landmark_level(x, i) for i in range(len(self.landmarks))],
-             "texture": self.texture(x)}
+        s = {
+            "gland": self.gland_level(x),
+            "urethra": self.urethra_distance(x) - self.urethra_radius,
+            "central_zone": self.central_zone_level(x),
+            "rectum": self.rectum_distance(x),
+            "bladder": np.linalg.norm((x - self.bladder_centre) / self.bladder_radii, axis=1) - 1,
+            "landmarks": [self.landmark_level(x, i) for i in range(len(self.landmarks))],
+            "texture": self.texture(x),
+        }
         s["gland_mm"] = s["gland"] * float(np.mean(self.gland_radii))
         s["muscle"] = np.zeros(len(x), bool)
         for c in self.muscle_centres:
-            s["muscle"] |= np.hypot((x[:, 0] - c[0]) / self.muscle_radii[0], (x[:, 1] - c[1]) / self.muscle_radii[1]) < 1
+            s["muscle"] |= (
+                np.hypot((x[:, 0] - c[0]) / self.muscle_radii[0], (x[:, 1] - c[1]) / self.muscle_radii[1]) < 1
+            )
         s["ellipsoids"] = {name: self.ellipsoid_inside(x, name) for name in self.ellipsoids}
         return s
 

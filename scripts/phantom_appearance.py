@@ -22,10 +22,21 @@ __all__ = ["MRParams", "USParams", "render_mr", "render_us"]
 class MRParams:
     """T2-weighted MR appearance ranges (relative intensity, 1 = brightest fluid)."""
 
-    intensity: dict = field(default_factory=lambda: dict(
-        pelvic=(0.30, 0.50), muscle=(0.12, 0.25), fat=(0.65, 0.90), rectal_wall=(0.20, 0.35),
-        rectal_lumen=(0.02, 0.15), bladder=(0.85, 1.00), peripheral_zone=(0.55, 0.80), central_zone=(0.25, 0.45),
-        urethra=(0.50, 0.75), cyst=(0.85, 1.00), calcification=(0.02, 0.10)))
+    intensity: dict = field(
+        default_factory=lambda: dict(
+            pelvic=(0.30, 0.50),
+            muscle=(0.12, 0.25),
+            fat=(0.65, 0.90),
+            rectal_wall=(0.20, 0.35),
+            rectal_lumen=(0.02, 0.15),
+            bladder=(0.85, 1.00),
+            peripheral_zone=(0.55, 0.80),
+            central_zone=(0.25, 0.45),
+            urethra=(0.50, 0.75),
+            cyst=(0.85, 1.00),
+            calcification=(0.02, 0.10),
+        )
+    )
     texture: dict = field(default_factory=lambda: dict(pelvic=0.25, central_zone=0.30, peripheral_zone=0.12))
     texture_default: float = 0.05  # relative texture of the other tissues
     partial_volume_sigma_vox: float = 0.6  # Gaussian blur (voxels) standing in for the voxel's partial volume
@@ -43,10 +54,21 @@ class MRParams:
 class USParams:
     """B-mode TRUS formation ranges (echogenicity is the scatterer amplitude, relative)."""
 
-    echogenicity: dict = field(default_factory=lambda: dict(
-        pelvic=(0.45, 0.75), muscle=(0.25, 0.45), fat=(0.70, 1.00), rectal_wall=(0.50, 0.80),
-        rectal_lumen=(0.60, 0.90), bladder=(0.01, 0.04), peripheral_zone=(0.40, 0.70), central_zone=(0.25, 0.50),
-        urethra=(0.10, 0.25), cyst=(0.01, 0.04), calcification=(1.50, 2.50)))
+    echogenicity: dict = field(
+        default_factory=lambda: dict(
+            pelvic=(0.45, 0.75),
+            muscle=(0.25, 0.45),
+            fat=(0.70, 1.00),
+            rectal_wall=(0.50, 0.80),
+            rectal_lumen=(0.60, 0.90),
+            bladder=(0.01, 0.04),
+            peripheral_zone=(0.40, 0.70),
+            central_zone=(0.25, 0.50),
+            urethra=(0.10, 0.25),
+            cyst=(0.01, 0.04),
+            calcification=(1.50, 2.50),
+        )
+    )
     texture: float = 0.25  # relative echogenicity texture
     capsule_gain: tuple[float, float] = (1.0, 2.5)  # added echogenicity on the gland surface (bright capsule)
     capsule_width_mm: float = 1.0
@@ -73,7 +95,7 @@ def _draw(rng, ranges: dict) -> dict:
     return {k: float(rng.uniform(*v)) for k, v in ranges.items()}
 
 
-def render_mr(tissue, texture, world, shape, rng, params: MRParams = MRParams(), rectum_mm=None, spacing=1.0):
+def render_mr(tissue, texture, world, shape, rng, params: MRParams | None = None, rectum_mm=None, spacing=1.0):
     """T2-like MR.
 
     Args:
@@ -83,6 +105,7 @@ def render_mr(tissue, texture, world, shape, rng, params: MRParams = MRParams(),
     Returns:
         (X, Y, Z) float32 image and the drawn tissue-to-intensity map (dict).
     """
+    params = params or MRParams()
     table = _draw(rng, params.intensity)
     values = np.array([table.get(t, 0.0) for t in TISSUES])
     tex = np.array([params.texture.get(t, params.texture_default) for t in TISSUES])
@@ -94,9 +117,18 @@ def render_mr(tissue, texture, world, shape, rng, params: MRParams = MRParams(),
         img = ndimage.gaussian_filter1d(img, thick / 2.355 / spacing, axis=2, mode="nearest")
         slices = np.arange(rng.uniform(0, thick / spacing), shape[2] - 1, thick / spacing)
         coarse = np.take(img, np.round(slices).astype(int), axis=2)
-        img = ndimage.map_coordinates(coarse, np.stack(np.meshgrid(
-            *[np.arange(n, dtype=float) for n in shape[:2]], np.interp(np.arange(shape[2]), slices, np.arange(len(slices))),
-            indexing="ij")), order=1, mode="nearest")
+        img = ndimage.map_coordinates(
+            coarse,
+            np.stack(
+                np.meshgrid(
+                    *[np.arange(n, dtype=float) for n in shape[:2]],
+                    np.interp(np.arange(shape[2]), slices, np.arange(len(slices))),
+                    indexing="ij",
+                )
+            ),
+            order=1,
+            mode="nearest",
+        )
         extra["slice_thickness_mm"] = float(thick)
     if params.coil_gain[1] > 0:
         g = rng.uniform(*params.coil_gain)
@@ -125,8 +157,19 @@ def _behind(plane, depth, kvec, centre, radius):
     return across * along * (t > 0)
 
 
-def render_us(tissue, texture, gland_mm, shape, spacing, probe_vox, probe_radius, landmarks, rng,
-              params: USParams = USParams(), capsule_site=None):
+def render_us(
+    tissue,
+    texture,
+    gland_mm,
+    shape,
+    spacing,
+    probe_vox,
+    probe_radius,
+    landmarks,
+    rng,
+    params: USParams = USParams(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
+    capsule_site=None,
+):
     """B-mode TRUS from scatterers, a PSF, envelope detection, attenuation and log compression.
 
     The probe axis runs along the third voxel axis through voxel (probe_vox[0], probe_vox[1]); depth
@@ -173,8 +216,9 @@ def render_us(tissue, texture, gland_mm, shape, spacing, probe_vox, probe_radius
             extra["contact_shadows"].append({"centre_deg": float(np.rad2deg(centre)), "loss": float(loss)})
     if params.reverberation[1] > 0:  # multiple echoes of the probe wall, decaying into the near field
         amp, gap = rng.uniform(*params.reverberation), rng.uniform(*params.reverberation_spacing_mm)
-        echo = echo + amp * sum(0.55**m * np.exp(-0.5 * ((depth - probe_radius - m * gap) / 0.5) ** 2)
-                                for m in range(1, 6))
+        echo = echo + amp * sum(
+            0.55**m * np.exp(-0.5 * ((depth - probe_radius - m * gap) / 0.5) ** 2) for m in range(1, 6)
+        )
         extra["reverberation"] = {"amplitude": float(amp), "spacing_mm": float(gap)}
     shadow_strength, enhancement = rng.uniform(*params.shadow_strength), rng.uniform(*params.enhancement)
     for kind, c, r in landmarks:
@@ -195,6 +239,12 @@ def render_us(tissue, texture, gland_mm, shape, spacing, probe_vox, probe_radius
     env = np.abs(env + params.noise_floor * ref * (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2))
     dr = rng.uniform(*params.dynamic_range_db)
     img = np.clip(1 + 20 * np.log10(env / ref + 1e-12) / dr, 0, 1) * fan
-    info = {"tissue_echogenicity": table, "dynamic_range_db": dr, "fan_half_angle_deg": float(np.rad2deg(half)),
-            "shadow_strength": shadow_strength, "cyst_enhancement": enhancement, **extra}
+    info = {
+        "tissue_echogenicity": table,
+        "dynamic_range_db": dr,
+        "fan_half_angle_deg": float(np.rad2deg(half)),
+        "shadow_strength": shadow_strength,
+        "cyst_enhancement": enhancement,
+        **extra,
+    }
     return (img * params.scale).astype(np.float32), fan, info

@@ -82,9 +82,23 @@ class PhantomTransform:
         compression: peak push parameter ``a`` (mm); ``compression_width``: ``s`` (mm).
     """
 
-    def __init__(self, rotation, centre, translation, elastic_centres, elastic_amplitudes, elastic_sigma,
-                 probe_point, probe_axis, compression, compression_width, tolerance=1e-6, max_iterations=100,
-                 sliding=None, indentation=None):
+    def __init__(
+        self,
+        rotation,
+        centre,
+        translation,
+        elastic_centres,
+        elastic_amplitudes,
+        elastic_sigma,
+        probe_point,
+        probe_axis,
+        compression,
+        compression_width,
+        tolerance=1e-6,
+        max_iterations=100,
+        sliding=None,
+        indentation=None,
+    ):
         """``elastic_sigma``: mm, one value or one per kernel. ``sliding``: None or dict(rotation (3, 3),
         width mm, level: callable (N, 3) MR-world mm -> (N,) signed distance to the capsule, mm, negative inside).
         ``indentation``: None or dict(push P mm, frame (3, 3) rows l, n, a, origin (3,) TRUS world mm of
@@ -119,8 +133,10 @@ class PhantomTransform:
         g = self._kernels(x) / self.elastic_sigma**2  # (N, K)
         a = self.elastic_amplitudes
         # ∂d_i/∂x_j = -Σ_k g_k a_ki (x_j - c_kj)
-        return -(np.einsum("nk,ki->ni", g, a)[:, :, None] * x[:, None, :]
-                 - np.einsum("nk,ki,kj->nij", g, a, self.elastic_centres))
+        return -(
+            np.einsum("nk,ki->ni", g, a)[:, :, None] * x[:, None, :]
+            - np.einsum("nk,ki,kj->nij", g, a, self.elastic_centres)
+        )
 
     def compression_displacement(self, z: np.ndarray) -> np.ndarray:
         """(N, 3) mm -> (N, 3) mm displacement of ``C`` (TRUS world): radial push away from the probe axis."""
@@ -141,7 +157,7 @@ class PhantomTransform:
         ind = self.indentation
         l, n, a = ((z - ind["origin"]) @ ind["frame"].T).T
         wl, wn, wa = ind["widths"]
-        g = ind["push"] * np.exp(-l**2 / (2 * wl**2) - n**2 / (2 * wn**2) - a**2 / (2 * wa**2))
+        g = ind["push"] * np.exp(-(l**2) / (2 * wl**2) - n**2 / (2 * wn**2) - a**2 / (2 * wa**2))
         v_l, v_n = g * l * n / wn**2, g * (1 - l**2 / wl**2)
         return np.stack([v_l, v_n, np.zeros_like(l)], 1) @ ind["frame"]
 
@@ -199,8 +215,16 @@ class PhantomTransform:
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def random(cls, rng: np.random.Generator, gland_centre, probe_point, probe_axis, check_points,
-               params: TransformParams = TransformParams(), anatomy=None) -> "PhantomTransform":
+    def random(
+        cls,
+        rng: np.random.Generator,
+        gland_centre,
+        probe_point,
+        probe_axis,
+        check_points,
+        params: TransformParams = TransformParams(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
+        anatomy=None,
+    ) -> "PhantomTransform":
         """Draw one case's transform; the elastic field is scaled so its Jacobian norm over ``check_points``
         (N, 3 MR-world mm, a grid covering both fields of view) stays below ``params.elastic_max_gradient``.
         ``anatomy`` (a :class:`scripts.phantom_anatomy.Anatomy`) places the realistic stages; with the
@@ -212,16 +236,32 @@ class PhantomTransform:
         centres = np.asarray(gland_centre) + rng.normal(0, params.elastic_spread_mm, (k, 3))
         amplitudes = rng.normal(0, params.elastic_amplitude_mm, (k, 3))
         compression = rng.uniform(*params.compression_mm)
-        t = cls(rotation, gland_centre, translation, centres, amplitudes, params.elastic_sigma_mm, probe_point,
-                probe_axis, compression, params.compression_width_mm, params.inverse_tolerance_mm,
-                params.inverse_max_iterations)
+        t = cls(
+            rotation,
+            gland_centre,
+            translation,
+            centres,
+            amplitudes,
+            params.elastic_sigma_mm,
+            probe_point,
+            probe_axis,
+            compression,
+            params.compression_width_mm,
+            params.inverse_tolerance_mm,
+            params.inverse_max_iterations,
+        )
         norm = np.linalg.norm(t.elastic_jacobian(np.asarray(check_points, float)), ord=2, axis=(1, 2)).max()
         if norm > params.elastic_max_gradient:
             t.elastic_amplitudes *= params.elastic_max_gradient / norm
         if compression / params.compression_width_mm >= 1:
             raise ValueError("compression_mm must stay below compression_width_mm to keep the transform invertible")
-        if max(params.bladder_filling_mm + params.rectal_filling_mm + params.sliding_deg + params.indentation_mm,
-               key=abs) != 0:
+        if (
+            max(
+                params.bladder_filling_mm + params.rectal_filling_mm + params.sliding_deg + params.indentation_mm,
+                key=abs,
+            )
+            != 0
+        ):
             if anatomy is None:
                 raise ValueError("the realistic transform stages need the anatomy")
             t._draw_realistic(rng, params, anatomy)
@@ -242,8 +282,12 @@ class PhantomTransform:
 
         q = rotation_matrix(_unit(rng), np.deg2rad(rng.uniform(*p.sliding_deg)))
         scale = float(np.mean(radii))
-        self.sliding = {"rotation": q, "width": p.sliding_width_mm, "angle_deg": float(np.degrees(
-            np.arccos(np.clip((np.trace(q) - 1) / 2, -1, 1)))), "level": lambda x: anat.gland_level(x) * scale}
+        self.sliding = {
+            "rotation": q,
+            "width": p.sliding_width_mm,
+            "angle_deg": float(np.degrees(np.arccos(np.clip((np.trace(q) - 1) / 2, -1, 1)))),
+            "level": lambda x: anat.gland_level(x) * scale,
+        }
 
         a_dir = self.probe_axis
         centre_us = self.rigid(anat.gland_centre[None])[0]
@@ -254,8 +298,13 @@ class PhantomTransform:
         frame = np.stack([np.cross(n_dir, a_dir), n_dir, a_dir])
         n0 = face + rng.uniform(*p.indentation_depth_mm)
         origin = self.probe_point + n0 * n_dir + (rel @ a_dir) * a_dir
-        self.indentation = {"push": float(rng.uniform(*p.indentation_mm)), "frame": frame, "origin": origin,
-                            "widths": tuple(float(w) for w in p.indentation_width_mm), "steps": int(p.indentation_steps)}
+        self.indentation = {
+            "push": float(rng.uniform(*p.indentation_mm)),
+            "frame": frame,
+            "origin": origin,
+            "widths": tuple(float(w) for w in p.indentation_width_mm),
+            "steps": int(p.indentation_steps),
+        }
 
     def describe(self) -> dict:
         """JSON-ready parameters (mm, RAS, MR world for E and R's centre, TRUS world for the probe)."""
@@ -271,7 +320,9 @@ class PhantomTransform:
             "elastic": {
                 "centres_ras_mm": self.elastic_centres.round(4).tolist(),
                 "amplitudes_ras_mm": self.elastic_amplitudes.round(4).tolist(),
-                "sigma_mm": np.round(self.elastic_sigma, 4).tolist() if np.ndim(self.elastic_sigma) else self.elastic_sigma,
+                "sigma_mm": (
+                    np.round(self.elastic_sigma, 4).tolist() if np.ndim(self.elastic_sigma) else self.elastic_sigma
+                ),
                 "definition": "x -> x + sum_k a_k exp(-|x - c_k|^2 / (2 sigma^2)) (MR world)",
             },
             "probe_compression": {
@@ -281,19 +332,37 @@ class PhantomTransform:
                 "s_mm": self.compression_width,
                 "definition": "z -> z + (a/s) z_perp exp(-|z_perp|^2 / (2 s^2)), z_perp = offset from the probe axis",
             },
-            **({"sliding": {
-                "rotation_matrix": self.sliding["rotation"].round(8).tolist(),
-                "angle_deg": round(self.sliding["angle_deg"], 4), "shear_layer_width_mm": self.sliding["width"],
-                "definition": "x -> x + w(x) (Q - I)(x - centre), w = 1 / (1 + exp(d(x) / width)), d = gland signed "
-                              "distance (mm, negative inside; MR world, applied first)"}} if self.sliding else {}),
-            **({"probe_indentation": {
-                "peak_push_mm": round(self.indentation["push"], 4),
-                "frame_rows_l_n_a": self.indentation["frame"].round(8).tolist(),
-                "origin_ras_mm": self.indentation["origin"].round(4).tolist(),
-                "widths_mm": list(self.indentation["widths"]), "euler_steps": self.indentation["steps"],
-                "definition": "flow of v_n = P g (1 - l^2/w_l^2), v_l = P g l n / w_n^2, v_a = 0, "
-                              "g = exp(-l^2/2w_l^2 - n^2/2w_n^2 - a^2/2w_a^2) (TRUS world, applied last)"}}
-               if self.indentation else {}),
-            "composition": ("phi = indentation o compression o rigid o elastic o sliding (MR world -> TRUS world)"
-                            if self.indentation else "phi = compression o rigid o elastic (MR world -> TRUS world)"),
+            **(
+                {
+                    "sliding": {
+                        "rotation_matrix": self.sliding["rotation"].round(8).tolist(),
+                        "angle_deg": round(self.sliding["angle_deg"], 4),
+                        "shear_layer_width_mm": self.sliding["width"],
+                        "definition": "x -> x + w(x) (Q - I)(x - centre), w = 1 / (1 + exp(d(x) / width)), d = gland signed "
+                        "distance (mm, negative inside; MR world, applied first)",
+                    }
+                }
+                if self.sliding
+                else {}
+            ),
+            **(
+                {
+                    "probe_indentation": {
+                        "peak_push_mm": round(self.indentation["push"], 4),
+                        "frame_rows_l_n_a": self.indentation["frame"].round(8).tolist(),
+                        "origin_ras_mm": self.indentation["origin"].round(4).tolist(),
+                        "widths_mm": list(self.indentation["widths"]),
+                        "euler_steps": self.indentation["steps"],
+                        "definition": "flow of v_n = P g (1 - l^2/w_l^2), v_l = P g l n / w_n^2, v_a = 0, "
+                        "g = exp(-l^2/2w_l^2 - n^2/2w_n^2 - a^2/2w_a^2) (TRUS world, applied last)",
+                    }
+                }
+                if self.indentation
+                else {}
+            ),
+            "composition": (
+                "phi = indentation o compression o rigid o elastic o sliding (MR world -> TRUS world)"
+                if self.indentation
+                else "phi = compression o rigid o elastic (MR world -> TRUS world)"
+            ),
         }

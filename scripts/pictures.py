@@ -72,13 +72,28 @@ def _contours(fixed, spacing, centre, masks: dict, title, path, overwrite):
         for name, mask in masks.items():
             plane = _plane(mask, axis, centre[axis]) if mask is not None else None
             if plane is not None and plane.any() and not plane.all():
-                ax.contour(plane, levels=[0.5], colors=COLOURS[name], linewidths=1.2,
-                           linestyles="dashed" if name == "fixed" else "solid")
+                ax.contour(
+                    plane,
+                    levels=[0.5],
+                    colors=COLOURS[name],
+                    linewidths=1.2,
+                    linestyles="dashed" if name == "fixed" else "solid",
+                )
         ax.set_title(f"voxel axis {axis} = {centre[axis]}", fontsize=9)
         ax.axis("off")
-    handles = [Line2D([], [], color=COLOURS[k], ls="--" if k == "fixed" else "-",
-                      label={"fixed": "fixed gland", "before": "moving gland, rigid only",
-                             "after": "moving gland, registered"}[k]) for k, m in masks.items() if m is not None]
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=COLOURS[k],
+            ls="--" if k == "fixed" else "-",
+            label={"fixed": "fixed gland", "before": "moving gland, rigid only", "after": "moving gland, registered"}[
+                k
+            ],
+        )
+        for k, m in masks.items()
+        if m is not None
+    ]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(title, fontsize=10)
@@ -112,14 +127,24 @@ def _grid(deform_mm, affine, centre, spacing, step: int, title, path, overwrite)
         ax.plot(x[r, :], y[r, :], color="black", lw=0.7)
     for c in range(0, x.shape[1], step):
         ax.plot(x[:, c], y[:, c], color="black", lw=0.7)
-    ax.set_title(f"{title}: deformation grid, voxel axis 2 = {centre[2]}\n"
-                 f"max |u| on this plane {np.linalg.norm(deform_mm[:, :, centre[2]], axis=-1).max():.1f} mm", fontsize=9)
+    ax.set_title(
+        f"{title}: deformation grid, voxel axis 2 = {centre[2]}\n"
+        f"max |u| on this plane {np.linalg.norm(deform_mm[:, :, centre[2]], axis=-1).max():.1f} mm",
+        fontsize=9,
+    )
     ax.axis("off")
     _save(fig, path, overwrite)
 
 
-def case_pictures(case_dir, moving_labels=None, fixed_gland=None, title: str | None = None,
-                  square_mm: float = 10.0, grid_step: int = 3, overwrite: bool = False) -> list[str]:
+def case_pictures(
+    case_dir,
+    moving_labels=None,
+    fixed_gland=None,
+    title: str | None = None,
+    square_mm: float = 10.0,
+    grid_step: int = 3,
+    overwrite: bool = False,
+) -> list[str]:
     """Write the three PNGs of a registered case folder; returns their paths.
 
     Args:
@@ -145,8 +170,10 @@ def case_pictures(case_dir, moving_labels=None, fixed_gland=None, title: str | N
     centre = _centre([masks["fixed"], masks["after"], masks["before"]], fixed.shape)
     paths = {k: case_dir / v for k, v in PICTURES.items()}
     _contours(fixed, spacing, centre, masks, title, paths["contours"], overwrite)
-    warped = load_array(read_nifti(case_dir / result["files"]["warped_image"], 3, "warped image"),
-                        case_dir / result["files"]["warped_image"])
+    warped = load_array(
+        read_nifti(case_dir / result["files"]["warped_image"], 3, "warped image"),
+        case_dir / result["files"]["warped_image"],
+    )
     _checkerboard(fixed, warped, spacing, centre, square_mm, title, paths["checkerboard"], overwrite)
     field, _ = read_field_nifti(case_dir / result["files"]["forward_field"])
     _grid(deformable_part(field, affine, rigid), affine, centre, spacing, grid_step, title, paths["grid"], overwrite)
@@ -184,9 +211,12 @@ def write_index(out_dir, cases: list[dict], overwrite: bool = False) -> str:
         images = "".join(
             f'<a href="{html.escape(os.path.relpath(p, out_dir))}"><img src="{html.escape(os.path.relpath(p, out_dir))}"'
             f' alt="{html.escape(Path(p).stem)} of {name}" height="180"></a>'
-            for p in item["pictures"])
-        rows.append(f'<tr class="{qc["verdict"]}"><td>{name}</td><td class="verdict">{qc["verdict"]}</td>'
-                    f"<td><ul>{checks}</ul></td><td>{images}</td></tr>")
+            for p in item["pictures"]
+        )
+        rows.append(
+            f'<tr class="{qc["verdict"]}"><td>{name}</td><td class="verdict">{qc["verdict"]}</td>'
+            f"<td><ul>{checks}</ul></td><td>{images}</td></tr>"
+        )
     counts = ", ".join(f"{sum(item['qc']['verdict'] == v for item in cases)} {v}" for v in ("pass", "warn", "fail"))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Registration QC</title>

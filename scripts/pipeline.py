@@ -32,7 +32,13 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from scripts.case_folder import case_transaction, check_replaceable, is_taken
 from scripts.data import DIRECTIONS, load_split
 from scripts.geometry import (
-    apply_affine, box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, sample, world_to_voxel,
+    apply_affine,
+    box_ddf_to_mm,
+    grid_points,
+    mm_to_box_ddf,
+    network_box,
+    sample,
+    world_to_voxel,
 )
 from scripts.io import MIN_VOXELS_PER_AXIS, InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.memory import keep_freed_memory
@@ -40,7 +46,6 @@ from scripts.points import read_label
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
 from scripts.trained_model import check_finite_weights, check_settings
-from scripts.weights import read_checkpoint
 from scripts.transform_io import (
     compose_field,
     inverse_composed_field,
@@ -51,8 +56,20 @@ from scripts.transform_io import (
     write_field_h5,
     write_field_nifti,
 )
+from scripts.weights import read_checkpoint
 
-__all__ = ["OUTPUTS", "MASK_OUTPUTS", "check_contrast", "check_overlap", "box_inputs", "register_pair", "register_folder", "run_inference", "field_as_network", "load_weights"]
+__all__ = [
+    "OUTPUTS",
+    "MASK_OUTPUTS",
+    "check_contrast",
+    "check_overlap",
+    "box_inputs",
+    "register_pair",
+    "register_folder",
+    "run_inference",
+    "field_as_network",
+    "load_weights",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent  # holds large_files.yml
 # output key -> file name inside the case folder
@@ -73,8 +90,14 @@ OUTPUTS = {
 MASK_OUTPUTS = {"moving_mask": "moving_gland.nii.gz", "fixed_mask": "fixed_gland.nii.gz"}
 
 
-def load_weights(network: torch.nn.Module, path, device="cpu", required: bool = False,
-                 bundle_root=BUNDLE_ROOT, settings: dict | None = None) -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module,
+    path,
+    device="cpu",
+    required: bool = False,
+    bundle_root=BUNDLE_ROOT,
+    settings: dict | None = None,
+) -> torch.nn.Module:
     """Load a checkpoint (a state dict, or a training checkpoint with a ``"model"`` entry) if ``path`` exists.
 
     A file listed in ``bundle_root/large_files.yml``, or in the manifest of the bundle holding it, must match its
@@ -110,9 +133,11 @@ def _check_fits(network: torch.nn.Module, weights, path) -> None:
     shapes = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape)
     if missing or unexpected or shapes:
         example = (missing or unexpected or shapes)[0]
-        raise InputError(f"{path}: weights do not fit this {name} ({len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(shapes)} wrong-shape tensors, e.g. {example!r}); a checkpoint of another architecture "
-                         "or network_def?")
+        raise InputError(
+            f"{path}: weights do not fit this {name} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shapes)} wrong-shape tensors, e.g. {example!r}); a checkpoint of another architecture "
+            "or network_def?"
+        )
 
 
 def field_as_network(field_path, box) -> callable:
@@ -153,8 +178,10 @@ def check_overlap(moving_affine, moving_shape, rigid, box, moving_path, fixed_pa
     LPS fixed -> moving ``rigid``, into the moving image's field of view: the network would see no moving image."""
     index = world_to_voxel(apply_affine(rigid, grid_points(box.affine, box.shape)), moving_affine)
     if not np.all((index >= -0.5) & (index <= np.asarray(moving_shape[:3], np.float64) - 0.5), axis=-1).any():
-        raise InputError(f"{moving_path}: field of view does not overlap that of {fixed_path} after the rigid "
-                         "pre-alignment (check both images' affines, or enable the rigid step)")
+        raise InputError(
+            f"{moving_path}: field of view does not overlap that of {fixed_path} after the rigid "
+            "pre-alignment (check both images' affines, or enable the rigid step)"
+        )
 
 
 def _read_mask(path, what):
@@ -274,9 +301,32 @@ def register_pair(
         return _register_into(stage, **arguments)
 
 
-def _register_into(stage: Path, moving_image, fixed_image, moving_labels, network, direction, spatial_size, depth_crop,
-                   axcodes, use_rigid, rigid, moving_mask, fixed_mask, rigid_args, preprocessing, inferer, device,
-                   int_steps, label_threshold, postprocessing, seg_network, roi_mask, amp, **_) -> dict:
+def _register_into(
+    stage: Path,
+    moving_image,
+    fixed_image,
+    moving_labels,
+    network,
+    direction,
+    spatial_size,
+    depth_crop,
+    axcodes,
+    use_rigid,
+    rigid,
+    moving_mask,
+    fixed_mask,
+    rigid_args,
+    preprocessing,
+    inferer,
+    device,
+    int_steps,
+    label_threshold,
+    postprocessing,
+    seg_network,
+    roi_mask,
+    amp,
+    **_,
+) -> dict:
     """:func:`register_pair`'s work, every file written into the private folder ``stage``."""
     timer = StageTimer()
     given = {"moving_mask": moving_mask, "fixed_mask": fixed_mask}
@@ -315,7 +365,9 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
         rigid = np.eye(4)
         if use_rigid:
             with timer("rigid"):
-                rigid, rigid_info = rigid_prealign(fixed_image, moving_image, fixed_mask, moving_mask, **(rigid_args or {}))
+                rigid, rigid_info = rigid_prealign(
+                    fixed_image, moving_image, fixed_mask, moving_mask, **(rigid_args or {})
+                )
     rigid = np.asarray(rigid, np.float64)
 
     # 2-3. network on the box
@@ -369,7 +421,7 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
         if hard is not None:
             jobs.append((write_nifti, hard.astype(np.uint8), fixed_affine, paths["warped_label"]))
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            for future in [pool.submit(*job, ) for job in jobs]:
+            for future in [pool.submit(*job) for job in jobs]:
                 future.result()
     result = {
         "direction": direction,
@@ -379,9 +431,14 @@ def _register_into(stage: Path, moving_image, fixed_image, moving_labels, networ
         "rigid": {"matrix_lps_fixed_to_moving": rigid.tolist(), **rigid_info},
         "deformable": "none (rigid only)" if network is None else "network",
         # a predicted mask by its file name in the case folder (as "files"), a given one by its path
-        "masks": {"source": mask_source, "roi_mask": bool(roi_mask and network is not None),
-                  **{k.split("_")[0]: (MASK_OUTPUTS[k] if k in predict else None if v is None else str(v))
-                     for k, v in given.items()}},
+        "masks": {
+            "source": mask_source,
+            "roi_mask": bool(roi_mask and network is not None),
+            **{
+                k.split("_")[0]: (MASK_OUTPUTS[k] if k in predict else None if v is None else str(v))
+                for k, v in given.items()
+            },
+        },
         "inverse": inverse_method,
         "network_box": box.to_dict(),
         "ants_forward": [OUTPUTS["ants_warp"], OUTPUTS["ants_rigid"]],
@@ -406,11 +463,15 @@ def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=(), inputs=
     folders = [Path(out_dir) / c["case"] for c in cases]
     if flag(overwrite, "overwrite"):
         for folder, case in zip(folders, cases):
-            check_replaceable(folder, True, [*(v for k, v in case.items() if k != "case" and isinstance(v, str)), *inputs])
+            check_replaceable(
+                folder, True, [*(v for k, v in case.items() if k != "case" and isinstance(v, str)), *inputs]
+            )
         return
     taken = [f for f in folders if is_taken(f)] + [Path(p) for p in extra if Path(p).exists()]
     if taken:
-        raise FileExistsError(f"{taken[0]}: already exists ({len(taken)} outputs in {out_dir}); pass --overwrite to replace")
+        raise FileExistsError(
+            f"{taken[0]}: already exists ({len(taken)} outputs in {out_dir}); pass --overwrite to replace"
+        )
 
 
 def register_folder(dataset_dir, split: str, out_dir, direction: str = "mr2us", **kwargs) -> list[dict]:
@@ -418,13 +479,30 @@ def register_folder(dataset_dir, split: str, out_dir, direction: str = "mr2us", 
     results, cases = [], load_split(dataset_dir, split, direction)
     refuse_taken_case_folders(out_dir, cases, kwargs.get("overwrite", False))
     for case in cases:
-        results.append(register_pair(case["moving_image"], case["fixed_image"], Path(out_dir) / case["case"],
-                                     moving_labels=case["moving_label"], direction=direction, **kwargs))
+        results.append(
+            register_pair(
+                case["moving_image"],
+                case["fixed_image"],
+                Path(out_dir) / case["case"],
+                moving_labels=case["moving_label"],
+                direction=direction,
+                **kwargs,
+            )
+        )
     return results
 
 
-def run_inference(network, output_dir, moving=None, fixed=None, moving_label=None, dataset_dir=None,
-                  split: str = "holdout", direction: str = "mr2us", **kwargs) -> list[dict]:
+def run_inference(
+    network,
+    output_dir,
+    moving=None,
+    fixed=None,
+    moving_label=None,
+    dataset_dir=None,
+    split: str = "holdout",
+    direction: str = "mr2us",
+    **kwargs,
+) -> list[dict]:
     """``configs/inference.json``'s entry: one pair (``moving`` and ``fixed`` given, outputs in ``output_dir``)
     or every case of a μ-RegPro split (outputs in ``output_dir/<case>/``). ``kwargs`` go to :func:`register_pair`."""
     if (moving is None) != (fixed is None):

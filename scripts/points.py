@@ -111,8 +111,9 @@ def _read_csv(path, frame=None) -> tuple[list[str], np.ndarray, str]:
         if match:
             stated[f"line {skip + 1}, {text!r}"] = _frame(match.group(1), f"{path}: line {skip + 1}: the frame")
         elif "frame" in text.lower():
-            raise InputError(f"{path}: line {skip + 1}: cannot read a frame from {text!r}; write '# frame: LPS' or "
-                             "'# frame: RAS'")
+            raise InputError(
+                f"{path}: line {skip + 1}: cannot read a frame from {text!r}; write '# frame: LPS' or " "'# frame: RAS'"
+            )
     else:
         skip = len(lines)
     reader = csv.reader(io.StringIO("".join(lines[skip:])))
@@ -128,8 +129,10 @@ def _read_csv(path, frame=None) -> tuple[list[str], np.ndarray, str]:
             raise InputError(f"{at}: unknown column {name!r}; the accepted columns are {', '.join(CSV_COLUMNS)}")
     missing = [c for c in CSV_COLUMNS[:4] if c not in names]
     if missing:
-        raise InputError(f"{at}: missing column(s) {', '.join(missing)}; a point CSV needs the columns label, x, y, z "
-                         "(and a 'frame' column or a '# frame: LPS' first line)")
+        raise InputError(
+            f"{at}: missing column(s) {', '.join(missing)}; a point CSV needs the columns label, x, y, z "
+            "(and a 'frame' column or a '# frame: LPS' first line)"
+        )
     labels, points, frames = [], [], {}
     for row in reader:
         line = f"line {skip + reader.line_num}"
@@ -152,19 +155,25 @@ def _read_csv(path, frame=None) -> tuple[list[str], np.ndarray, str]:
     if not points:
         raise InputError(f"{path}: no points, only the header")
     if len(frames) > 1:
-        raise InputError(f"{path}: the 'frame' column mixes {' and '.join(f'{f} ({w})' for f, w in frames.items())}; "
-                         "one file holds one frame")
+        raise InputError(
+            f"{path}: the 'frame' column mixes {' and '.join(f'{f} ({w})' for f, w in frames.items())}; "
+            "one file holds one frame"
+        )
     stated.update({f"its 'frame' column, {w}": f for f, w in frames.items()})
     if len(set(stated.values())) > 1:
         raise InputError(f"{path}: the file states two frames: {'; '.join(f'{f} in {w}' for w, f in stated.items())}")
     if stated and given and given not in stated.values():
         where, found = next(iter(stated.items()))
-        raise InputError(f"{path}: the file states frame {found} ({where}) but frame {given} was passed "
-                         f"(--frame {given}); make them agree or drop one")
+        raise InputError(
+            f"{path}: the file states frame {found} ({where}) but frame {given} was passed "
+            f"(--frame {given}); make them agree or drop one"
+        )
     frame = next(iter(stated.values()), given)
     if frame is None:
-        raise InputError(f"{path}: the coordinate frame of the points is not stated; add a 'frame' column (LPS or "
-                         "RAS) or a '# frame: LPS' first line, or pass --frame LPS|RAS")
+        raise InputError(
+            f"{path}: the coordinate frame of the points is not stated; add a 'frame' column (LPS or "
+            "RAS) or a '# frame: LPS' first line, or pass --frame LPS|RAS"
+        )
     return labels, to_lps(points, frame), frame
 
 
@@ -214,7 +223,9 @@ def read_markups(path) -> tuple[dict, list[tuple[int, int]], np.ndarray]:
             raise InputError(f"{path}: markup {m} has coordinateSystem {frame!r}; it must state LPS or RAS")
         control = markup.get("controlPoints", [])
         if not isinstance(control, list) or not all(isinstance(point, dict) for point in control):
-            raise InputError(f"{path}: markup {m} has controlPoints {type(control).__name__}; it must be a list of points")
+            raise InputError(
+                f"{path}: markup {m} has controlPoints {type(control).__name__}; it must be a list of points"
+            )
         for c, point in enumerate(control):
             if "position" not in point or point.get("positionStatus", "defined") != "defined":
                 continue  # an unplaced point has no position to map
@@ -254,8 +265,10 @@ def read_label(path, grid=None, what: str = "label") -> tuple[np.ndarray, np.nda
     img = read_nifti(path, ndim=(3, 4), what=what)
     reference = None if grid is None else read_nifti(grid, what="grid reference")
     if reference is not None and not same_grid(img, reference):
-        raise InputError(f"{path}: label grid {tuple(img.shape[:3])} differs from the grid it must lie on, that of "
-                         f"{grid} {tuple(reference.shape[:3])} (a label of the other image, or resampled?)")
+        raise InputError(
+            f"{path}: label grid {tuple(img.shape[:3])} differs from the grid it must lie on, that of "
+            f"{grid} {tuple(reference.shape[:3])} (a label of the other image, or resampled?)"
+        )
     data = load_array(img, path, what)
     if data.min() >= 0 and data.max() <= 1:
         return data, img.affine, None
@@ -263,18 +276,26 @@ def read_label(path, grid=None, what: str = "label") -> tuple[np.ndarray, np.nda
         raise InputError(f"{path}: label holds the negative value {data.min():g}; labels are 0..1 or 0, 1, 2, ...")
     fraction = data != np.round(data)
     if (fraction & (data > 1)).any():
-        raise InputError(f"{path}: label holds the value {data[fraction & (data > 1)].flat[0]:g}, neither in [0, 1] "
-                         "(a binary or soft label) nor an integer (an integer label map 0, 1, 2, ...)")
+        raise InputError(
+            f"{path}: label holds the value {data[fraction & (data > 1)].flat[0]:g}, neither in [0, 1] "
+            "(a binary or soft label) nor an integer (an integer label map 0, 1, 2, ...)"
+        )
     if fraction.any():
-        raise InputError(f"{path}: label mixes fractional values ({data[fraction].flat[0]:g}) with integers above 1 "
-                         f"({data.max():g}); a label is either binary or soft (values in [0, 1]) or an integer map")
+        raise InputError(
+            f"{path}: label mixes fractional values ({data[fraction].flat[0]:g}) with integers above 1 "
+            f"({data.max():g}); a label is either binary or soft (values in [0, 1]) or an integer map"
+        )
     if data.ndim == 4:
-        raise InputError(f"{path}: 4-D label holds the value {data.max():g}; each channel must be binary or soft "
-                         "(values in [0, 1]); only a 3-D integer label map is split into channels")
+        raise InputError(
+            f"{path}: 4-D label holds the value {data.max():g}; each channel must be binary or soft "
+            "(values in [0, 1]); only a 3-D integer label map is split into channels"
+        )
     values = np.unique(data[data != 0])
     if len(values) > MAX_LABEL_VALUES:
-        raise InputError(f"{path}: label holds {len(values)} distinct non-zero values (more than {MAX_LABEL_VALUES}); "
-                         "an image rather than a label?")
+        raise InputError(
+            f"{path}: label holds {len(values)} distinct non-zero values (more than {MAX_LABEL_VALUES}); "
+            "an image rather than a label?"
+        )
     return np.stack([data == v for v in values], axis=-1).astype(np.float32), img.affine, [int(v) for v in values]
 
 
@@ -329,8 +350,11 @@ def _mapped_label(path, field_path, threshold: float = 0.5, grid=None):
     img.set_sform(affine, code=1)
     if values is not None:  # which label value each channel holds, in the file itself (80 characters at most)
         text = f"channels = label values {','.join(map(str, values))}"
-        img.header["descrip"] = (text if len(text) <= 80 else f"channels = label values {values[0]}..{values[-1]}"
-                                 f" ascending ({len(values)})").encode()
+        img.header["descrip"] = (
+            text
+            if len(text) <= 80
+            else f"channels = label values {values[0]}..{values[-1]}" f" ascending ({len(values)})"
+        ).encode()
     return lambda out_path, overwrite: atomic_write(out_path, lambda tmp: nib.save(img, tmp), overwrite)
 
 
@@ -365,8 +389,16 @@ def map_label_file(path, field_path, out_path, threshold: float = 0.5, overwrite
     return _mapped_label(path, field_path, threshold, grid)(out_path, overwrite)
 
 
-def map_files(transforms, output_dir, points=None, labels=None, to: str = "fixed", frame: str | None = None,
-              label_threshold: float = 0.5, overwrite: bool = False) -> list[str]:
+def map_files(
+    transforms,
+    output_dir,
+    points=None,
+    labels=None,
+    to: str = "fixed",
+    frame: str | None = None,
+    label_threshold: float = 0.5,
+    overwrite: bool = False,
+) -> list[str]:
     """Map point files and label volumes of one registered case into ``to`` space ("fixed" or "moving").
 
     Every input is read, checked and mapped before the first file is written, so a refused input leaves
@@ -405,5 +437,5 @@ def map_files(transforms, output_dir, points=None, labels=None, to: str = "fixed
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     writers = [_mapped_points(p, f, frame) for p, f, _ in jobs[: len(points)]]
-    writers += [_mapped_label(v, f, label_threshold, source_grid) for v, f, _ in jobs[len(points):]]
+    writers += [_mapped_label(v, f, label_threshold, source_grid) for v, f, _ in jobs[len(points) :]]
     return [str(write(target, overwrite)) for write, target in zip(writers, targets)]

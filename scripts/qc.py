@@ -39,8 +39,16 @@ from scripts.io import InputError, load_array, read_nifti, write_json
 from scripts.metrics import percent_nonpositive_jacobian, soft_dice
 from scripts.transform_io import read_field_nifti, rigid_to_ants
 
-__all__ = ["QC_FILE", "VERDICTS", "gland_mask", "deformable_part", "rigid_metric", "gland_overlap", "gland_shift",
-           "quality_check"]
+__all__ = [
+    "QC_FILE",
+    "VERDICTS",
+    "gland_mask",
+    "deformable_part",
+    "rigid_metric",
+    "gland_overlap",
+    "gland_shift",
+    "quality_check",
+]
 
 QC_FILE = "qc.json"
 VERDICTS = ("pass", "warn", "fail")
@@ -68,8 +76,11 @@ def rigid_metric(fixed_image, moving_image, rigid) -> dict:
     resampled onto it at identity and through the 4x4 LPS fixed -> moving ``rigid``."""
     fixed = ants.image_read(str(fixed_image)).clone("float")
     moving = ants.image_read(str(moving_image)).clone("float")
-    value = lambda m: float(ants.image_mutual_information(  # noqa: E731
-        fixed, rigid_to_ants(m).apply_to_image(moving, reference=fixed, interpolation="linear").clone("float")))
+
+    def value(m):
+        warped = rigid_to_ants(m).apply_to_image(moving, reference=fixed, interpolation="linear").clone("float")
+        return float(ants.image_mutual_information(fixed, warped))
+
     return {"mutual_information": value(rigid), "mutual_information_identity": value(np.eye(4))}
 
 
@@ -84,8 +95,9 @@ def gland_overlap(moving_gland, fixed_gland, field_mm, affine_ras) -> tuple[floa
     points = grid_points(affine_ras, field_mm.shape[:3])
     fixed = sample(fixed_gland[0].astype(np.float32), fixed_gland[1], points, order=0) > 0.5
     moving = moving_gland[0].astype(np.float32)
-    return tuple(soft_dice(sample(moving, moving_gland[1], p, single=True) >= 0.5, fixed)
-                 for p in (points, points + field_mm))
+    return tuple(
+        soft_dice(sample(moving, moving_gland[1], p, single=True) >= 0.5, fixed) for p in (points, points + field_mm)
+    )
 
 
 def gland_shift(field_mm, affine_ras, rigid, points_lps) -> float:
@@ -176,7 +188,9 @@ def quality_check(
     if fixed_gland is not None and "warped_label" in files:
         mask, mask_affine = gland_mask(fixed_gland)
         if mask.shape != field.shape[:3] or not np.allclose(mask_affine, affine, atol=1e-3):
-            raise InputError(f"{fixed_gland}: fixed gland mask is not on the fixed image's grid ({result['fixed_image']})")
+            raise InputError(
+                f"{fixed_gland}: fixed gland mask is not on the fixed image's grid ({result['fixed_image']})"
+            )
         warped, _ = gland_mask(case_dir / files["warped_label"], "warped label")
         dice = soft_dice(warped, mask)
         checks["gland_dice"] = _check(dice, ">=", min_gland_dice)
@@ -229,11 +243,19 @@ def quality_check(
         checks["rigid_mi_increase"] = _check(increase, "<=", max_rigid_mi_increase)
     metrics["rigid"] = rigid_out
 
-    details = {"gland_dice_drop": f" (gland Dice {unregistered:.3g} unregistered -> {registered:.3g} registered)"
-               if unregistered is not None else "", "gland_shift_mm": f" ({shift_from})"}
+    details = {
+        "gland_dice_drop": (
+            f" (gland Dice {unregistered:.3g} unregistered -> {registered:.3g} registered)"
+            if unregistered is not None
+            else ""
+        ),
+        "gland_shift_mm": f" ({shift_from})",
+    }
     failed = sorted((name for name, c in checks.items() if not c["ok"]), key=lambda n: checks[n]["severity"] != "fail")
-    reasons = [f"{n} = {checks[n]['value']:.4g}{details.get(n, '')}, needs {checks[n]['rule']} {checks[n]['threshold']}"
-               for n in failed]
+    reasons = [
+        f"{n} = {checks[n]['value']:.4g}{details.get(n, '')}, needs {checks[n]['rule']} {checks[n]['threshold']}"
+        for n in failed
+    ]
     severities = {checks[n]["severity"] for n in failed}
     qc = {
         "verdict": "fail" if "fail" in severities else "warn" if severities else "pass",

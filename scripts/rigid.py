@@ -79,7 +79,10 @@ def mask_centre(mask) -> np.ndarray:
 
 def overlap_dice(fixed_mask, moving_mask, rigid) -> float:
     """Dice between the fixed mask and the moving mask resampled (nearest) onto it through ``rigid``."""
-    warped = rigid_to_ants(rigid).apply_to_image(moving_mask, reference=fixed_mask, interpolation="nearestneighbor").numpy() > 0.5
+    warped = (
+        rigid_to_ants(rigid).apply_to_image(moving_mask, reference=fixed_mask, interpolation="nearestneighbor").numpy()
+        > 0.5
+    )
     fixed = fixed_mask.numpy() > 0.5
     return float(2 * np.sum(warped & fixed) / max(np.sum(warped) + np.sum(fixed), 1))
 
@@ -95,8 +98,19 @@ def scaled_schedule(shrink_factors, smoothing_sigmas, spacing_mm: float, schedul
     return shrink, tuple(float(g) * n / s for g, n, s in zip(smoothing_sigmas, shrink, shrink_factors))
 
 
-def _register(fixed, moving, initial, metric, iterations, shrink_factors, smoothing_sigmas, sampling_rate, bins,
-              random_seed=None, schedule_spacing_mm=None):
+def _register(
+    fixed,
+    moving,
+    initial,
+    metric,
+    iterations,
+    shrink_factors,
+    smoothing_sigmas,
+    sampling_rate,
+    bins,
+    random_seed=None,
+    schedule_spacing_mm=None,
+):
     """One ``ants.registration`` Rigid run; returns the fixed -> moving 4x4 LPS matrix (initial transform included).
 
     The schedule is scaled to the finer voxel size of the two images (:func:`scaled_schedule`).
@@ -107,13 +121,16 @@ def _register(fixed, moving, initial, metric, iterations, shrink_factors, smooth
     shrink_factors, smoothing_sigmas = scaled_schedule(shrink_factors, smoothing_sigmas, spacing, schedule_spacing_mm)
     previous, ants.config._random_seed = ants.config._random_seed, random_seed
     try:
-        return _run_registration(fixed, moving, initial, metric, iterations, shrink_factors, smoothing_sigmas,
-                                 sampling_rate, bins)
+        return _run_registration(
+            fixed, moving, initial, metric, iterations, shrink_factors, smoothing_sigmas, sampling_rate, bins
+        )
     finally:
         ants.config._random_seed = previous
 
 
-def _run_registration(fixed, moving, initial, metric, iterations, shrink_factors, smoothing_sigmas, sampling_rate, bins):
+def _run_registration(
+    fixed, moving, initial, metric, iterations, shrink_factors, smoothing_sigmas, sampling_rate, bins
+):
     with tempfile.TemporaryDirectory() as tmp:
         kwargs = {}
         if initial is not None:
@@ -121,10 +138,17 @@ def _run_registration(fixed, moving, initial, metric, iterations, shrink_factors
             write_ants_rigid(initial, init_path)
             kwargs["initial_transform"] = [init_path]
         result = ants.registration(
-            fixed, moving, type_of_transform="Rigid", aff_metric=metric, aff_sampling=bins,
-            aff_random_sampling_rate=sampling_rate, aff_iterations=tuple(iterations),
-            aff_shrink_factors=tuple(shrink_factors), aff_smoothing_sigmas=tuple(smoothing_sigmas),
-            outprefix=os.path.join(tmp, "rigid_"), **kwargs,
+            fixed,
+            moving,
+            type_of_transform="Rigid",
+            aff_metric=metric,
+            aff_sampling=bins,
+            aff_random_sampling_rate=sampling_rate,
+            aff_iterations=tuple(iterations),
+            aff_shrink_factors=tuple(shrink_factors),
+            aff_smoothing_sigmas=tuple(smoothing_sigmas),
+            outprefix=os.path.join(tmp, "rigid_"),
+            **kwargs,
         )
         return read_ants_rigid(result["fwdtransforms"][0])
 
@@ -147,11 +171,11 @@ def rigid_prealign(
     """Rigid fixed -> moving alignment.
 
     With both masks: a Rigid ANTs registration of the masks (mean squares on masks smoothed by a Gaussian of
-    ``mask_smoothing_mm``, which gives the metric a gradient beyond the mask edges), initialised by translating the fixed mask's centre onto the moving mask's
-    centre. The default schedule (shrink 8 then 4, no full-resolution level: about 6 and 3 mm on μ-RegPro's
-    0.8 mm grids) takes 1–3 s per pair where the former one (shrink 4/2/1, 200/100/50 iterations) took 20–60 s; on
-    the 20 realistic phantom test pairs of docs/first_model.md the rigid rows' TRE is 4.31 mm on true masks
-    (former 4.35) and 6.12 mm on predicted masks (former 6.03). The result is accepted when the aligned masks
+    ``mask_smoothing_mm``, which gives the metric a gradient beyond the mask edges), initialised by translating the
+    fixed mask's centre onto the moving mask's centre. The default schedule (shrink 8 then 4, no full-resolution
+    level: about 6 and 3 mm on μ-RegPro's 0.8 mm grids) takes 1–3 s per pair where the former one (shrink 4/2/1,
+    200/100/50 iterations) took 20–60 s, with the same accuracy on the phantom test pairs (the rigid rows of
+    docs/first_model.md). The result is accepted when the aligned masks
     overlap with Dice >= ``min_mask_dice``; otherwise (or without masks) a Rigid registration of the images
     with Mattes mutual information (``mi_bins`` bins), initialised by their centres of mass.
 
@@ -179,11 +203,19 @@ def rigid_prealign(
     """
     levels = [len(iterations), len(shrink_factors), len(smoothing_sigmas)]
     if len(set(levels)) > 1:
-        raise InputError(f"rigid_args: iterations, shrink_factors and smoothing_sigmas need one value per level, "
-                         f"got {levels[0]}, {levels[1]} and {levels[2]} values")
-    schedule = dict(iterations=iterations, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
-                    sampling_rate=sampling_rate, bins=mi_bins, random_seed=random_seed,
-                    schedule_spacing_mm=schedule_spacing_mm)
+        raise InputError(
+            f"rigid_args: iterations, shrink_factors and smoothing_sigmas need one value per level, "
+            f"got {levels[0]}, {levels[1]} and {levels[2]} values"
+        )
+    schedule = dict(
+        iterations=iterations,
+        shrink_factors=shrink_factors,
+        smoothing_sigmas=smoothing_sigmas,
+        sampling_rate=sampling_rate,
+        bins=mi_bins,
+        random_seed=random_seed,
+        schedule_spacing_mm=schedule_spacing_mm,
+    )
     info = {"method": "mutual_information", "mask_dice": None, "initial_translation_mm": None}
     if fixed_mask is not None and moving_mask is not None:
         fixed_mask = ants.threshold_image(_read(fixed_mask, "fixed mask", mask=True), 0.5, 1e9).astype("float32")

@@ -21,8 +21,15 @@ from scripts.io import InputError, flag, read_nifti, write_nifti
 from scripts.pipeline import load_weights
 from scripts.trained_model import SEGMENTATION, settings_of
 
-__all__ = ["MODALITIES", "gland_items", "GlandSegmenter", "load_segmenter", "mask_outputs", "segment_files",
-           "check_new_output"]
+__all__ = [
+    "MODALITIES",
+    "gland_items",
+    "GlandSegmenter",
+    "load_segmenter",
+    "mask_outputs",
+    "segment_files",
+    "check_new_output",
+]
 
 MODALITIES = ("mr", "us")
 MASK_DIRS = {"mr": "mr_glands", "us": "us_glands"}  # output folder per modality (dataset mode)
@@ -38,8 +45,11 @@ def gland_items(dataset_dir=None, split: str = "train", datalist=None, modalitie
     if unknown:
         raise InputError(f"modalities must be among {MODALITIES}, got {unknown}")
     cases = load_split(dataset_dir, split, datalist=datalist, check=check)
-    return [{"case": c["case"], "modality": m, "image": c[f"{m}_image"], "label": c[f"{m}_label"]}
-            for c in cases for m in modalities]
+    return [
+        {"case": c["case"], "modality": m, "image": c[f"{m}_image"], "label": c[f"{m}_label"]}
+        for c in cases
+        for m in modalities
+    ]
 
 
 class GlandSegmenter:
@@ -90,8 +100,13 @@ def load_segmenter(config_file, checkpoint=None, device="cpu", overrides: dict |
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
     segmenter = parser.get_parsed_content("segmenter")
-    load_weights(segmenter.network, parser.get_parsed_content("checkpoint"), device, required=True,
-                 settings=settings_of(parser, SEGMENTATION))
+    load_weights(
+        segmenter.network,
+        parser.get_parsed_content("checkpoint"),
+        device,
+        required=True,
+        settings=settings_of(parser, SEGMENTATION),
+    )
     return segmenter
 
 

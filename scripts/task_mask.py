@@ -140,8 +140,14 @@ class RegistrationIteration:
             out = net.forward_train(image)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         true_ddf = batchdata.get("true_ddf")  # the phantom's field (scripts.transforms.TrueFieldToBoxd), if loaded
-        terms = self.loss_function(out["ddf"], image[:, :1], image[:, 1:2], moving_label, fixed_label,
-                                   true_ddf=None if true_ddf is None else true_ddf.to(device, non_blocking=non_blocking))
+        terms = self.loss_function(
+            out["ddf"],
+            image[:, :1],
+            image[:, 1:2],
+            moving_label,
+            fixed_label,
+            true_ddf=None if true_ddf is None else true_ddf.to(device, non_blocking=non_blocking),
+        )
         mask = out["task_mask"]
         if mask is not None and self.mask_optimizer is None:
             raise ValueError("the network has a task-mask subnet: pass mask_optimizer to RegistrationIteration")

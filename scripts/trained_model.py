@@ -40,8 +40,11 @@ def settings_of(config, kind: dict = REGISTRATION) -> dict:
     out = {k: parser.get_parsed_content(k) for k in kind["keys"] if k in parser}
     net = kind["network"]
     if net in parser:
-        out[net] = {k: parser[net][k] if k == "_target_" else parser.get_parsed_content(f"{net}#{k}")
-                    for k in parser[net] if k not in NOT_SETTINGS}
+        out[net] = {
+            k: parser[net][k] if k == "_target_" else parser.get_parsed_content(f"{net}#{k}")
+            for k in parser[net]
+            if k not in NOT_SETTINGS
+        }
     return json.loads(json.dumps(out, default=str))  # plain lists/numbers, as stored in a weights file
 
 
@@ -62,11 +65,13 @@ def check_settings(path, stored: dict | None, current: dict | None) -> None:
     or a caller that has no config)."""
     if stored is None or current is None:
         return
-    diffs = [d for d in _differences(stored, current) if not d.endswith(", configured \"(absent)\"")]
+    diffs = [d for d in _differences(stored, current) if not d.endswith(', configured "(absent)"')]
     if diffs:
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... {len(diffs) - 12} more" if len(diffs) > 12 else "")
-        raise InputError(f"{path}: these weights were trained with other settings than the config gives:\n  {shown}\n"
-                         "pass the trained values as overrides (--id value), or use weights trained with these settings")
+        raise InputError(
+            f"{path}: these weights were trained with other settings than the config gives:\n  {shown}\n"
+            "pass the trained values as overrides (--id value), or use weights trained with these settings"
+        )
 
 
 def check_finite_weights(path, weights: dict) -> None:
@@ -78,7 +83,9 @@ def check_finite_weights(path, weights: dict) -> None:
 
 def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict]:
     """``(state_dict, settings)`` of a finished run: the weights of ``checkpoint`` and the run config's settings."""
-    record, weights = run_dir / "run_config.json", Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
+    record, weights = run_dir / "run_config.json", (
+        Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
+    )
     for path in (record, weights):
         if not path.is_file():
             raise InputError(f"{path}: missing; is {run_dir} a finished training run folder of this bundle?")
@@ -95,8 +102,15 @@ def _save(content: dict, out, overwrite: bool) -> str:
     return str(atomic_write(out, lambda tmp: torch.save(content, tmp), overwrite))
 
 
-def make_model(run_dir: str | None = None, out: str = "models/model.pt", checkpoint: str = "best.pt", seg_run_dir: str | None = None,
-               seg_checkpoint: str | None = None, seg_out: str = "models/seg_model.pt", overwrite: bool = False) -> None:
+def make_model(
+    run_dir: str | None = None,
+    out: str = "models/model.pt",
+    checkpoint: str = "best.pt",
+    seg_run_dir: str | None = None,
+    seg_checkpoint: str | None = None,
+    seg_out: str = "models/seg_model.pt",
+    overwrite: bool = False,
+) -> None:
     """Write the weights of a registration run (and optionally of a segmenter run) with their settings.
 
     Args:

@@ -145,7 +145,9 @@ class AtomicCheckpointSaver:
         self.path = Path(save_dir) / filename
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         if "trainer" in self.save_dict:
-            raise ValueError("save_dict must not contain 'trainer': the engine the saver is attached to is stored there")
+            raise ValueError(
+                "save_dict must not contain 'trainer': the engine the saver is attached to is stored there"
+            )
         self.validator = validator
         self.interval = int(interval)
 
@@ -245,8 +247,10 @@ def _set_aside(run_dir: Path) -> None:
     kept = run_dir / REPLACED
     if kept.exists():  # an earlier --overwrite whose training never saved a checkpoint
         if any(p.name in (LAST, BEST) for p in ours):
-            raise InputError(f"{run_dir}: holds checkpoints and, in {kept}, an earlier replaced run; move or delete "
-                             "one of them first")
+            raise InputError(
+                f"{run_dir}: holds checkpoints and, in {kept}, an earlier replaced run; move or delete "
+                "one of them first"
+            )
         for path in ours:  # a run config and logs without checkpoints: nothing to keep
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return
@@ -326,8 +330,10 @@ def prepare_run_dir(
             logger.info(f"resuming from {last} at epoch {epoch}")
             return str(last)
         if (folder / BEST).is_file():
-            raise InputError(f"{folder}: holds {BEST} but no {LAST} to resume from; starting again would replace "
-                             f"that model; {advice}")
+            raise InputError(
+                f"{folder}: holds {BEST} but no {LAST} to resume from; starting again would replace "
+                f"that model; {advice}"
+            )
         logger.info(f"{folder}: same config and no checkpoint yet, starting fresh")
         return None
     write_json({"fingerprint": fingerprint, "config": content}, record, overwrite=True)
@@ -345,4 +351,6 @@ def attach_resume(trainer: Engine, checkpoint: str | None, load_dict: Mapping[st
     if checkpoint is None:
         return
     objects = {k: v for k, v in load_dict.items() if v is not None}
-    CheckpointLoader(load_path=checkpoint, load_dict={**objects, "trainer": trainer}, map_location="cpu").attach(trainer)
+    CheckpointLoader(load_path=checkpoint, load_dict={**objects, "trainer": trainer}, map_location="cpu").attach(
+        trainer
+    )

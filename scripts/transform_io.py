@@ -23,14 +23,7 @@ import ants
 import h5py
 import numpy as np
 
-from scripts.geometry import (
-    NetworkBox,
-    apply_affine,
-    grid_points,
-    lps_affine,
-    sample,
-    sample_box_field,
-)
+from scripts.geometry import NetworkBox, apply_affine, grid_points, lps_affine, sample, sample_box_field
 from scripts.io import InputError, atomic_write, load_array, read_nifti, write_nifti
 
 __all__ = [
@@ -87,8 +80,12 @@ def invert_box_field(box_field_mm, box: NetworkBox, iterations: int = 50, tolera
     field = _ants_field(box_field_mm, box.affine)
     zero = _ants_field(np.zeros_like(box_field_mm), box.affine)
     inverse = ants.invert_displacement_field(
-        field, zero, maximum_number_of_iterations=iterations, mean_error_tolerance_threshold=tolerance_mm,
-        max_error_tolerance_threshold=10 * tolerance_mm, enforce_boundary_condition=False,
+        field,
+        zero,
+        maximum_number_of_iterations=iterations,
+        mean_error_tolerance_threshold=tolerance_mm,
+        max_error_tolerance_threshold=10 * tolerance_mm,
+        enforce_boundary_condition=False,
     )
     return inverse.numpy().astype(np.float64)
 
@@ -133,8 +130,11 @@ def ants_image(data, affine_ras, has_components: bool = False):
     """An ANTs image of an (X, Y, Z[, 3]) array on a nibabel grid (ANTs works in LPS)."""
     origin, spacing, direction = _itk_geometry(affine_ras)
     return ants.from_numpy(
-        np.asarray(data, np.float32), origin=origin.tolist(), spacing=spacing.tolist(),
-        direction=direction, has_components=has_components,
+        np.asarray(data, np.float32),
+        origin=origin.tolist(),
+        spacing=spacing.tolist(),
+        direction=direction,
+        has_components=has_components,
     )
 
 
@@ -159,8 +159,12 @@ def write_field_h5(field_mm, affine_ras, path, overwrite: bool = False):
 
     def save(tmp):
         with h5py.File(tmp, "w") as h5:
-            for key, value in {"HDFVersion": f"HDF5 library version: {h5py.version.hdf5_version}",
-                               "ITKVersion": "5.4.7", "OSName": platform.system(), "OSVersion": platform.release()}.items():
+            for key, value in {
+                "HDFVersion": f"HDF5 library version: {h5py.version.hdf5_version}",
+                "ITKVersion": "5.4.7",
+                "OSName": platform.system(),
+                "OSVersion": platform.release(),
+            }.items():
                 h5.create_dataset(key, data=[value], dtype=text)
             group = h5.create_group("TransformGroup").create_group("0")
             group.create_dataset("TransformType", data=["DisplacementFieldTransform_double_3_3"], dtype=text)
@@ -174,8 +178,12 @@ def rigid_to_ants(rigid):
     """ANTs ``AffineTransform`` (float64) for a 4x4 LPS point matrix."""
     rigid = np.asarray(rigid, np.float64)
     return ants.create_ants_transform(
-        transform_type="AffineTransform", precision="double", dimension=3,
-        matrix=rigid[:3, :3], translation=rigid[:3, 3], center=np.zeros(3),
+        transform_type="AffineTransform",
+        precision="double",
+        dimension=3,
+        matrix=rigid[:3, :3],
+        translation=rigid[:3, 3],
+        center=np.zeros(3),
     )
 
 

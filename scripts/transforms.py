@@ -19,13 +19,13 @@ import torch
 from monai.config import KeysCollection
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
+from monai.utils import ensure_tuple_rep
 
 from scripts.data import DIRECTIONS
 from scripts.geometry import apply_affine, grid_points, network_box, sample
 from scripts.io import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
 from scripts.metrics import centroid
 from scripts.transform_io import ants_image
-from monai.utils import ensure_tuple_rep
 
 __all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd"]
 
@@ -70,7 +70,9 @@ class Warpd(MapTransform):
         for key, out in self.key_iterator(d, self.output_keys):
             item = torch.as_tensor(d[key]).to(device=ddf.device, dtype=torch.float32)
             if item.shape[1:] != ddf.shape[1:]:
-                raise ValueError(f"{key!r} grid {tuple(item.shape[1:])} differs from the field's {tuple(ddf.shape[1:])}")
+                raise ValueError(
+                    f"{key!r} grid {tuple(item.shape[1:])} differs from the field's {tuple(ddf.shape[1:])}"
+                )
             with torch.autocast(device_type=ddf.device.type, enabled=False):
                 d[out] = self.warp(item[None], ddf[None])[0]
         return d
@@ -93,8 +95,16 @@ class PairToBoxd(Transform):
     the box; ``rigid`` (4, 4) LPS fixed -> moving; float32 tensors. (H, W, D) = ``spatial_size``.
     """
 
-    def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", use_rigid: bool = True,
-                 roi_mask: bool = False, mask_dir: str | None = None, rigid_args: dict | None = None):
+    def __init__(
+        self,
+        spatial_size,
+        depth_crop: int = 4,
+        axcodes: str = "RAS",
+        use_rigid: bool = True,
+        roi_mask: bool = False,
+        mask_dir: str | None = None,
+        rigid_args: dict | None = None,
+    ):
         self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
         from scripts.rigid import rigid_settings  # here: the rigid module imports ANTs
 
@@ -106,7 +116,9 @@ class PairToBoxd(Transform):
             return [(label[..., 0], affine) for label, affine in labels]
         moving, fixed = DIRECTIONS[data["direction"]]
         paths = [Path(self.mask_dir) / f"{mod}_glands" / f"{data['case']}.nii.gz" for mod in (moving, fixed)]
-        return [(load_array(read_nifti(p, ndim=3, what="gland mask"), p, "gland mask"), read_nifti(p).affine) for p in paths]
+        return [
+            (load_array(read_nifti(p, ndim=3, what="gland mask"), p, "gland mask"), read_nifti(p).affine) for p in paths
+        ]
 
     def __call__(self, data: Mapping) -> dict:
         from scripts.pipeline import box_inputs, check_contrast, check_overlap  # here: the pipeline imports ANTs, ITK
@@ -126,13 +138,15 @@ class PairToBoxd(Transform):
             fixed_mask, moving_mask = (ants_image(m, a) for m, a in (masks[1], masks[0]))
             fixed_img, moving_img = (ants_image(i, a) for i, a in (images[1], images[0]))
             rigid, _ = rigid_prealign(fixed_img, moving_img, fixed_mask, moving_mask, **self.rigid_args)
-        (fixed, fixed_affine) = images[1]
+        fixed, fixed_affine = images[1]
         box = network_box(fixed_affine, fixed.shape, self.spatial_size, self.depth_crop, self.axcodes)
         check_overlap(images[0][1], images[0][0].shape, rigid, box, data["moving_image"], data["fixed_image"])
         out = dict(data)
         out["image"] = box_inputs(images[0], images[1], rigid, box, masks=masks if self.roi_mask else None)
         fixed_points = grid_points(box.affine, box.shape)
-        for (label, affine), points, key in zip(labels, (apply_affine(rigid, fixed_points), fixed_points), ("moving_label", "fixed_label")):
+        for (label, affine), points, key in zip(
+            labels, (apply_affine(rigid, fixed_points), fixed_points), ("moving_label", "fixed_label")
+        ):
             out[key] = torch.as_tensor(np.moveaxis(sample(label, affine, points), -1, 0), dtype=torch.float32)
         out["rigid"] = torch.as_tensor(rigid, dtype=torch.float32)
         return out
@@ -162,8 +176,15 @@ class LandmarkErrord(MapTransform):
         spatial_size, depth_crop, axcodes: the box settings of :class:`PairToBoxd`.
     """
 
-    def __init__(self, keys: KeysCollection, fixed_key: str, output_keys: KeysCollection, spatial_size,
-                 depth_crop: int = 4, axcodes: str = "RAS"):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fixed_key: str,
+        output_keys: KeysCollection,
+        spatial_size,
+        depth_crop: int = 4,
+        axcodes: str = "RAS",
+    ):
         super().__init__(keys)
         self.fixed_key, self.output_keys = fixed_key, ensure_tuple_rep(output_keys, len(self.keys))
         self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
@@ -171,7 +192,9 @@ class LandmarkErrord(MapTransform):
     @staticmethod
     def _centroids(label: torch.Tensor) -> list:
         """Float centroid (voxel indices) of each channel ``> 0.5``, None for an empty one."""
-        return [centroid(c, "float") if (c > 0.5).any() else None for c in torch.as_tensor(label).detach().cpu().numpy()]
+        return [
+            centroid(c, "float") if (c > 0.5).any() else None for c in torch.as_tensor(label).detach().cpu().numpy()
+        ]
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -180,8 +203,11 @@ class LandmarkErrord(MapTransform):
         channels = range(1, len(fixed)) if len(fixed) > 1 else range(1)
         for key, out in self.key_iterator(d, self.output_keys):
             moving = self._centroids(d[key])
-            errors = [np.linalg.norm(apply_affine(box.affine, moving[c]) - apply_affine(box.affine, fixed[c]))
-                      for c in channels if moving[c] is not None and fixed[c] is not None]
+            errors = [
+                np.linalg.norm(apply_affine(box.affine, moving[c]) - apply_affine(box.affine, fixed[c]))
+                for c in channels
+                if moving[c] is not None and fixed[c] is not None
+            ]
             d[out] = torch.tensor(float(np.mean(errors)) if errors else float("nan"))
         return d
 
@@ -204,7 +230,12 @@ class TrueFieldToBoxd:
     """
 
     def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", field_dir: str | None = None):
-        self.spatial_size, self.depth_crop, self.axcodes, self.field_dir = tuple(spatial_size), depth_crop, axcodes, field_dir
+        self.spatial_size, self.depth_crop, self.axcodes, self.field_dir = (
+            tuple(spatial_size),
+            depth_crop,
+            axcodes,
+            field_dir,
+        )
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -212,8 +243,10 @@ class TrueFieldToBoxd:
         folder = Path(self.field_dir) if self.field_dir else fixed.parent.parent / f"ddf_{d['direction']}"
         path = folder / f"{d['case']}.nii.gz"
         if not path.is_file():
-            raise InputError(f"{path}: missing; loss#field_weight > 0 trains on each case's true field "
-                             "(the phantom writes <split>/ddf_<direction>/<case>.nii.gz)")
+            raise InputError(
+                f"{path}: missing; loss#field_weight > 0 trains on each case's true field "
+                "(the phantom writes <split>/ddf_<direction>/<case>.nii.gz)"
+            )
         from scripts.pipeline import field_to_box_ddf  # here: the pipeline imports ANTs, ITK
 
         box = _box_of(fixed, self.spatial_size, self.depth_crop, self.axcodes)

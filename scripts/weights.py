@@ -12,14 +12,23 @@ import os
 from pathlib import Path
 
 import torch
-
 from monai.apps.utils import check_hash
 from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
 
-__all__ = ["MANIFEST", "WEIGHT_SUFFIXES", "sha256", "weight_files", "manifest", "write_manifest", "record_weights",
-           "verify_weights", "verify_checkpoint", "read_checkpoint"]
+__all__ = [
+    "MANIFEST",
+    "WEIGHT_SUFFIXES",
+    "sha256",
+    "weight_files",
+    "manifest",
+    "write_manifest",
+    "record_weights",
+    "verify_weights",
+    "verify_checkpoint",
+    "read_checkpoint",
+]
 
 MANIFEST = "large_files.yml"
 # files under models/ that are weights: checkpoints, TorchScript, torch.export programs, ONNX
@@ -98,11 +107,15 @@ def verify_weights(bundle_root: str | os.PathLike = ".", path=None) -> list[str]
     for entry in entries:
         file = root / entry["path"]
         if not file.is_file():
-            raise InputError(f"{file}: listed in {MANIFEST} but missing; download it from {entry.get('url') or 'its host'}")
+            raise InputError(
+                f"{file}: listed in {MANIFEST} but missing; download it from {entry.get('url') or 'its host'}"
+            )
         if not entry.get("hash_val"):
             raise InputError(f"{root / MANIFEST}: entry {entry['path']} has no hash_val")
         if not check_hash(str(file), entry["hash_val"], entry.get("hash_type", "sha256")):
-            raise InputError(f"{file}: {entry.get('hash_type', 'sha256')} differs from {MANIFEST}; the file is corrupt or replaced")
+            raise InputError(
+                f"{file}: {entry.get('hash_type', 'sha256')} differs from {MANIFEST}; the file is corrupt or replaced"
+            )
         checked.append(entry["path"])
     return checked
 
@@ -116,8 +129,12 @@ def record_weights(bundle_root: str | os.PathLike, paths) -> Path:
     entries = {e["path"]: e for e in _entries(root)}
     for path in paths:
         rel = Path(path).resolve().relative_to(root).as_posix()
-        entries[rel] = {"path": rel, "url": entries.get(rel, {}).get("url", ""), "hash_val": sha256(root / rel),
-                        "hash_type": "sha256"}
+        entries[rel] = {
+            "path": rel,
+            "url": entries.get(rel, {}).get("url", ""),
+            "hash_val": sha256(root / rel),
+            "hash_type": "sha256",
+        }
     content = {"large_files": [entries[k] for k in sorted(entries)]}
     return atomic_write(root / MANIFEST, lambda tmp: ConfigParser.export_config_file(content, tmp, fmt="yaml"), True)
 
@@ -146,5 +163,7 @@ def read_checkpoint(path, bundle_root: str | os.PathLike | None = None, device="
         text, marker = " ".join(str(err).split()), "WeightsUnpickler error:"
         reason = text.split(marker, 1)[1] if marker in text else text
         reason = reason.split(" Check the documentation")[0].split(". ")[0].strip().rstrip(".")
-        raise InputError(f"{path}: not a readable weights-only checkpoint (corrupt, truncated, or a pickle that would "
-                         f"run code; {type(err).__name__}: {reason})") from None
+        raise InputError(
+            f"{path}: not a readable weights-only checkpoint (corrupt, truncated, or a pickle that would "
+            f"run code; {type(err).__name__}: {reason})"
+        ) from None

@@ -16,9 +16,8 @@ import sys
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from torch import nn
-
 from test_training import ROOT, SMALL_NET
+from torch import nn
 
 from scripts.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner, TaskMaskNet
 

@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import MR_AFFINE, US_AFFINE, write_case
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
-from conftest import MR_AFFINE, US_AFFINE, write_case
 from scripts.__main__ import main
 from scripts.io import InputError
 from scripts.network import RegistrationNet
@@ -29,8 +29,17 @@ from scripts.runner import user_error
 from scripts.weights import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-             lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
+SMALL = dict(
+    encoder_channels=[4, 4, 4, 4],
+    decoder_channels=[4, 4, 4, 4],
+    head_channels=[4, 4, 4],
+    chunks=2,
+    lstm_hidden=8,
+    lstm_layers=1,
+    compact_code=[4, 4, 2],
+    task_hidden=8,
+    msfa_mode="paper",
+)
 GRID = [16, 16, 16]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
 
@@ -61,8 +70,21 @@ def save(data, affine, path):
 
 
 def register(b, out, moving=None, fixed=None, labels=None, *extra):
-    argv = ["register", "--moving", moving or b["mr_image"], "--fixed", fixed or b["us_image"], "--out", str(out),
-            "--config-file", b["config"], "--use-rigid", "False", "--pictures", "False"]
+    argv = [
+        "register",
+        "--moving",
+        moving or b["mr_image"],
+        "--fixed",
+        fixed or b["us_image"],
+        "--out",
+        str(out),
+        "--config-file",
+        b["config"],
+        "--use-rigid",
+        "False",
+        "--pictures",
+        "False",
+    ]
     return argv + (["--moving-labels", labels] if labels else []) + list(extra)
 
 
@@ -102,7 +124,10 @@ def _label_channels(t, b):
 
 def _label_grid(t, b):
     labels = save(np.ones((6, 6, 6, 6), np.uint8), MR_AFFINE, t / "labels.nii.gz")
-    return register(b, t / "out", labels=labels), r"labels\.nii\.gz: label grid differs from the moving image's \(\S+mr_images"
+    return (
+        register(b, t / "out", labels=labels),
+        r"labels\.nii\.gz: label grid differs from the moving image's \(\S+mr_images",
+    )
 
 
 def _case_lists(t, b):
@@ -122,14 +147,20 @@ def _nan(t, b):
     data, affine = image(b["mr_image"])
     data = data.copy()
     data[3, 4, 5] = np.nan
-    return register(b, t / "out", moving=save(data, affine, t / "nan.nii.gz")), r"nan\.nii\.gz: moving image contains 1 NaN/Inf voxels"
+    return (
+        register(b, t / "out", moving=save(data, affine, t / "nan.nii.gz")),
+        r"nan\.nii\.gz: moving image contains 1 NaN/Inf voxels",
+    )
 
 
 def _inf(t, b):
     data, affine = image(b["us_image"])
     data = data.copy()
     data[0, 0, 0], data[1, 1, 1] = np.inf, -np.inf
-    return register(b, t / "out", fixed=save(data, affine, t / "inf.nii.gz")), r"inf\.nii\.gz: fixed image contains 2 NaN/Inf voxels"
+    return (
+        register(b, t / "out", fixed=save(data, affine, t / "inf.nii.gz")),
+        r"inf\.nii\.gz: fixed image contains 2 NaN/Inf voxels",
+    )
 
 
 def _empty_gland(t, b):
@@ -151,7 +182,10 @@ def _constant(t, b):
 def _truncated(t, b):
     whole = Path(b["mr_image"]).read_bytes()
     (t / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
-    return register(b, t / "out", moving=str(t / "cut.nii.gz")), r"cut\.nii\.gz: cannot read the voxel data of the moving image"
+    return (
+        register(b, t / "out", moving=str(t / "cut.nii.gz")),
+        r"cut\.nii\.gz: cannot read the voxel data of the moving image",
+    )
 
 
 def _not_nifti(t, b):
@@ -186,7 +220,10 @@ def _qc_key(t, b):
 
 
 def _qc_value(t, b):
-    return register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: high}"), r"--qc: min_gland_dice must be a number"
+    return (
+        register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: high}"),
+        r"--qc: min_gland_dice must be a number",
+    )
 
 
 def _fixed_gland_grid(t, b):
@@ -207,12 +244,25 @@ def _mistyped_flag(t, b):
 
 def _uncreatable_output(t, b):
     (t / "file").write_text("a file, not a folder")
-    return register(b, t / "file" / "out"), r"file/out: cannot create the output folder \(\S+/file is a file, not a folder\)"
+    return (
+        register(b, t / "file" / "out"),
+        r"file/out: cannot create the output folder \(\S+/file is a file, not a folder\)",
+    )
 
 
 def _gland_channel(t, b):
-    argv = ["evaluate", str(b["root"] / "good"), "--split", "holdout", "--method", "identity", "--out", str(t / "out"),
-            "--gland_channel", "9"]
+    argv = [
+        "evaluate",
+        str(b["root"] / "good"),
+        "--split",
+        "holdout",
+        "--method",
+        "identity",
+        "--out",
+        str(t / "out"),
+        "--gland_channel",
+        "9",
+    ]
     return argv, r"holdout/us_labels/case000000\.nii\.gz: has 6 label channels, so there is no gland_channel 9"
 
 
@@ -243,7 +293,10 @@ def _one_slice(t, b):
 
 
 def _mistyped_flag_name(t, b):
-    return register(b, t / "out", None, None, None, "--overwirte"), r"--overwirte: not an argument of this command \(did you mean --overwrite\?\)"
+    return (
+        register(b, t / "out", None, None, None, "--overwirte"),
+        r"--overwirte: not an argument of this command \(did you mean --overwrite\?\)",
+    )
 
 
 def _label_value(value, regex):
@@ -251,6 +304,7 @@ def _label_value(value, regex):
         data, affine = image(b["mr_label"])
         labels = save(np.full(data.shape[:3], value, np.float32), affine, t / "odd.nii.gz")
         return register(b, t / "out", labels=labels), regex
+
     return row
 
 
@@ -267,17 +321,36 @@ def _out_is_a_symlink(t, b):
 
 def _broken_config(t, b):
     (t / "broken.json").write_text(Path(b["config"]).read_text()[:-20])
-    argv = ["register", "--moving", b["mr_image"], "--fixed", b["us_image"], "--out", str(t / "out"), "--config-file",
-            str(t / "broken.json"), "--use-rigid", "False", "--pictures", "False"]
+    argv = [
+        "register",
+        "--moving",
+        b["mr_image"],
+        "--fixed",
+        b["us_image"],
+        "--out",
+        str(t / "out"),
+        "--config-file",
+        str(t / "broken.json"),
+        "--use-rigid",
+        "False",
+        "--pictures",
+        "False",
+    ]
     return argv, r"broken\.json: cannot read the config \(JSONDecodeError"
 
 
 def _direction(t, b):
-    return register(b, t / "out", None, None, None, "--direction", "MR2US"), r"direction must be one of \['mr2us', 'us2mr'\], got 'MR2US'"
+    return (
+        register(b, t / "out", None, None, None, "--direction", "MR2US"),
+        r"direction must be one of \['mr2us', 'us2mr'\], got 'MR2US'",
+    )
 
 
 def _folder_as_image(t, b):
-    return register(b, t / "out", moving=str(Path(b["mr_image"]).parent)), r"mr_images: moving image is a folder, not a file"
+    return (
+        register(b, t / "out", moving=str(Path(b["mr_image"]).parent)),
+        r"mr_images: moving image is a folder, not a file",
+    )
 
 
 def _complex_image(t, b):
@@ -287,7 +360,10 @@ def _complex_image(t, b):
 
 
 def _dice_threshold(t, b):
-    return register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: 2}"), r"--qc: min_gland_dice is a Dice, between 0 and 1"
+    return (
+        register(b, t / "out", None, None, None, "--qc", "{min_gland_dice: 2}"),
+        r"--qc: min_gland_dice is a Dice, between 0 and 1",
+    )
 
 
 ROWS = {
@@ -318,7 +394,9 @@ ROWS = {
     "one-voxel-thick fixed image, no rigid step": _one_slice,
     "mistyped flag name": _mistyped_flag_name,
     "moving label with a negative value": _label_value(-1.0, r"odd\.nii\.gz: label holds the negative value -1"),
-    "moving label with the value 2.5": _label_value(2.5, r"odd\.nii\.gz: label holds the value 2\.5, neither in \[0, 1\]"),
+    "moving label with the value 2.5": _label_value(
+        2.5, r"odd\.nii\.gz: label holds the value 2\.5, neither in \[0, 1\]"
+    ),
     "empty moving label": _label_value(0.0, r"odd\.nii\.gz: gland label \(channel 0\) is empty"),
     "output path is a file": _out_is_a_file,
     "output path is a symbolic link": _out_is_a_symlink,
@@ -353,8 +431,11 @@ def test_existing_output_folder_is_refused_and_left_unchanged(base, tmp_path, ca
         main(register(base, out))
     assert stop.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: {re.escape(str(out))}: already exists \(\d+ files\); pass overwrite=True \(CLI: "
-                        r"--overwrite\) to replace it", line)
+    assert re.fullmatch(
+        rf"error: {re.escape(str(out))}: already exists \(\d+ files\); pass overwrite=True \(CLI: "
+        r"--overwrite\) to replace it",
+        line,
+    )
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
@@ -362,8 +443,9 @@ def test_existing_output_folder_is_refused_and_left_unchanged(base, tmp_path, ca
 
 
 def _run(args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "scripts", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stderr
 
 
@@ -378,8 +460,18 @@ def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
     """``python -m scripts run training --config_file configs/train.json``: the data are checked before the run
     folder is created (``initialize``), so a bad case leaves nothing behind."""
     data = folder(tmp_path, lambda p: save(np.zeros((12, 14, 10, 6), np.uint8), MR_AFFINE, p["mr_label"]), "train")
-    rc, err = _run(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
-                    "--run_dir", str(tmp_path / "run")])
+    rc, err = _run(
+        [
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            data,
+            "--run_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert rc == 2 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert line == f"error: {tmp_path}/data/train/mr_labels/case000000.nii.gz: gland label (channel 0) is empty"
@@ -390,8 +482,18 @@ def test_training_without_a_val_split_stops_before_any_preprocessing(tmp_path):
     """Both splits are listed before the pre-stage cache is filled: a missing ``val/`` costs seconds, not the
     whole train split's pre-processing, and leaves no run folder and nothing cached."""
     data = folder(tmp_path, lambda p: None, "train")
-    rc, err = _run(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", data,
-                    "--run_dir", str(tmp_path / "runs" / "run")])
+    rc, err = _run(
+        [
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            data,
+            "--run_dir",
+            str(tmp_path / "runs" / "run"),
+        ]
+    )
     assert rc == 2 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"error: {tmp_path}/data/val: split folder does not exist"
     assert not (tmp_path / "runs" / "run").exists()
@@ -403,9 +505,25 @@ def test_inference_config_nan_image_exits_2_without_traceback(base, tmp_path):
     data = data.copy()
     data[0, 0, 0] = np.nan
     moving = save(data, affine, tmp_path / "nan.nii.gz")
-    rc, err = _run(["run", "--config_file", base["config"], "--moving", moving, "--fixed", base["us_image"],
-                    "--output_dir", str(tmp_path / "out"), "--use_rigid", "False", "--roi_mask", "False",
-                    "--bundle_root", str(ROOT)])
+    rc, err = _run(
+        [
+            "run",
+            "--config_file",
+            base["config"],
+            "--moving",
+            moving,
+            "--fixed",
+            base["us_image"],
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_rigid",
+            "False",
+            "--roi_mask",
+            "False",
+            "--bundle_root",
+            str(ROOT),
+        ]
+    )
     assert rc == 2 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"error: {moving}: moving image contains 1 NaN/Inf voxels"
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from test_training import ROOT
 
 from scripts.baselines import BaselineNet
@@ -30,8 +29,9 @@ GRID = (20, 24, 18)  # not a multiple of the networks' pooling
 @pytest.mark.parametrize("kind", ["voxelmorph", "localnet"])
 def test_adapter_keeps_the_grid(kind):
     torch.manual_seed(0)
-    net = BaselineNet(kind, channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4, final_conv_channels=(4, 4),
-                      num_channel_initial=4)
+    net = BaselineNet(
+        kind, channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4, final_conv_channels=(4, 4), num_channel_initial=4
+    )
     image = torch.rand(1, 2, *GRID)
     out = net.forward_train(image)
     assert out["ddf"].shape == (1, 3, *GRID) and out["task_mask"] is None
@@ -64,12 +64,15 @@ def test_config_files_train_and_infer_the_same_network(kind):
 
 
 def test_native_loss_files_change_only_the_loss():
-    for name, expected in (("loss_unsupervised", {"dice_weight": 0.0, "mi_region": "image"}),
-                           ("loss_weakly_supervised", {"mi_weight": 0.0, "regulariser": "bending"})):
+    for name, expected in (
+        ("loss_unsupervised", {"dice_weight": 0.0, "mi_region": "image"}),
+        ("loss_weakly_supervised", {"mi_weight": 0.0, "regulariser": "bending"}),
+    ):
         overrides = json.loads((ROOT / "configs" / "baselines" / f"{name}.json").read_text())
         assert all(k.startswith("loss#") for k in overrides)
-        loss = _parser("train.json", "baselines/localnet.json", "baselines/training.json",
-                       f"baselines/{name}.json").get_parsed_content("loss")
+        loss = _parser(
+            "train.json", "baselines/localnet.json", "baselines/training.json", f"baselines/{name}.json"
+        ).get_parsed_content("loss")
         assert {k: getattr(loss, k) for k in expected} == expected
 
 
@@ -83,12 +86,31 @@ def phantom(tmp_path_factory):
 
 
 def test_localnet_native_trains_and_registers(phantom, tmp_path):
-    configs = "['configs/train.json','configs/baselines/localnet.json','configs/baselines/training.json'," \
-              "'configs/baselines/loss_weakly_supervised.json']"
+    configs = (
+        "['configs/train.json','configs/baselines/localnet.json','configs/baselines/training.json',"
+        "'configs/baselines/loss_weakly_supervised.json']"
+    )
     small = ["--network_def#num_channel_initial", "4"]
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs,
-               "--dataset_dir", str(phantom), "--run_dir", str(tmp_path / "run"), "--max_epochs", "1",
-               "--spatial_size", "[24,24,20]", "--progress_bar", "False", *small]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(phantom),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--max_epochs",
+        "1",
+        "--spatial_size",
+        "[24,24,20]",
+        "--progress_bar",
+        "False",
+        *small,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -97,14 +119,25 @@ def test_localnet_native_trains_and_registers(phantom, tmp_path):
 
     case = sorted((phantom / "holdout" / "mr_images").iterdir())[0].name
     pair = {k: phantom / "holdout" / f"{k}s" / case for k in ("mr_image", "us_image", "mr_label")}
-    nets = {"localnet": BaselineNet("localnet", num_channel_initial=4),
-            "voxelmorph": BaselineNet("voxelmorph", channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4,
-                                           final_conv_channels=(4, 4))}
+    nets = {
+        "localnet": BaselineNet("localnet", num_channel_initial=4),
+        "voxelmorph": BaselineNet(
+            "voxelmorph", channels=(4, 8, 8, 8, 8, 8), unet_out_channels=4, final_conv_channels=(4, 4)
+        ),
+    }
     load_weights(nets["localnet"], tmp_path / "run" / "best.pt", required=True)
     expected = {"localnet": "numerical (ITK fixed point)", "voxelmorph": "integrated -velocity"}
     for kind, net in nets.items():
         out = tmp_path / kind
-        result = register_pair(pair["mr_image"], pair["us_image"], out, pair["mr_label"], network=net.eval(),
-                               spatial_size=(24, 24, 20), depth_crop=0, rigid=np.eye(4))
+        result = register_pair(
+            pair["mr_image"],
+            pair["us_image"],
+            out,
+            pair["mr_label"],
+            network=net.eval(),
+            spatial_size=(24, 24, 20),
+            depth_crop=0,
+            rigid=np.eye(4),
+        )
         assert result["inverse"] == expected[kind] and result["deformable"] == "network"
         assert all((out / OUTPUTS[k]).is_file() for k in ("warped_label", "forward_field", "inverse_field"))

@@ -16,12 +16,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_case
+from test_bad_inputs import ENV, ROOT, base, register  # noqa: F401  (base: the module's fixture)
 
 import scripts.case_folder as case_folder
-from conftest import write_case
 from scripts.case_folder import case_transaction
 from scripts.io import InputError
-from test_bad_inputs import ENV, ROOT, base, register  # noqa: F401  (base: the module's fixture)
 
 
 def snapshot(folder: Path) -> dict:
@@ -100,17 +100,26 @@ def patients(base, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("patients")
     cases = {"A": base, "B": {**base, **{k: str(v) for k, v in write_case(root, "holdout", "b", seed=7).items()}}}
     from scripts.__main__ import main
+
     for name, case in cases.items():
         main(register(case, root / f"reference_{name}", None, None, case["mr_label"]))
-        case["reference"] = {key: np.asarray(nib.load(root / f"reference_{name}" / f"{key}.nii.gz").dataobj)
-                             for key in ("warped_image", "warped_label")}
+        case["reference"] = {
+            key: np.asarray(nib.load(root / f"reference_{name}" / f"{key}.nii.gz").dataobj)
+            for key in ("warped_image", "warped_label")
+        }
     assert not np.allclose(cases["A"]["reference"]["warped_image"], cases["B"]["reference"]["warped_image"], atol=1e-2)
     return cases
 
 
 def _start(case, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "scripts", *register(case, out, None, None, case["mr_label"], *extra)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "scripts", *register(case, out, None, None, case["mr_label"], *extra)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _one_patient(out: Path, patients) -> str:
@@ -141,6 +150,7 @@ def test_two_patients_into_one_folder_at_once_never_mix(patients, tmp_path, over
 def test_a_run_killed_while_writing_leaves_the_previous_folder(patients, tmp_path):
     out = tmp_path / "out"
     from scripts.__main__ import main
+
     main(register(patients["A"], out, None, None, patients["A"]["mr_label"]))
     before = snapshot(out)
     run = _start(patients["B"], out, "--overwrite", "true")
@@ -170,8 +180,14 @@ def test_overwrite_keeps_a_checkpoint_or_config_stored_in_the_case_folder(base, 
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().endswith(f"error: {out / 'my_config.json'}: an input lies inside the output "
-                                                    f"folder {out}, which overwrite would replace; move it or write elsewhere")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"error: {out / 'my_config.json'}: an input lies inside the output "
+            f"folder {out}, which overwrite would replace; move it or write elsewhere"
+        )
+    )
     assert snapshot(out) == before
 
 

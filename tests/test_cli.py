@@ -49,15 +49,47 @@ def test_register_command_writes_outputs_qc_and_mapped_points(dataset, tmp_path)
     targets.write_text("label,x,y,z\nlesion 1,1.5,-2.0,3.0\nlesion 2,-4.0,0.5,-1.0\n")
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "scripts", "register", "--moving", case["mr_image"], "--fixed", case["us_image"],
-         "--out", str(out), "--moving-labels", case["mr_label"], "--points", str(targets), "--frame", "RAS",
-         "--direction", "mr2us", "--fixed-gland", case["us_label"], "--config-file", str(dataset["config"])],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "scripts",
+            "register",
+            "--moving",
+            case["mr_image"],
+            "--fixed",
+            case["us_image"],
+            "--out",
+            str(out),
+            "--moving-labels",
+            case["mr_label"],
+            "--points",
+            str(targets),
+            "--frame",
+            "RAS",
+            "--direction",
+            "mr2us",
+            "--fixed-gland",
+            case["us_label"],
+            "--config-file",
+            str(dataset["config"]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr
     assert "no trained weights" in run.stderr and "RIGID step only" in run.stderr
     listed = [line.strip() for line in run.stdout.splitlines() if line.startswith("  ")]
-    for name in ("warped_image.nii.gz", "warped_label.nii.gz", "transform_moving_to_fixed.h5", "qc.json",
-                 "targets_to_fixed.csv", *PICTURES):
+    for name in (
+        "warped_image.nii.gz",
+        "warped_label.nii.gz",
+        "transform_moving_to_fixed.h5",
+        "qc.json",
+        "targets_to_fixed.csv",
+        *PICTURES,
+    ):
         assert str(out / name) in listed
     assert all(Path(p).is_file() for p in listed)
     qc = json.loads((out / "qc.json").read_text())
@@ -71,8 +103,19 @@ def test_register_command_writes_outputs_qc_and_mapped_points(dataset, tmp_path)
 def test_register_folder_fails_the_swapped_case_only(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:  # every case is written, then the run exits 3 for the failed one
-        main(["register-folder", str(dataset["data"]), str(out), "--split", "train", "--gland", "label",
-              "--config-file", str(dataset["config"])])
+        main(
+            [
+                "register-folder",
+                str(dataset["data"]),
+                str(out),
+                "--split",
+                "train",
+                "--gland",
+                "label",
+                "--config-file",
+                str(dataset["config"]),
+            ]
+        )
     assert stop.value.code == 3
     captured = capsys.readouterr()
     verdicts = {c: json.loads((out / c / "qc.json").read_text())["verdict"] for c in ("case000000", "case000001")}
@@ -90,9 +133,22 @@ def test_register_folder_fails_the_swapped_case_only(dataset, tmp_path, capsys):
 def _chromium(args, profile):
     assert Path(CHROMIUM).is_file(), "CI must install Chromium: apt-get install -y chromium"
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _check_index_in_chromium(out, tmp_path):
@@ -112,8 +168,17 @@ def _check_index_in_chromium(out, tmp_path):
 def _small_network_config(tmp_path) -> Path:
     """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter: ``small.json``."""
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
-    small = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-                 lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
+    small = dict(
+        encoder_channels=[4, 4, 4, 4],
+        decoder_channels=[4, 4, 4, 4],
+        head_channels=[4, 4, 4],
+        chunks=2,
+        lstm_hidden=8,
+        lstm_layers=1,
+        compact_code=[4, 4, 2],
+        task_hidden=8,
+        msfa_mode="paper",
+    )
     config["network_def"].update(small)
     config["spatial_size"] = [16, 16, 16]
     torch.manual_seed(0)
@@ -126,8 +191,23 @@ def _small_network_config(tmp_path) -> Path:
 def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     _small_network_config(tmp_path)
     case = _case(dataset["train"], "case000000")
-    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
-          "--config-file", str(tmp_path / "small.json"), "--use-rigid", "False", "--pictures", "False"])
+    main(
+        [
+            "register",
+            "--moving",
+            case["mr_image"],
+            "--fixed",
+            case["us_image"],
+            "--out",
+            str(tmp_path / "out"),
+            "--config-file",
+            str(tmp_path / "small.json"),
+            "--use-rigid",
+            "False",
+            "--pictures",
+            "False",
+        ]
+    )
     captured = capsys.readouterr()
     assert "no trained weights" not in captured.err
     result = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -135,9 +215,25 @@ def test_register_with_weights_runs_the_network(dataset, tmp_path, capsys):
     assert (tmp_path / "out" / "qc.json").is_file() and not (tmp_path / "out" / "qa_grid.png").exists()
     # the same weights, --use-network false: no network; lower-case "false" also switches the rigid step and
     # the pictures off
-    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "alone"),
-          "--config-file", str(tmp_path / "small.json"), "--use-rigid", "false", "--use-network", "false",
-          "--pictures", "false"])
+    main(
+        [
+            "register",
+            "--moving",
+            case["mr_image"],
+            "--fixed",
+            case["us_image"],
+            "--out",
+            str(tmp_path / "alone"),
+            "--config-file",
+            str(tmp_path / "small.json"),
+            "--use-rigid",
+            "false",
+            "--use-network",
+            "false",
+            "--pictures",
+            "false",
+        ]
+    )
     alone = json.loads((tmp_path / "alone" / "result.json").read_text())
     assert not any((tmp_path / "alone" / name).exists() for name in PICTURES)
     assert alone["deformable"] == "none (rigid only)"
@@ -149,9 +245,25 @@ def test_result_json_times_every_stage_and_they_add_up_to_the_wall_time(dataset,
     (tmp_path / "targets.csv").write_text("# frame: LPS\nlabel,x,y,z\nlesion,1.5,-2.0,3.0\n")
     case = _case(dataset["train"], "case000000")
     start = time.perf_counter()
-    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(tmp_path / "out"),
-          "--moving-labels", case["mr_label"], "--fixed-gland", case["us_label"], "--points", str(tmp_path / "targets.csv"),
-          "--config-file", str(tmp_path / "small.json")])
+    main(
+        [
+            "register",
+            "--moving",
+            case["mr_image"],
+            "--fixed",
+            case["us_image"],
+            "--out",
+            str(tmp_path / "out"),
+            "--moving-labels",
+            case["mr_label"],
+            "--fixed-gland",
+            case["us_label"],
+            "--points",
+            str(tmp_path / "targets.csv"),
+            "--config-file",
+            str(tmp_path / "small.json"),
+        ]
+    )
     wall = time.perf_counter() - start
     seconds = json.loads((tmp_path / "out" / "result.json").read_text())["seconds"]
     stages = ("load", "read", "rigid", "box", "network", "resampling", "writing", "qc", "pictures", "points")
@@ -165,14 +277,29 @@ def test_result_json_times_every_stage_and_they_add_up_to_the_wall_time(dataset,
 def test_map_points_command_applies_the_written_rigid(dataset, tmp_path, capsys):
     case = _case(dataset["train"], "case000000")
     out = tmp_path / "reg"
-    main(["register", "--moving", case["mr_image"], "--fixed", case["us_image"], "--out", str(out),
-          "--config-file", str(dataset["config"]), "--pictures", "False"])
+    main(
+        [
+            "register",
+            "--moving",
+            case["mr_image"],
+            "--fixed",
+            case["us_image"],
+            "--out",
+            str(out),
+            "--config-file",
+            str(dataset["config"]),
+            "--pictures",
+            "False",
+        ]
+    )
     rigid = np.asarray(json.loads((out / "result.json").read_text())["rigid"]["matrix_lps_fixed_to_moving"])
     # fixed-space points (LPS) near the TRUS grid centre; rigid only, so fixed -> moving is p -> R p exactly
     fixed = nib.load(case["us_image"])
     centre = (fixed.affine[:3, :3] @ (np.array(fixed.shape) - 1) / 2 + fixed.affine[:3, 3]) * [-1, -1, 1]
     points = centre + np.array([[0.0, 0.0, 0.0], [3.0, -2.0, 4.0]])
-    (tmp_path / "us.csv").write_text("# frame: LPS\nlabel,x,y,z\n" + "".join(f"p{n},{x},{y},{z}\n" for n, (x, y, z) in enumerate(points)))
+    (tmp_path / "us.csv").write_text(
+        "# frame: LPS\nlabel,x,y,z\n" + "".join(f"p{n},{x},{y},{z}\n" for n, (x, y, z) in enumerate(points))
+    )
     main(["map-points", str(out), str(tmp_path / "mapped"), "--points", str(tmp_path / "us.csv"), "--to", "moving"])
     assert f"wrote {tmp_path / 'mapped' / 'us_to_moving.csv'}" in capsys.readouterr().out
     with open(tmp_path / "mapped" / "us_to_moving.csv") as f:
@@ -183,8 +310,19 @@ def test_map_points_command_applies_the_written_rigid(dataset, tmp_path, capsys)
 def test_bad_input_is_one_error_line_and_exit_code_2(dataset, tmp_path, capsys):
     case = _case(dataset["train"], "case000000")
     with pytest.raises(SystemExit) as stop:
-        main(["register", "--moving", str(tmp_path / "nope.nii.gz"), "--fixed", case["us_image"], "--out",
-              str(tmp_path / "out"), "--config-file", str(dataset["config"])])
+        main(
+            [
+                "register",
+                "--moving",
+                str(tmp_path / "nope.nii.gz"),
+                "--fixed",
+                case["us_image"],
+                "--out",
+                str(tmp_path / "out"),
+                "--config-file",
+                str(dataset["config"]),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "nope.nii.gz" in err[-1] and "does not exist" in err[-1]

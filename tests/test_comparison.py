@@ -6,9 +6,7 @@ two-sided Wilcoxon signed-rank p-value is 2 / 2**n.
 
 import importlib.util
 
-import numpy as np
 import pytest
-
 from test_training import ROOT
 
 spec = importlib.util.spec_from_file_location("comparison", ROOT / "benchmarks" / "comparison.py")
@@ -17,12 +15,18 @@ spec.loader.exec_module(comparison)
 
 CASES = [f"case{i}" for i in range(8)]
 BASE = [0.80 + 0.01 * i for i in range(8)]
-FULL = {seed: [v + offset for v in BASE] for seed, offset in ((0, 0.0), (1, 0.01), (2, -0.01))}  # seed means .835 .845 .825
+FULL = {
+    seed: [v + offset for v in BASE] for seed, offset in ((0, 0.0), (1, 0.01), (2, -0.01))
+}  # seed means .835 .845 .825
 
 
 def _results(rows: dict) -> dict:
-    return {"mr2us": {row: {seed: {"per_case": {c: {"dsc": v} for c, v in zip(CASES, values)}}
-                            for seed, values in seeds.items()} for row, seeds in rows.items()}}
+    return {
+        "mr2us": {
+            row: {seed: {"per_case": {c: {"dsc": v} for c, v in zip(CASES, values)}} for seed, values in seeds.items()}
+            for row, seeds in rows.items()
+        }
+    }
 
 
 def _shifted(shift) -> dict:
@@ -31,8 +35,9 @@ def _shifted(shift) -> dict:
 
 
 def test_consistent_gain_beyond_the_seed_spread_is_better():
-    table = comparison._stats(_results({"full": FULL, "voxelmorph": _shifted(lambda i: 0.05 + 0.001 * i)}),
-                              "mr2us", "dsc")
+    table = comparison._stats(
+        _results({"full": FULL, "voxelmorph": _shifted(lambda i: 0.05 + 0.001 * i)}), "mr2us", "dsc"
+    )
     assert table["full"]["mean"] == pytest.approx(0.835)
     assert table["full"]["sd"] == pytest.approx(0.01)  # sample SD of 0.835, 0.845, 0.825
     row = table["voxelmorph"]
@@ -43,8 +48,9 @@ def test_consistent_gain_beyond_the_seed_spread_is_better():
 
 
 def test_gap_inside_the_seed_spread_is_a_tie_even_when_significant():
-    row = comparison._stats(_results({"full": FULL, "cmca": _shifted(lambda i: -0.005 - 0.0001 * i)}),
-                            "mr2us", "dsc")["cmca"]
+    row = comparison._stats(_results({"full": FULL, "cmca": _shifted(lambda i: -0.005 - 0.0001 * i)}), "mr2us", "dsc")[
+        "cmca"
+    ]
     assert row["p"] == pytest.approx(2 / 2**8) and row["gap"] < 0 and row["verdict"] == "tie"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import MR_AFFINE, write_case
 
-from scripts.data import load_split, write_datalist
+from scripts.data import load_split
 from scripts.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,9 @@ def test_folder_loads_with_any_channel_count(tiny_dataset, channels):
     # with MONAI's loaders the label becomes channel-first with the same C
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    load = Compose([LoadImaged(["moving_label"], image_only=True), EnsureChannelFirstd(["moving_label"], channel_dim=-1)])
+    load = Compose(
+        [LoadImaged(["moving_label"], image_only=True), EnsureChannelFirstd(["moving_label"], channel_dim=-1)]
+    )
     assert tuple(load(cases[0])["moving_label"].shape) == (channels, 12, 14, 10)
 
 
@@ -64,7 +66,9 @@ def test_mismatched_channel_counts_are_named(tmp_path):
     label = np.zeros((10, 12, 9, 4), np.uint8)
     label[..., 0] = 1
     _replace(paths["us_label"], label, nib.load(paths["us_image"]).affine)
-    with pytest.raises(InputError, match=r"us_labels/case000000\.nii\.gz: has 4 label channels but .*mr_labels.* has 6"):
+    with pytest.raises(
+        InputError, match=r"us_labels/case000000\.nii\.gz: has 4 label channels but .*mr_labels.* has 6"
+    ):
         load_split(tmp_path, "train")
 
 
@@ -110,7 +114,9 @@ def test_datalist_round_trip_and_cli(tiny_dataset, tmp_path):
     assert entries[0]["mr_image"] == "../train/mr_images/case000000.nii.gz"  # relative to the JSON's folder
     from_list = load_split(datalist=out, split="train", direction="us2mr")
     from_folder = load_split(root, "train", direction="us2mr")
-    assert [{k: str(Path(v).resolve()) if k.endswith(("image", "label")) else v for k, v in c.items()} for c in from_folder] == from_list
+    assert [
+        {k: str(Path(v).resolve()) if k.endswith(("image", "label")) else v for k, v in c.items()} for c in from_folder
+    ] == from_list
     # the CLI refuses to overwrite and prints one line, no traceback
     again = subprocess.run(
         [sys.executable, "-m", "scripts", "datalist", str(root), str(out)], cwd=ROOT, capture_output=True, text=True
@@ -121,8 +127,19 @@ def test_datalist_round_trip_and_cli(tiny_dataset, tmp_path):
 def test_metadata_passes_schema_offline():
     schema = ROOT / "tests" / "data" / "meta_schema_20240725.json"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema)],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            "configs/metadata.json",
+            "--filepath",
+            str(schema),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "metadata is verified with no error" in result.stdout + result.stderr
@@ -169,7 +186,9 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     key = settings_cache_key(chain([48, 48, 40]))
     defaults = scripts.rigid.rigid_prealign.__defaults__
     try:
-        scripts.rigid.rigid_prealign.__defaults__ = tuple(1.0 if v == 2.0 else v for v in defaults)  # 1 mm mask smoothing
+        scripts.rigid.rigid_prealign.__defaults__ = tuple(
+            1.0 if v == 2.0 else v for v in defaults
+        )  # 1 mm mask smoothing
         assert settings_cache_key(chain([48, 48, 40])) != key
     finally:
         scripts.rigid.rigid_prealign.__defaults__ = defaults

@@ -22,8 +22,17 @@ from scripts.pipeline import OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
-SMALL = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-             lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8, msfa_mode="paper")
+SMALL = dict(
+    encoder_channels=[4, 4, 4, 4],
+    decoder_channels=[4, 4, 4, 4],
+    head_channels=[4, 4, 4],
+    chunks=2,
+    lstm_hidden=8,
+    lstm_layers=1,
+    compact_code=[4, 4, 2],
+    task_hidden=8,
+    msfa_mode="paper",
+)
 GRID = [16, 16, 16]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -31,8 +40,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASH
 @pytest.fixture(scope="module")
 def deploy_env():
     """Create or update .venv-deploy (idempotent), printing what the helper script does."""
-    done = subprocess.run(["bash", str(ROOT / "apps" / "deploy" / "setup_env.sh")], capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        ["bash", str(ROOT / "apps" / "deploy" / "setup_env.sh")], capture_output=True, text=True, timeout=1800
+    )
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-3000:]
     return DEPLOY_PYTHON
@@ -54,8 +64,16 @@ def pair(tmp_path_factory):
     net = RegistrationNet(**SMALL, spatial_size=tuple(GRID), flow_init_std=1.0)
     torch.save(net.state_dict(), model / "model.pt")
     overrides = {f"network_def#{k}": v for k, v in SMALL.items()}
-    overrides.update({"spatial_size": GRID, "use_rigid": False, "roi_mask": False, "use_seg": False,
-                      "seg_checkpoint": str(root / "no_seg_weights.pt"), "device": "$torch.device('cpu')"})
+    overrides.update(
+        {
+            "spatial_size": GRID,
+            "use_rigid": False,
+            "roi_mask": False,
+            "use_seg": False,
+            "seg_checkpoint": str(root / "no_seg_weights.pt"),
+            "device": "$torch.device('cpu')",
+        }
+    )
     (model / "inference_overrides.json").write_text(json.dumps(overrides))
     return {"root": root, "inputs": inputs, "model": model}
 
@@ -76,9 +94,27 @@ def test_app_matches_bundle_inference(deploy_env, pair):
     inputs, model = pair["inputs"], pair["model"]
     _run([deploy_env, ROOT / "apps" / "deploy" / "app.py", "-i", inputs, "-o", app_out, "-m", model], "the app")
     configs = f"['configs/inference.json','{model / 'inference_overrides.json'}']"
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--checkpoint", model / "model.pt",
-          "--moving", inputs / "moving.nii.gz", "--fixed", inputs / "fixed.nii.gz",
-          "--moving_label", inputs / "moving_labels.nii.gz", "--output_dir", bundle_out], "bundle inference")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs,
+            "--checkpoint",
+            model / "model.pt",
+            "--moving",
+            inputs / "moving.nii.gz",
+            "--fixed",
+            inputs / "fixed.nii.gz",
+            "--moving_label",
+            inputs / "moving_labels.nii.gz",
+            "--output_dir",
+            bundle_out,
+        ],
+        "bundle inference",
+    )
 
     names = sorted(p.name for p in app_out.iterdir())
     assert names == sorted(OUTPUTS.values()) == sorted(p.name for p in bundle_out.iterdir())
@@ -106,8 +142,21 @@ def test_app_matches_bundle_inference(deploy_env, pair):
 def test_app_reports_a_missing_input(deploy_env, tmp_path):
     (tmp_path / "input").mkdir()
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "input" / "moving.nii.gz"))
-    done = subprocess.run([str(deploy_env), str(ROOT / "apps" / "deploy" / "app.py"), "-i", str(tmp_path / "input"),
-                           "-o", str(tmp_path / "out")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(deploy_env),
+            str(ROOT / "apps" / "deploy" / "app.py"),
+            "-i",
+            str(tmp_path / "input"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode != 0
     assert f"{tmp_path / 'input' / 'fixed.nii.gz'}: required input is missing" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -127,10 +176,26 @@ def test_app_checks_the_weights_against_the_manifest_of_its_model_folder(deploy_
     first = next(iter(state))
     state[first] = state[first] + 1.0  # replaced weights: still loadable, of the right architecture
     torch.save(state, model / "models" / "model.pt")
-    done = subprocess.run([str(deploy_env), str(ROOT / "apps" / "deploy" / "app.py"), "-i", str(pair["inputs"]),
-                           "-o", str(tmp_path / "out"), "-m", str(model)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(deploy_env),
+            str(ROOT / "apps" / "deploy" / "app.py"),
+            "-i",
+            str(pair["inputs"]),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(model),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode != 0
-    assert (f"{model / 'models' / 'model.pt'}: sha256 differs from large_files.yml; the file is corrupt or replaced"
-            in done.stdout + done.stderr)
+    assert (
+        f"{model / 'models' / 'model.pt'}: sha256 differs from large_files.yml; the file is corrupt or replaced"
+        in done.stdout + done.stderr
+    )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -10,21 +10,30 @@ import sys
 import nibabel as nib
 import numpy as np
 import torch
-
-from scripts.pipeline import OUTPUTS
 from test_resume_kill import tensors
 from test_training import NO_RIGID, ROOT, load, make_dataset, run_bundle
 
-SMALL = dict(encoder_channels=[4, 4, 4, 4], decoder_channels=[4, 4, 4, 4], head_channels=[4, 4, 4], chunks=2,
-             lstm_hidden=8, lstm_layers=1, compact_code=[4, 4, 2], task_hidden=8)
+from scripts.pipeline import OUTPUTS
+
+SMALL = dict(
+    encoder_channels=[4, 4, 4, 4],
+    decoder_channels=[4, 4, 4, 4],
+    head_channels=[4, 4, 4],
+    chunks=2,
+    lstm_hidden=8,
+    lstm_layers=1,
+    compact_code=[4, 4, 2],
+    task_hidden=8,
+)
 
 
 def test_two_trainings_with_the_same_seed_give_identical_checkpoints(tmp_path):
     make_dataset(tmp_path / "data", counts=(("train", 2), ("val", 1)))
     checkpoints = []
     for name in ("first", "second"):
-        rc, log = run_bundle("training", tmp_path / "data", tmp_path / name, "--max_epochs", "2", "--seed", "3",
-                             *NO_RIGID)
+        rc, log = run_bundle(
+            "training", tmp_path / "data", tmp_path / name, "--max_epochs", "2", "--seed", "3", *NO_RIGID
+        )
         assert rc == 0, log[-3000:]
         checkpoints.append(load(tmp_path / name / "last.pt"))
     first, second = checkpoints
@@ -34,7 +43,9 @@ def test_two_trainings_with_the_same_seed_give_identical_checkpoints(tmp_path):
         assert sorted(a) == sorted(b) and a
         assert all(torch.equal(a[k], b[k]) for k in a), part
     # a different seed changes the result: the comparison above can fail
-    rc, log = run_bundle("training", tmp_path / "data", tmp_path / "other", "--max_epochs", "2", "--seed", "4", *NO_RIGID)
+    rc, log = run_bundle(
+        "training", tmp_path / "data", tmp_path / "other", "--max_epochs", "2", "--seed", "4", *NO_RIGID
+    )
     assert rc == 0, log[-3000:]
     other = tensors(load(tmp_path / "other" / "last.pt")["model"])
     assert any(not torch.equal(other[k], tensors(first["model"])[k]) for k in other)
@@ -61,8 +72,14 @@ def test_two_pipeline_runs_write_identical_outputs(tmp_path):
     """Determinism of the rigid step needs single-threaded ANTs (docs/reliability.md): the documented setting."""
     make_dataset(tmp_path / "data", counts=(("holdout", 1),))
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", PIPELINE_TWICE, str(tmp_path / "data"), str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PIPELINE_TWICE, str(tmp_path / "data"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("first", "second"))
     assert first["rigid"]["method"] == "mutual_information" and first["deformable"] == "network"
@@ -71,5 +88,6 @@ def test_two_pipeline_runs_write_identical_outputs(tmp_path):
     for key in ("warped_image", "warped_label", "forward_field", "inverse_field", "ants_warp"):
         a, b = (np.asarray(nib.load(tmp_path / name / OUTPUTS[key]).dataobj) for name in ("first", "second"))
         assert np.array_equal(a, b), key
-    assert {k: v for k, v in first.items() if k not in ("masks", "seconds")} == \
-        {k: v for k, v in second.items() if k not in ("masks", "seconds")}
+    assert {k: v for k, v in first.items() if k not in ("masks", "seconds")} == {
+        k: v for k, v in second.items() if k not in ("masks", "seconds")
+    }

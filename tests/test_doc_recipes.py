@@ -24,7 +24,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"
 
 def recipe_blocks() -> list[str]:
     text = DOC.read_text()
-    section = text[text.index("## Applying the transforms elsewhere"):text.index("## Checked by the tests")]
+    section = text[text.index("## Applying the transforms elsewhere") : text.index("## Checked by the tests")]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
@@ -36,8 +36,16 @@ def recipes(case, tmp_path_factory):  # noqa: F811
     c, s = np.cos(np.deg2rad(8)), np.sin(np.deg2rad(8))
     rigid[:3, :3] = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
     rigid[:3, 3] = [3.0, -2.0, 1.5]
-    register_pair(case["mr_image"], case["us_image"], out, None, network=ContentNet(), spatial_size=SIZE,
-                  depth_crop=CROP, rigid=rigid)
+    register_pair(
+        case["mr_image"],
+        case["us_image"],
+        out,
+        None,
+        network=ContentNet(),
+        spatial_size=SIZE,
+        depth_crop=CROP,
+        rigid=rigid,
+    )
     (out / "moving.nii.gz").symlink_to(case["mr_image"])
     (out / "fixed.nii.gz").symlink_to(case["us_image"])
     blocks, namespace, cwd = recipe_blocks(), {}, os.getcwd()
@@ -80,8 +88,10 @@ def test_documented_point_recipes_match_the_bundles_point_mapping(recipes):
     mr = ns["targets_mr"][["x", "y", "z"]].to_numpy(np.float64)
     bundle_trus = transform_points(mr, out / "transform_moving_to_fixed.nii.gz")
     assert np.linalg.norm(bundle_trus - mr, axis=1).min() > 1.0  # the targets move
-    for name, trus in (("ants", ns["targets_trus"][["x", "y", "z"]].to_numpy()),
-                       ("itk", np.asarray([list(ns["target_trus"])]))):
+    for name, trus in (
+        ("ants", ns["targets_trus"][["x", "y", "z"]].to_numpy()),
+        ("itk", np.asarray([list(ns["target_trus"])])),
+    ):
         expected = bundle_trus[: len(trus)]
         assert np.linalg.norm(trus - expected, axis=1).max() <= 0.3, name
     round_trip = ns["targets_back"][["x", "y", "z"]].to_numpy()

@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import initial_weights
 
 from scripts.evaluate import ddf_to_voxels, evaluate
@@ -187,9 +186,26 @@ def test_override_of_the_inference_config_registers_then_scores(tmp_path):
     synth(tmp_path / "data", cases=3, seed=0, size="small", preview=False)  # one case per split
     files = "['configs/inference.json','configs/evaluate.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating_model", "--config_file", files]
-    cmd += ["--dataset_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "registered"),
-            "--eval_dir", str(tmp_path / "eval"), "--checkpoint", str(initial_weights(tmp_path / "untrained.pt", spatial_size=[24, 24, 24])), "--use_rigid", "False",
-            "--roi_mask", "False", "--use_seg", "False", "--spatial_size", "[24,24,24]", "--mode", "float"]
+    cmd += [
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "registered"),
+        "--eval_dir",
+        str(tmp_path / "eval"),
+        "--checkpoint",
+        str(initial_weights(tmp_path / "untrained.pt", spatial_size=[24, 24, 24])),
+        "--use_rigid",
+        "False",
+        "--roi_mask",
+        "False",
+        "--use_seg",
+        "False",
+        "--spatial_size",
+        "[24,24,24]",
+        "--mode",
+        "float",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,9 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 GRID = (32, 32, 32)
 TOL = 1e-4  # max abs difference allowed: voxels for the field, logits for the segmentation
-REG = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
-           compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16,
-           int_steps=5, int_padding="zeros", msfa_mode="paper")  # int_*: not the defaults, the ONNX file must carry them
+REG = dict(
+    encoder_channels=[4, 8, 8, 8],
+    decoder_channels=[8, 8, 8, 4],
+    head_channels=[8, 4, 4],
+    compact_code=[4, 4, 1],
+    lstm_hidden=8,
+    task_hidden=16,
+    int_steps=5,
+    int_padding="zeros",
+    msfa_mode="paper",
+)  # int_*: not the defaults, the ONNX file must carry them
 SEG = dict(channels=[4, 8], strides=[2], num_res_units=1)
 
 
@@ -70,7 +78,9 @@ def exported(tmp_path_factory):
         "segmentation": {"seg_spatial_size": list(GRID), **{f"seg_network_def#{k}": v for k, v in SEG.items()}},
     }
     result = export(
-        bundle_root=".", out_dir=str(tmp / "out"), override=override,
+        bundle_root=".",
+        out_dir=str(tmp / "out"),
+        override=override,
         checkpoints={"registration": str(tmp / "model.pt"), "segmentation": str(tmp / "seg_model.pt")},
     )
     return result, reg, seg, override, tmp
@@ -136,8 +146,13 @@ def test_refuses_to_overwrite(exported):
     result, _, _, override, tmp = exported
     before = open(result["registration"]["onnx"], "rb").read()
     with pytest.raises(FileExistsError):
-        export(bundle_root=".", out_dir=str(tmp / "out"), override=override, formats=["onnx"],
-               checkpoints={"registration": str(tmp / "model.pt"), "segmentation": str(tmp / "seg_model.pt")})
+        export(
+            bundle_root=".",
+            out_dir=str(tmp / "out"),
+            override=override,
+            formats=["onnx"],
+            checkpoints={"registration": str(tmp / "model.pt"), "segmentation": str(tmp / "seg_model.pt")},
+        )
     assert open(result["registration"]["onnx"], "rb").read() == before
 
 
@@ -209,11 +224,32 @@ def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_
     eager = register_pair(moving, fixed, tmp_path / "eager", network=reg, **common)
     onnx_file = result["registration"]["onnx"]
     api = register_pair(moving, fixed, tmp_path / "api", network=OnnxRegistrationNet(onnx_file), **common)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['configs/inference.json','configs/inference_onnx.json']", "--onnx_file", onnx_file,
-           "--moving", str(moving), "--fixed", str(fixed), "--output_dir", str(tmp_path / "runner"),
-           "--spatial_size", str(list(GRID)), "--depth_crop", "0", "--use_rigid", "False", "--roi_mask", "False",
-           "--use_seg", "False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/inference.json','configs/inference_onnx.json']",
+        "--onnx_file",
+        onnx_file,
+        "--moving",
+        str(moving),
+        "--fixed",
+        str(fixed),
+        "--output_dir",
+        str(tmp_path / "runner"),
+        "--spatial_size",
+        str(list(GRID)),
+        "--depth_crop",
+        "0",
+        "--use_rigid",
+        "False",
+        "--roi_mask",
+        "False",
+        "--use_seg",
+        "False",
+    ]
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runner = json.loads((tmp_path / "runner" / OUTPUTS["result"]).read_text())
@@ -236,8 +272,16 @@ def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_
     result, reg, *_ = exported
     root = Path(__file__).resolve().parents[1]
     override = tmp_path / "onnx_here.json"
-    override.write_text(json.dumps({"onnx_file": result["registration"]["onnx"], "spatial_size": list(GRID),
-                                    "use_seg": False, "roi_mask": False}))
+    override.write_text(
+        json.dumps(
+            {
+                "onnx_file": result["registration"]["onnx"],
+                "spatial_size": list(GRID),
+                "use_seg": False,
+                "roi_mask": False,
+            }
+        )
+    )
     files = [str(root / "configs/inference.json"), str(root / "configs/inference_onnx.json"), str(override)]
     network, settings = load_registration(files)
     assert isinstance(network, OnnxRegistrationNet) and settings["spatial_size"] == list(GRID)

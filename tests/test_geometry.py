@@ -4,14 +4,7 @@ import numpy as np
 import pytest
 from _oblique import FIX, FIX_SHAPE, RAS2LPS, points
 
-from scripts.geometry import (
-    box_ddf_to_mm,
-    grid_points,
-    mm_to_box_ddf,
-    network_box,
-    reoriented_grid,
-    sample,
-)
+from scripts.geometry import box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, reoriented_grid, sample
 
 AXIAL = np.array([[-0.8, 0, 0, 10], [0, 0.8, 0, -20], [0, 0, 0.8, 5], [0, 0, 0, 1.0]])  # LAS, 0.8 mm
 
@@ -56,7 +49,9 @@ def test_flipped_and_permuted_fixed_give_the_same_box():
     flip[1, 1], flip[1, 3] = -1, FIX_SHAPE[1] - 1  # new index j' = n - 1 - j
     swap = np.eye(4)[[2, 0, 1, 3]]  # old voxel index = (c, a, b) of the new index (a, b, c)
     for affine, shape in [(FIX @ flip, FIX_SHAPE), (FIX @ swap, (FIX_SHAPE[1], FIX_SHAPE[2], FIX_SHAPE[0]))]:
-        np.testing.assert_allclose(points(affine, shape).reshape(-1, 3).mean(0), points(FIX, FIX_SHAPE).reshape(-1, 3).mean(0), atol=1e-9)
+        np.testing.assert_allclose(
+            points(affine, shape).reshape(-1, 3).mean(0), points(FIX, FIX_SHAPE).reshape(-1, 3).mean(0), atol=1e-9
+        )
         other = network_box(affine, shape, (16, 16, 12), 2)
         np.testing.assert_allclose(other.affine, box.affine, atol=1e-9)
 
@@ -69,8 +64,11 @@ def test_box_covers_fixed_field_of_view():
     depth_voxel = box.spacing[2]
     assert np.isclose(sorted(extent_box[:2].tolist() + [extent_box[2] + 4 * depth_voxel]), extent_fixed).all()
     # the box centre is the fixed centre
-    np.testing.assert_allclose(grid_points(box.affine, box.shape).reshape(-1, 3).mean(0),
-                               points(FIX, FIX_SHAPE).reshape(-1, 3).mean(0), atol=1e-9)
+    np.testing.assert_allclose(
+        grid_points(box.affine, box.shape).reshape(-1, 3).mean(0),
+        points(FIX, FIX_SHAPE).reshape(-1, 3).mean(0),
+        atol=1e-9,
+    )
 
 
 def test_box_ddf_to_mm_hand_value_and_round_trip():
@@ -120,7 +118,7 @@ def _header_file(path, affine, scode=1, qcode=1, sform=None, shape=(6, 7, 5), ra
     if raw:
         data = bytearray(path.read_bytes())
         for offset, value in raw.items():
-            data[offset:offset + 4] = struct.pack("<f", value)
+            data[offset : offset + 4] = struct.pack("<f", value)
         path.write_bytes(bytes(data))
     return path
 
@@ -131,8 +129,9 @@ def _corners_lps(path, reader):
 
     img = nib.load(str(path))
     shape = img.shape[:3]
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
-                       float)
+    corners = np.array(
+        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float
+    )
     if reader == "nibabel":
         lps = RAS2LPS @ img.affine
         return corners @ lps[:3, :3].T + lps[:3, 3]
@@ -155,12 +154,15 @@ def _itk_written_oblique(path):
     that misses the sform by 0.015 mm at the corners (the float32 quaternion of a rotation 0.03 degrees from 180),
     which read_nifti accepts because it stores the sform's own parameters; ITK and nibabel read the sform."""
     import ants
-
     from _oblique import rotation
 
     direction = rotation((1, 2, 3), 0.03)  # 0.03 degrees off ITK's identity (LPS), 179.97 degrees from RAS
-    ants.from_numpy(np.random.default_rng(0).random((40, 50, 30)).astype(np.float32), origin=[-30.0, 20.0, 10.0],
-                    spacing=[0.5, 0.6, 3.0], direction=direction).to_file(str(path))
+    ants.from_numpy(
+        np.random.default_rng(0).random((40, 50, 30)).astype(np.float32),
+        origin=[-30.0, 20.0, 10.0],
+        spacing=[0.5, 0.6, 3.0],
+        direction=direction,
+    ).to_file(str(path))
     return path
 
 
@@ -205,23 +207,44 @@ _NEAR_180[:3, :3] = np.diag([-1.0, -1, 1]) @ __import__("_oblique").rotation((1,
 # more than 1e-3 mm at a corner, "fails", or "same" (ITK 5.4 agrees, other readers and older ITK do not))
 REFUSED = {
     "no orientation (both codes 0)": (lambda p: _header_file(p, FIX, 0, 0), " has no orientation", "differs"),
-    "sform and qform disagree (sform_code 1)": (lambda p: _header_file(p, FIX, 1, 1, sform=_MOVED),
-                                                "'s sform (code 1) and qform (code 1) disagree by 2 mm", "same"),
-    "sform and qform disagree (sform_code 2)": (lambda p: _header_file(p, FIX, 2, 1, sform=_MOVED),
-                                                "'s sform (code 2) and qform (code 1) disagree by 2 mm", "differs"),
-    "pixdim differs from the sform's voxel size": (lambda p: _header_file(p, FIX, 1, 0, raw={_PIXDIM: 1.5}),
-                                                   "'s voxel size in pixdim (1.5, 1.2, 1.1) mm differs", "differs"),
+    "sform and qform disagree (sform_code 1)": (
+        lambda p: _header_file(p, FIX, 1, 1, sform=_MOVED),
+        "'s sform (code 1) and qform (code 1) disagree by 2 mm",
+        "same",
+    ),
+    "sform and qform disagree (sform_code 2)": (
+        lambda p: _header_file(p, FIX, 2, 1, sform=_MOVED),
+        "'s sform (code 2) and qform (code 1) disagree by 2 mm",
+        "differs",
+    ),
+    "pixdim differs from the sform's voxel size": (
+        lambda p: _header_file(p, FIX, 1, 0, raw={_PIXDIM: 1.5}),
+        "'s voxel size in pixdim (1.5, 1.2, 1.1) mm differs",
+        "differs",
+    ),
     "sheared sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_SHEAR), " has a sheared sform", "fails"),
     "singular sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_SINGULAR), " has a singular sform", "fails"),
     "non-finite sform": (lambda p: _header_file(p, FIX, 1, 0, sform=_NAN), " has a non-finite sform", "fails"),
-    "zero voxel size": (lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: 0.0}),
-                        " has voxel size (1, 0, 1.1) mm in pixdim", "same"),
-    "negative voxel size": (lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: -1.2}),
-                            " has voxel size (1, -1.2, 1.1) mm in pixdim", "differs"),
-    "qfac neither 1 nor -1": (lambda p: _header_file(p, FIX, 0, 1, raw={76: -0.5}), " has qfac (pixdim[0]) -0.5",
-                              "differs"),
-    "qform too imprecise for sform_code 2": (lambda p: _header_file(p, _NEAR_180, 2, 1, shape=(40, 50, 30)),
-                                             "'s qform stores its sform only to", "differs"),
+    "zero voxel size": (
+        lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: 0.0}),
+        " has voxel size (1, 0, 1.1) mm in pixdim",
+        "same",
+    ),
+    "negative voxel size": (
+        lambda p: _header_file(p, FIX, 0, 1, raw={_PIXDIM + 4: -1.2}),
+        " has voxel size (1, -1.2, 1.1) mm in pixdim",
+        "differs",
+    ),
+    "qfac neither 1 nor -1": (
+        lambda p: _header_file(p, FIX, 0, 1, raw={76: -0.5}),
+        " has qfac (pixdim[0]) -0.5",
+        "differs",
+    ),
+    "qform too imprecise for sform_code 2": (
+        lambda p: _header_file(p, _NEAR_180, 2, 1, shape=(40, 50, 30)),
+        "'s qform stores its sform only to",
+        "differs",
+    ),
 }
 
 
@@ -246,10 +269,13 @@ def test_headers_read_differently_are_refused_naming_the_file(variant, tmp_path)
 
 
 def test_too_few_voxels_along_an_axis_is_refused_when_asked(tmp_path):
-    from scripts.io import InputError, MIN_VOXELS_PER_AXIS, read_nifti
+    from scripts.io import MIN_VOXELS_PER_AXIS, InputError, read_nifti
 
     path = _header_file(tmp_path / "slab.nii", FIX, shape=(6, 7, 1))
     assert read_nifti(path).shape == (6, 7, 1)  # any one-slice image is a valid NIfTI file ...
-    with pytest.raises(InputError, match=r"slab\.nii: fixed image has 1 voxel along axis 2 \(shape \(6, 7, 1\)\); "
-                                         r"registration needs at least 4 along every axis"):
+    with pytest.raises(
+        InputError,
+        match=r"slab\.nii: fixed image has 1 voxel along axis 2 \(shape \(6, 7, 1\)\); "
+        r"registration needs at least 4 along every axis",
+    ):
         read_nifti(path, ndim=3, what="fixed image", min_size=MIN_VOXELS_PER_AXIS)  # ... but not one to register

@@ -66,8 +66,10 @@ def test_dice_per_chunk_along_the_last_axis():
     shape = (6, 6, 20)  # 10 chunks of 2 slices
     moving_gland = torch.zeros(1, 1, *shape)
     moving_gland[..., :10] = 1
-    labels = dict(moving_label=torch.cat([moving_gland, torch.zeros_like(moving_gland)], 1),
-                  fixed_label=torch.cat([torch.ones_like(moving_gland), torch.zeros_like(moving_gland)], 1))
+    labels = dict(
+        moving_label=torch.cat([moving_gland, torch.zeros_like(moving_gland)], 1),
+        fixed_label=torch.cat([torch.ones_like(moving_gland), torch.zeros_like(moving_gland)], 1),
+    )
     image = torch.full((1, 1, *shape), 0.5)  # constant images: MI = 0
     terms = RegistrationLoss()(torch.zeros(1, 3, *shape), image, image, **labels)
     # chunks 0-4 overlap perfectly (Dice loss 0); chunks 5-9 have no warped gland (Dice loss 1)
@@ -169,7 +171,9 @@ def test_bending_regulariser_per_chunk():
     per_slice = a**2 * np.clip(np.arange(20), 1, 18) ** 2 / 3
     expected = torch.tensor(0.5 * per_slice.reshape(10, 2).mean(axis=1), dtype=torch.float32)[None]
     torch.testing.assert_close(loss(cubic, image, image, label, label)["smooth"], expected, rtol=1e-4, atol=0)
-    torch.testing.assert_close(loss(linear, image, image, label, label)["smooth"], torch.zeros(1, 10), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        loss(linear, image, image, label, label)["smooth"], torch.zeros(1, 10), atol=1e-9, rtol=0
+    )
     assert RegistrationLoss()(linear, image, image, label, label)["smooth"].min() > 0
 
 
@@ -220,7 +224,8 @@ def test_all_channel_dice_counts_present_channels_only():
     spill = _box(shape, slice(0, 8), slice(0, 8), slice(0, 10))
     empty = torch.zeros_like(gland)
     more = RegistrationLoss(chunks=2, dice_channels="all")(
-        ddf, image, image, torch.cat([moving, spill, empty], 1), torch.cat([fixed, empty, empty], 1))
+        ddf, image, image, torch.cat([moving, spill, empty], 1), torch.cat([fixed, empty, empty], 1)
+    )
     torch.testing.assert_close(more["reg"], every["reg"], atol=1e-6, rtol=0)
     torch.testing.assert_close(more["dice"], every["dice"], atol=1e-6, rtol=0)
 

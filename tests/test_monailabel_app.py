@@ -71,8 +71,14 @@ def _datastore(tmp_path) -> Path:
 def _override(tmp_path) -> Path:
     """An override of configs/inference.json: no gland segmenter, a 32^3 box, untrained weights written here."""
     weights = tmp_path / "untrained.pt"
-    override = {"use_seg": False, "roi_mask": False, "seg_checkpoint": "", "spatial_size": [32, 32, 32],
-                "checkpoint": str(weights), "device": "cpu"}
+    override = {
+        "use_seg": False,
+        "roi_mask": False,
+        "seg_checkpoint": "",
+        "spatial_size": [32, 32, 32],
+        "checkpoint": str(weights),
+        "device": "cpu",
+    }
     path = tmp_path / "override.json"
     path.write_text(json.dumps(override))
     parser = ConfigParser()
@@ -89,8 +95,10 @@ def _phantom_file(tmp_path, folder) -> Path:
 def _multipart(content_type: str, body: bytes) -> dict:
     """The named parts of a multipart/form-data answer (``output=all``: ``params`` JSON and the ``image`` file)."""
     message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-            for part in message.get_payload()}
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.get_payload()
+    }
 
 
 def _free_port() -> int:
@@ -100,8 +108,9 @@ def _free_port() -> int:
 
 
 def _request(url, data=None, timeout=10):
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST" if data is not None else "GET"),
-                                timeout=timeout) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, data=data, method="POST" if data is not None else "GET"), timeout=timeout
+    ) as response:
         return response.read()
 
 
@@ -142,24 +151,50 @@ def test_monailabel_server_registers_mr_labels_onto_trus(tmp_path):
     log_config.write_text(json.dumps(LOG_CONFIG))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(VENV / "bin/monailabel"), "start_server", "--app", str(ROOT / "apps/monailabel"),
-               "--studies", str(store), "--host", "127.0.0.1", "--port", str(port), "--log_config", str(log_config),
-               "--conf", "config_files", f"configs/inference.json,{override}"]
+    command = [
+        str(VENV / "bin/monailabel"),
+        "start_server",
+        "--app",
+        str(ROOT / "apps/monailabel"),
+        "--studies",
+        str(store),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log_config",
+        str(log_config),
+        "--conf",
+        "config_files",
+        f"configs/inference.json,{override}",
+    ]
     # bin/monailabel is a shell script running `$MONAILABEL_PYEXE -m monailabel.main` (default: `python` on PATH)
-    env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(VENV),
-           "MONAILABEL_PYEXE": str(VENV / "bin/python"), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(VENV),
+        "MONAILABEL_PYEXE": str(VENV / "bin/python"),
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     log = tmp_path / "server.log"
     start = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
+        )
     try:
         info = _wait_for_info(url, proc, log)
         print(f"server up in {time.time() - start:.1f} s")
         labels = info["models"][TASK]["labels"]
-        assert labels == {"prostate": 1, "landmark_1": 2, "landmark_2": 3, "landmark_3": 4, "landmark_4": 5,
-                          "landmark_5": 6}
+        assert labels == {
+            "prostate": 1,
+            "landmark_1": 2,
+            "landmark_2": 3,
+            "landmark_3": 4,
+            "landmark_4": 5,
+            "landmark_5": 6,
+        }
         datastore = json.loads(_request(f"{url}/datastore/?output=all"))
         assert sorted(datastore["objects"]) == ["case000000", "case000001"]  # the MR files are not listed
 
@@ -168,8 +203,9 @@ def test_monailabel_server_registers_mr_labels_onto_trus(tmp_path):
         print(f"inference answered in {time.time() - start:.1f} s")
         # what 3D Slicer's module asks: NRRD, answered as multipart with the response JSON
         form = urllib.parse.urlencode({"params": json.dumps({"result_extension": ".nrrd"})}).encode()
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/infer/{TASK}?image={CASE}&output=all", data=form),
-                                    timeout=INFER_TIMEOUT_S) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{url}/infer/{TASK}?image={CASE}&output=all", data=form), timeout=INFER_TIMEOUT_S
+        ) as response:
             parts = _multipart(response.headers["Content-Type"], response.read())
         # failures reach the client with their reason (3D Slicer shows it), not as a bare HTTP 500
         (store / "mr_images" / "case000001.nii.gz").unlink()
@@ -201,8 +237,9 @@ def test_monailabel_server_registers_mr_labels_onto_trus(tmp_path):
     np.testing.assert_array_equal(itk.array_view_from_image(as_nrrd), itk.array_view_from_image(as_nifti))
     for attribute in ("GetOrigin", "GetSpacing"):
         np.testing.assert_allclose(getattr(as_nrrd, attribute)(), getattr(as_nifti, attribute)(), atol=1e-4)
-    np.testing.assert_allclose(itk.array_from_matrix(as_nrrd.GetDirection()),
-                               itk.array_from_matrix(as_nifti.GetDirection()), atol=1e-6)
+    np.testing.assert_allclose(
+        itk.array_from_matrix(as_nrrd.GetDirection()), itk.array_from_matrix(as_nifti.GetDirection()), atol=1e-6
+    )
 
     # gland Dice against the TRUS gland; both sides take the union of the label channels (landmarks lie in the gland)
     trus_gland = np.asarray(nib.load(str(_phantom_file(tmp_path, "us_labels"))).dataobj)[..., 0] > 0

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_training import NO_RIGID, ROOT, SMALL_NET, make_dataset
 
 from scripts.losses import RegistrationLoss

@@ -269,8 +269,9 @@ def test_grad_clip_bounds_the_registration_step():
             optimizer=torch.optim.SGD(net.registration_parameters(), lr=1.0), fire_event=lambda event: None,
         )  # fmt: skip
         mask_optimizer = torch.optim.SGD(net.task_mask_parameters(), lr=0.0)
-        RegistrationIteration(RegistrationLoss(chunks=TINY_NET["chunks"]), mask_optimizer=mask_optimizer,
-                              grad_clip=grad_clip)(engine, _batch(0))
+        RegistrationIteration(
+            RegistrationLoss(chunks=TINY_NET["chunks"]), mask_optimizer=mask_optimizer, grad_clip=grad_clip
+        )(engine, _batch(0))
         return torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.registration_parameters(), before)))
 
     clip = 1e-3
@@ -300,25 +301,38 @@ print(float((grads[-1] - grads[0]).norm() / grads[0].norm()))
 def test_paper_msfa_bf16_backward_on_a_bottleneck_smaller_than_its_kernel_does_not_crash():
     """torch 2.13's CPU bf16 backward of a 7^3 conv on a 4^3 map aborts the process (heap corruption);
     MSFA runs such a branch in fp32, so the step completes and its gradient matches fp32's."""
-    run = subprocess.run([sys.executable, "-c", BF16_BACKWARD], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", BF16_BACKWARD],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 0.05
 
 
 def test_iteration_passes_the_true_field_to_the_field_term():
     """With loss field_weight > 0 the iteration feeds the batch's ``true_ddf`` to the loss: a target 2 voxels
-    away on each axis raises the loss by about field_weight * 12 (squared voxels) over a zero target; none is an error."""
+    away on each axis raises the loss by about field_weight * 12 (squared voxels) over a zero target; none is an error.
+    """
     from types import SimpleNamespace
 
     from test_multi_gpu import TINY_NET, _batch
 
     torch.manual_seed(0)
     net = RegistrationNet(**TINY_NET)
-    engine = SimpleNamespace(state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net,
-                             optimizer=torch.optim.SGD(net.registration_parameters(), lr=0.0), fire_event=lambda e: None)
-    iteration = RegistrationIteration(RegistrationLoss(chunks=TINY_NET["chunks"], field_weight=0.5),
-                                      mask_optimizer=torch.optim.SGD(net.task_mask_parameters(), lr=0.0))
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu")),
+        non_blocking=False,
+        network=net,
+        optimizer=torch.optim.SGD(net.registration_parameters(), lr=0.0),
+        fire_event=lambda e: None,
+    )
+    iteration = RegistrationIteration(
+        RegistrationLoss(chunks=TINY_NET["chunks"], field_weight=0.5),
+        mask_optimizer=torch.optim.SGD(net.task_mask_parameters(), lr=0.0),
+    )
     batch = _batch(0)
     shape = (batch["image"].shape[0], 3, *batch["image"].shape[2:])
     losses = [float(iteration(engine, {**batch, "true_ddf": torch.full(shape, value)})["loss"]) for value in (0.0, 2.0)]

@@ -16,31 +16,68 @@ def test_config_ids_cover_nested_keys_and_list_items():
 
 
 def test_known_ids_and_run_arguments_pass():
-    check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--dataset_dir", "data", "--max_epochs", "3",
-                     "--loss#field_weight", "0.01", "--network_def#task_mask=False", "--overwrite", "--run_id", "x",
-                     "--train#handlers#0#new_argument", "1"])  # a component's new keyword: its constructor checks it
+    check_overrides(
+        [
+            BUNDLE,
+            "run",
+            "training",
+            "--config_file",
+            TRAIN,
+            "--dataset_dir",
+            "data",
+            "--max_epochs",
+            "3",
+            "--loss#field_weight",
+            "0.01",
+            "--network_def#task_mask=False",
+            "--overwrite",
+            "--run_id",
+            "x",
+            "--train#handlers#0#new_argument",
+            "1",
+        ]
+    )  # a component's new keyword: its constructor checks it
     check_overrides(["/usr/bin/pytest", "--max_epoch", "3"])  # not a bundle command: left alone
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([BUNDLE, "run", "training", "--config_file", TRAIN, "--max_epoch", "3"], r"--max_epoch \(did you mean --max_epochs\?\)"),
-    ([BUNDLE, "run", "training", "--config_file", TRAIN, "--learning_rat", "1e-3"], r"did you mean --learning_rate\?"),
-    ([BUNDLE, "run", "training", "--config_file", TRAIN, "--train#handlerz#0#x", "1"], r"--train#handlerz#0#x"),
-    (["/b/scripts/__main__.py", "run", "--config_file=configs/inference.json", "--checkpont", "m.pt"],
-     r"configs/inference\.json: no config id for the override\(s\) --checkpont \(did you mean --checkpoint\?\)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [BUNDLE, "run", "training", "--config_file", TRAIN, "--max_epoch", "3"],
+            r"--max_epoch \(did you mean --max_epochs\?\)",
+        ),
+        (
+            [BUNDLE, "run", "training", "--config_file", TRAIN, "--learning_rat", "1e-3"],
+            r"did you mean --learning_rate\?",
+        ),
+        ([BUNDLE, "run", "training", "--config_file", TRAIN, "--train#handlerz#0#x", "1"], r"--train#handlerz#0#x"),
+        (
+            ["/b/scripts/__main__.py", "run", "--config_file=configs/inference.json", "--checkpont", "m.pt"],
+            r"configs/inference\.json: no config id for the override\(s\) --checkpont \(did you mean --checkpoint\?\)",
+        ),
+    ],
+)
 def test_a_mistyped_override_is_refused_with_the_nearest_id(argv, message):
     with pytest.raises(InputError, match=message):
         check_overrides(argv)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("false", r"--network_def#task_mask false: python -m monai.bundle run passes 'false' on as text, which Python reads "
-              r"as yes; write True or False"),
-    ("flase", r"--network_def#task_mask must be true or false \(or yes/no, 1/0\), got 'flase'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "false",
+            r"--network_def#task_mask false: python -m monai.bundle run passes 'false' on as text, which Python reads "
+            r"as yes; write True or False",
+        ),
+        ("flase", r"--network_def#task_mask must be true or false \(or yes/no, 1/0\), got 'flase'"),
+    ],
+)
 def test_a_yes_no_override_that_would_be_misread_is_refused(value, message):
-    check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", "yes"])  # read as yes
+    check_overrides(
+        [BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", "yes"]
+    )  # read as yes
     with pytest.raises(InputError, match=message):
         check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", value])
     # python -m scripts run reads yes/no words itself (scripts/runner.py), so only the unreadable one is refused there

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import US_AFFINE, write_case
 from monai.bundle import ConfigParser
 
-from conftest import US_AFFINE, write_case
 from scripts.io import InputError
 from scripts.network import RegistrationNet
 from scripts.package import package
@@ -29,12 +29,28 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 GRID = [32, 32, 32]
-TINY = dict(encoder_channels=[4, 8, 8, 8], decoder_channels=[8, 8, 8, 4], head_channels=[8, 4, 4],
-            compact_code=[4, 4, 1], lstm_hidden=8, task_hidden=16, msfa_mode="paper")
+TINY = dict(
+    encoder_channels=[4, 8, 8, 8],
+    decoder_channels=[8, 8, 8, 4],
+    head_channels=[8, 4, 4],
+    compact_code=[4, 4, 1],
+    lstm_hidden=8,
+    task_hidden=16,
+    msfa_mode="paper",
+)
 URL = "https://example.org/weights"
 # keys the model zoo and MONAI Label look up in an inference config (docs of the bundle format)
-INFERENCE_KEYS = ("bundle_root", "device", "network_def", "inferer", "preprocessing", "postprocessing",
-                  "output_dir", "initialize", "run")
+INFERENCE_KEYS = (
+    "bundle_root",
+    "device",
+    "network_def",
+    "inferer",
+    "preprocessing",
+    "postprocessing",
+    "output_dir",
+    "initialize",
+    "run",
+)
 
 
 def digest(path) -> str:
@@ -69,8 +85,16 @@ def packaged(source, tmp_path_factory):
 
 def test_layout_and_manifest(source, packaged):
     assert packaged.name == "reg_bundle"
-    for rel in ("configs/metadata.json", "configs/inference.json", "scripts/network.py", "docs/README.md",
-                "docs/data_license.txt", "LICENSE", "large_files.yml", "models/model.pt"):
+    for rel in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "scripts/network.py",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "LICENSE",
+        "large_files.yml",
+        "models/model.pt",
+    ):
         assert (packaged / rel).is_file(), rel
     assert not (packaged / "models" / "model.onnx").exists()  # 3 MB > max_file_mb=2: listed, not copied
     assert not (packaged / "scripts" / "__pycache__").exists()
@@ -132,13 +156,26 @@ def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
     shutil.copytree(packaged, copy)
     case = write_case(tmp_path / "data", "holdout", "case000000", mr_shape=(20, 22, 18), us_shape=(18, 20, 16))
     out_dir = tmp_path / "inference"
-    overrides = {"bundle_root": str(copy), "moving": str(case["mr_image"]), "fixed": str(case["us_image"]),
-                 "moving_label": str(case["mr_label"]), "output_dir": str(out_dir), "use_rigid": False,
-                 # gland masks given, so the default ROI step runs without the segmenter's weights
-                 "moving_mask": str(case["mr_label"]), "fixed_mask": str(case["us_label"])}
+    overrides = {
+        "bundle_root": str(copy),
+        "moving": str(case["mr_image"]),
+        "fixed": str(case["us_image"]),
+        "moving_label": str(case["mr_label"]),
+        "output_dir": str(out_dir),
+        "use_rigid": False,
+        # gland masks given, so the default ROI step runs without the segmenter's weights
+        "moving_mask": str(case["mr_label"]),
+        "fixed_mask": str(case["us_label"]),
+    }
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHECKS, str(SCHEMA), json.dumps(overrides)], cwd=copy, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKS, str(SCHEMA), json.dumps(overrides)],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(summary["scripts"]).resolve().parent == copy / "scripts"  # the packaged code ran, not the repo's
@@ -177,8 +214,8 @@ def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
 def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tmp_path):
     """make-model writing models/model.pt of a bundle sets that file's entry to the new hash (so the new weights
     load); the other entries are kept as they were, so a file replaced behind the manifest stays refused."""
-    from scripts.trained_model import make_model
     from scripts.pipeline import load_weights
+    from scripts.trained_model import make_model
 
     copy = tmp_path / "bundle"
     shutil.copytree(source, copy)
@@ -195,8 +232,10 @@ def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tm
     assert after["models/model.pt"]["hash_val"] == digest(copy / "models" / "model.pt")
     assert after["models/model.pt"]["hash_val"] != {e["path"]: e for e in before}["models/model.pt"]["hash_val"]
     assert [after[e["path"]] for e in before if e["path"] != "models/model.pt"] == [
-        e for e in before if e["path"] != "models/model.pt"]
-    net = load_weights(RegistrationNet(**TINY, spatial_size=tuple(GRID)), copy / "models" / "model.pt",
-                       bundle_root=copy)
+        e for e in before if e["path"] != "models/model.pt"
+    ]
+    net = load_weights(
+        RegistrationNet(**TINY, spatial_size=tuple(GRID)), copy / "models" / "model.pt", bundle_root=copy
+    )
     saved = torch.load(run / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved)

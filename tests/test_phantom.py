@@ -163,10 +163,14 @@ def test_jacobian_determinant_positive(dataset):
 
 
 def test_transform_hand_worked():
-    no_elastic = dict(elastic_centres=np.zeros((1, 3)), elastic_amplitudes=np.zeros((1, 3)), elastic_sigma=10.0,
-                      probe_point=np.zeros(3), probe_axis=[0, 0, 1])
-    shift = PhantomTransform(np.eye(3), np.zeros(3), [3.0, 0, 0], compression=0.0, compression_width=10.0,
-                             **no_elastic)
+    no_elastic = dict(
+        elastic_centres=np.zeros((1, 3)),
+        elastic_amplitudes=np.zeros((1, 3)),
+        elastic_sigma=10.0,
+        probe_point=np.zeros(3),
+        probe_axis=[0, 0, 1],
+    )
+    shift = PhantomTransform(np.eye(3), np.zeros(3), [3.0, 0, 0], compression=0.0, compression_width=10.0, **no_elastic)
     assert np.allclose(shift.forward([[1.0, 2, 3]]), [[4.0, 2, 3]])
     quarter = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])  # 90° about +z
     turn = PhantomTransform(quarter, [1.0, 0, 0], np.zeros(3), compression=0.0, compression_width=10.0, **no_elastic)
@@ -176,8 +180,18 @@ def test_transform_hand_worked():
     assert np.allclose(push.forward([[12.0, 0, 7], [0, 0, 4]]), [[12 + 6 * np.exp(-0.5), 0, 7], [0, 0, 4]])
     # the numerical inverse undoes a full transform with elastic field and compression
     rng = np.random.default_rng(0)
-    full = PhantomTransform(np.eye(3), np.zeros(3), [1.0, 2, 0], rng.normal(0, 10, (6, 3)),
-                            rng.normal(0, 2, (6, 3)), 15.0, [0, -20, 0], [0, 0, 1], 6.0, 12.0)
+    full = PhantomTransform(
+        np.eye(3),
+        np.zeros(3),
+        [1.0, 2, 0],
+        rng.normal(0, 10, (6, 3)),
+        rng.normal(0, 2, (6, 3)),
+        15.0,
+        [0, -20, 0],
+        [0, 0, 1],
+        6.0,
+        12.0,
+    )
     x = rng.normal(0, 20, (50, 3))
     assert np.abs(full.inverse(full.forward(x)) - x).max() < 1e-4
 

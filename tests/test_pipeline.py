@@ -69,9 +69,16 @@ def test_ground_truth_field_through_pipeline_matches_fixed_labels_and_ants_itk_a
     assert all(truth[..., k].std() > 0.5 for k in range(3))  # distinct x, y, z components
     box = network_box(fixed.affine, fixed.shape, SIZE, CROP)
     out = tmp_path / "gt"
-    result = register_pair(case["mr_image"], case["us_image"], out, case["mr_label"],
-                           network=field_as_network(case["ddf"], box), spatial_size=SIZE, depth_crop=CROP,
-                           use_rigid=False)
+    result = register_pair(
+        case["mr_image"],
+        case["us_image"],
+        out,
+        case["mr_label"],
+        network=field_as_network(case["ddf"], box),
+        spatial_size=SIZE,
+        depth_crop=CROP,
+        use_rigid=False,
+    )
     assert result["direction"] == "mr2us" and result["deformable"] == "network"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS.values())
     warped_label = _load(out / OUTPUTS["warped_label"])
@@ -83,8 +90,12 @@ def test_ground_truth_field_through_pipeline_matches_fixed_labels_and_ants_itk_a
     span = np.ptp(_load(case["mr_image"]))
     fixed_ants = ants.image_read(str(case["us_image"]))
     moving_ants = ants.image_read(str(case["mr_image"]))
-    gland_ants = ants.from_numpy(_load(case["mr_label"])[..., 0].astype(np.float32), origin=moving_ants.origin,
-                                 spacing=moving_ants.spacing, direction=moving_ants.direction)
+    gland_ants = ants.from_numpy(
+        _load(case["mr_label"])[..., 0].astype(np.float32),
+        origin=moving_ants.origin,
+        spacing=moving_ants.spacing,
+        direction=moving_ants.direction,
+    )
     for files in ([out / OUTPUTS["ants_warp"], out / OUTPUTS["ants_rigid"]], [out / OUTPUTS["forward_field"]]):
         files = [str(f) for f in files]
         image = ants.apply_transforms(fixed_ants, moving_ants, files).numpy()
@@ -92,8 +103,12 @@ def test_ground_truth_field_through_pipeline_matches_fixed_labels_and_ants_itk_a
         assert np.abs(image - warped_image).max() <= 1e-3 * span, files
         assert dice(gland, warped_label[..., 0]) >= 0.99, files
     transform = itk.transformread(str(out / OUTPUTS["forward_h5"]))[0]
-    res = itk.resample_image_filter(itk.imread(str(case["mr_image"]), itk.F), transform=transform,
-                                    use_reference_image=True, reference_image=itk.imread(str(case["us_image"]), itk.F))
+    res = itk.resample_image_filter(
+        itk.imread(str(case["mr_image"]), itk.F),
+        transform=transform,
+        use_reference_image=True,
+        reference_image=itk.imread(str(case["us_image"]), itk.F),
+    )
     assert np.abs(itk.array_from_image(res).transpose(2, 1, 0) - warped_image).max() <= 1e-3 * span
 
 
@@ -123,14 +138,21 @@ def test_reoriented_copies_give_the_same_physical_result(case, tmp_path):
     _flipped_copy(case["us_image"], tmp_path / "us_flip.nii.gz", 1)
     _transposed_copy(case["mr_image"], tmp_path / "mr_t.nii.gz")
     _transposed_copy(case["mr_label"], tmp_path / "mr_label_t.nii.gz")
-    register_pair(tmp_path / "mr_t.nii.gz", tmp_path / "us_flip.nii.gz", tmp_path / "other",
-                  tmp_path / "mr_label_t.nii.gz", **common)
+    register_pair(
+        tmp_path / "mr_t.nii.gz",
+        tmp_path / "us_flip.nii.gz",
+        tmp_path / "other",
+        tmp_path / "mr_label_t.nii.gz",
+        **common,
+    )
     a = _load(tmp_path / "ref" / OUTPUTS["warped_label"])[..., 0]
     b = np.flip(_load(tmp_path / "other" / OUTPUTS["warped_label"])[..., 0], 1)
     assert dice(a, b) >= 0.99
     # the deformable part is not negligible, so agreement is not trivial
-    field_ref, affine_ref = _load(tmp_path / "ref" / OUTPUTS["forward_field"])[..., 0, :], nib.load(
-        str(tmp_path / "ref" / OUTPUTS["forward_field"])).affine
+    field_ref, affine_ref = (
+        _load(tmp_path / "ref" / OUTPUTS["forward_field"])[..., 0, :],
+        nib.load(str(tmp_path / "ref" / OUTPUTS["forward_field"])).affine,
+    )
     assert np.linalg.norm(field_ref - rigid[:3, 3], axis=-1).max() > 1.0
     field_other = _load(tmp_path / "other" / OUTPUTS["forward_field"])[..., 0, :]
     affine_other = nib.load(str(tmp_path / "other" / OUTPUTS["forward_field"])).affine
@@ -144,7 +166,9 @@ def test_reoriented_copies_give_the_same_physical_result(case, tmp_path):
             ras = fixed_affine[:3, :3] @ idx.mean(0) + fixed_affine[:3, 3]
             centres.append(ras * [-1, -1, 1])
     centres = np.array(centres)
-    tre_diff = np.linalg.norm(sample(field_ref, affine_ref, centres) - sample(field_other, affine_other, centres), axis=-1)
+    tre_diff = np.linalg.norm(
+        sample(field_ref, affine_ref, centres) - sample(field_other, affine_other, centres), axis=-1
+    )
     assert tre_diff.max() <= 0.1
     assert ref["network_box"]["affine_ras"] is not None
 
@@ -155,14 +179,33 @@ def test_forward_then_inverse_maps_landmarks_back(case, tmp_path):
     rigid[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
     rigid[:3, 3] = [2.0, 1.0, -1.0]
     out = tmp_path / "inv"
-    result = register_pair(case["mr_image"], case["us_image"], out, None, network=ContentNet(), spatial_size=SIZE,
-                           depth_crop=CROP, rigid=rigid)
+    result = register_pair(
+        case["mr_image"],
+        case["us_image"],
+        out,
+        None,
+        network=ContentNet(),
+        spatial_size=SIZE,
+        depth_crop=CROP,
+        rigid=rigid,
+    )
     assert result["inverse"] == "integrated -velocity"
-    fwd, fwd_affine = _load(out / OUTPUTS["forward_field"])[..., 0, :], nib.load(str(out / OUTPUTS["forward_field"])).affine
-    inv, inv_affine = _load(out / OUTPUTS["inverse_field"])[..., 0, :], nib.load(str(out / OUTPUTS["inverse_field"])).affine
+    fwd, fwd_affine = (
+        _load(out / OUTPUTS["forward_field"])[..., 0, :],
+        nib.load(str(out / OUTPUTS["forward_field"])).affine,
+    )
+    inv, inv_affine = (
+        _load(out / OUTPUTS["inverse_field"])[..., 0, :],
+        nib.load(str(out / OUTPUTS["inverse_field"])).affine,
+    )
     us_label = _load(case["us_label"])
-    landmarks = np.array([(fwd_affine[:3, :3] @ np.argwhere(us_label[..., k] > 0.5).mean(0) + fwd_affine[:3, 3])
-                          * [-1, -1, 1] for k in range(us_label.shape[-1]) if us_label[..., k].any()])
+    landmarks = np.array(
+        [
+            (fwd_affine[:3, :3] @ np.argwhere(us_label[..., k] > 0.5).mean(0) + fwd_affine[:3, 3]) * [-1, -1, 1]
+            for k in range(us_label.shape[-1])
+            if us_label[..., k].any()
+        ]
+    )
     moved = landmarks + sample(fwd, fwd_affine, landmarks)
     assert np.linalg.norm(moved - landmarks, axis=-1).max() > 1.0
     back = moved + sample(inv, inv_affine, moved)
@@ -173,7 +216,10 @@ def test_forward_then_inverse_maps_landmarks_back(case, tmp_path):
     reference = ants.apply_transforms(moving_ants, fixed_ants, [str(out / OUTPUTS["inverse_field"])]).numpy()
     span, files = np.ptp(reference), [str(out / name) for name in result["ants_inverse"]]
     for kwargs in ({}, {"whichtoinvert": result["ants_inverse_whichtoinvert"]}):
-        assert np.abs(ants.apply_transforms(moving_ants, fixed_ants, files, **kwargs).numpy() - reference).mean() <= 0.01 * span
+        assert (
+            np.abs(ants.apply_transforms(moving_ants, fixed_ants, files, **kwargs).numpy() - reference).mean()
+            <= 0.01 * span
+        )
     twice = [str(out / OUTPUTS["ants_rigid_inverse"]), str(out / OUTPUTS["ants_inverse_warp"])]
     assert np.abs(ants.apply_transforms(moving_ants, fixed_ants, twice).numpy() - reference).mean() > 0.03 * span
 
@@ -202,11 +248,30 @@ def test_inference_config_runs_on_a_phantom_folder(case, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "inference"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--dataset_dir", str(case["root"]), "--split", "train", "--output_dir", str(out),
-           "--spatial_size", "[32,40,24]", "--use_rigid", "False",
-           "--roi_mask", "False", "--use_seg", "False",  # no segmenter here: whole images, no ROI
-           "--checkpoint", str(tmp_path / "untrained.pt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(case["root"]),
+        "--split",
+        "train",
+        "--output_dir",
+        str(out),
+        "--spatial_size",
+        "[32,40,24]",
+        "--use_rigid",
+        "False",
+        "--roi_mask",
+        "False",
+        "--use_seg",
+        "False",  # no segmenter here: whole images, no ROI
+        "--checkpoint",
+        str(tmp_path / "untrained.pt"),
+    ]
     # a checkpoint that does not exist (a typo) stops the run before any output, naming the file
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "untrained.pt: checkpoint does not exist" in done.stderr
@@ -236,8 +301,17 @@ class AutocastProbe(torch.nn.Module):
 @pytest.mark.parametrize("amp", [False, "true"])
 def test_amp_runs_the_network_under_bf16_autocast(case, tmp_path, amp):
     probe = AutocastProbe()
-    register_pair(case["mr_image"], case["us_image"], tmp_path / "amp", None, network=probe, spatial_size=SIZE,
-                  depth_crop=CROP, rigid=np.eye(4), amp=amp)
+    register_pair(
+        case["mr_image"],
+        case["us_image"],
+        tmp_path / "amp",
+        None,
+        network=probe,
+        spatial_size=SIZE,
+        depth_crop=CROP,
+        rigid=np.eye(4),
+        amp=amp,
+    )
     assert probe.autocast == (amp == "true")
     if probe.autocast:
         assert probe.dtype == torch.bfloat16

@@ -94,14 +94,37 @@ def test_csv_in_ras_and_lps_map_to_the_hand_worked_positions(linear_case, tmp_pa
 
 def _markups(frame, points):
     """A 3D Slicer markups document (schema v1.0.3) with one Fiducial list and one unplaced point."""
-    control = [{"id": str(n + 1), "label": name, "description": "", "associatedNodeID": "", "position": list(p),
-                "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0], "selected": True, "locked": False,
-                "visibility": True, "positionStatus": "defined"} for n, (name, p) in enumerate(points.items())]
+    control = [
+        {
+            "id": str(n + 1),
+            "label": name,
+            "description": "",
+            "associatedNodeID": "",
+            "position": list(p),
+            "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+            "selected": True,
+            "locked": False,
+            "visibility": True,
+            "positionStatus": "defined",
+        }
+        for n, (name, p) in enumerate(points.items())
+    ]
     control.append({"id": "9", "label": "not placed", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"})
-    return {"@schema": MARKUPS_SCHEMA,
-            "markups": [{"type": "Fiducial", "coordinateSystem": frame, "coordinateUnits": "mm", "locked": False,
-                         "labelFormat": "%N-%d", "controlPoints": control, "measurements": [],
-                         "display": {"visibility": True, "color": [0.4, 1.0, 1.0]}}]}
+    return {
+        "@schema": MARKUPS_SCHEMA,
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": frame,
+                "coordinateUnits": "mm",
+                "locked": False,
+                "labelFormat": "%N-%d",
+                "controlPoints": control,
+                "measurements": [],
+                "display": {"visibility": True, "color": [0.4, 1.0, 1.0]},
+            }
+        ],
+    }
 
 
 def test_markups_in_ras_and_lps_describing_the_same_points_map_to_the_same_result(linear_case, tmp_path):
@@ -125,18 +148,25 @@ def test_markups_in_ras_and_lps_describing_the_same_points_map_to_the_same_resul
 
 def test_a_point_outside_the_field_is_refused_naming_it(linear_case, tmp_path):
     _write_csv(tmp_path / "far.csv", {"far away": (0.0, 0.0, 50.0)}, header_frame="LPS")
-    _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "far.csv"),
-             "far away.*coordinate frame", tmp_path / "out")
+    _refused(
+        lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "far.csv"),
+        "far away.*coordinate frame",
+        tmp_path / "out",
+    )
 
 
 def test_a_csv_without_a_frame_is_refused_naming_the_file_and_nothing_is_written(linear_case, tmp_path):
     _write_csv(tmp_path / "good.csv", POINTS_RAS, header_frame="RAS")
     _write_csv(tmp_path / "plain.csv", POINTS_RAS)
-    message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=[tmp_path / "good.csv",
-                                                                                  tmp_path / "plain.csv"]),
-                       "coordinate frame", tmp_path / "out")  # good.csv is not written either
-    assert message == (f"{tmp_path / 'plain.csv'}: the coordinate frame of the points is not stated; add a 'frame' "
-                       "column (LPS or RAS) or a '# frame: LPS' first line, or pass --frame LPS|RAS")
+    message = _refused(
+        lambda: map_files(linear_case, tmp_path / "out", points=[tmp_path / "good.csv", tmp_path / "plain.csv"]),
+        "coordinate frame",
+        tmp_path / "out",
+    )  # good.csv is not written either
+    assert message == (
+        f"{tmp_path / 'plain.csv'}: the coordinate frame of the points is not stated; add a 'frame' "
+        "column (LPS or RAS) or a '# frame: LPS' first line, or pass --frame LPS|RAS"
+    )
 
 
 def test_a_frame_line_or_column_reads_as_the_frame_argument_does(linear_case, tmp_path):
@@ -160,28 +190,37 @@ def test_a_frame_line_or_column_reads_as_the_frame_argument_does(linear_case, tm
         np.testing.assert_allclose(back, [_lps(p) for p in EXPECTED_RAS.values()], atol=1e-3)
 
 
-@pytest.mark.parametrize("content, frame, match", [
-    ("# frame: RAS\nlabel,x,y,z\na,1,2,3\n", "LPS", "states frame RAS .*line 1.* but frame LPS was passed"),
-    ("label,x,y,z,frame\na,1,2,3,LPS\n", "RAS", "states frame LPS .*'frame' column.* but frame RAS was passed"),
-    ("# frame: RAS\nlabel,x,y,z,frame\na,1,2,3,LPS\n", None, "states two frames"),
-    ("label,x,y,z,frame\na,1,2,3,LPS\nb,1,2,3,RAS\n", None, "mixes LPS \\(line 2\\) and RAS \\(line 3\\)"),
-    ("label,x,y,z,frame\na,1,2,3,XYZ\n", None, "line 2: the frame must be LPS or RAS, got 'XYZ'"),
-    ("# frame = left-posterior\nlabel,x,y,z\na,1,2,3\n", None, "line 1: the frame must be LPS or RAS"),
-    ("# coordinates in the RAS frame\nlabel,x,y,z\na,1,2,3\n", "RAS", "line 1: cannot read a frame"),
-    ("label,x,x,y,z\na,1,1,2,3\n", "LPS", "line 1: column 'x' appears 2 times"),
-    ("label,x,y,z,comment\na,1,2,3,hi\n", "LPS",
-     "line 1: unknown column 'comment'; the accepted columns are label, x, y, z, frame"),
-    ("# frame: LPS\nlabel,x,z\na,1,3\n", None, "line 2: missing column\\(s\\) y"),
-    ("label,x,y,z\na,1,2,3\nb,1,two,3\n", "LPS", "line 3: x, y, z must be numbers .*'two'"),
-    ("label,x,y,z\na,1,2,nan\n", "LPS", "line 2: x, y, z must be finite"),
-    ("label,x,y,z\na,1,2\n", "LPS", "line 2: 3 fields, but the header names 4 columns"),
-    ("", "LPS", "empty point file"),
-    ("label,x,y,z\n", "LPS", "no points"),
-])
+@pytest.mark.parametrize(
+    "content, frame, match",
+    [
+        ("# frame: RAS\nlabel,x,y,z\na,1,2,3\n", "LPS", "states frame RAS .*line 1.* but frame LPS was passed"),
+        ("label,x,y,z,frame\na,1,2,3,LPS\n", "RAS", "states frame LPS .*'frame' column.* but frame RAS was passed"),
+        ("# frame: RAS\nlabel,x,y,z,frame\na,1,2,3,LPS\n", None, "states two frames"),
+        ("label,x,y,z,frame\na,1,2,3,LPS\nb,1,2,3,RAS\n", None, "mixes LPS \\(line 2\\) and RAS \\(line 3\\)"),
+        ("label,x,y,z,frame\na,1,2,3,XYZ\n", None, "line 2: the frame must be LPS or RAS, got 'XYZ'"),
+        ("# frame = left-posterior\nlabel,x,y,z\na,1,2,3\n", None, "line 1: the frame must be LPS or RAS"),
+        ("# coordinates in the RAS frame\nlabel,x,y,z\na,1,2,3\n", "RAS", "line 1: cannot read a frame"),
+        ("label,x,x,y,z\na,1,1,2,3\n", "LPS", "line 1: column 'x' appears 2 times"),
+        (
+            "label,x,y,z,comment\na,1,2,3,hi\n",
+            "LPS",
+            "line 1: unknown column 'comment'; the accepted columns are label, x, y, z, frame",
+        ),
+        ("# frame: LPS\nlabel,x,z\na,1,3\n", None, "line 2: missing column\\(s\\) y"),
+        ("label,x,y,z\na,1,2,3\nb,1,two,3\n", "LPS", "line 3: x, y, z must be numbers .*'two'"),
+        ("label,x,y,z\na,1,2,nan\n", "LPS", "line 2: x, y, z must be finite"),
+        ("label,x,y,z\na,1,2\n", "LPS", "line 2: 3 fields, but the header names 4 columns"),
+        ("", "LPS", "empty point file"),
+        ("label,x,y,z\n", "LPS", "no points"),
+    ],
+)
 def test_unreadable_csvs_are_refused_naming_file_and_line(linear_case, tmp_path, content, frame, match):
     (tmp_path / "bad.csv").write_text(content)
-    message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "bad.csv", frame=frame),
-                       match, tmp_path / "out")
+    message = _refused(
+        lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / "bad.csv", frame=frame),
+        match,
+        tmp_path / "out",
+    )
     assert message.startswith(f"{tmp_path / 'bad.csv'}: ") and "\n" not in message
 
 
@@ -192,8 +231,11 @@ def test_markups_without_a_coordinate_system_are_refused(linear_case, tmp_path):
         if frame:
             document["markups"][0]["coordinateSystem"] = frame
         (tmp_path / f"{name}.mrk.json").write_text(json.dumps(document))
-        message = _refused(lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / f"{name}.mrk.json",
-                                             frame="LPS"), "coordinateSystem", tmp_path / "out")
+        message = _refused(
+            lambda: map_files(linear_case, tmp_path / "out", points=tmp_path / f"{name}.mrk.json", frame="LPS"),
+            "coordinateSystem",
+            tmp_path / "out",
+        )
         assert message.startswith(f"{tmp_path / f'{name}.mrk.json'}: markup 0 has coordinateSystem {frame!r}")
 
 
@@ -244,7 +286,8 @@ def test_an_integer_label_map_is_split_into_one_channel_per_value_in_ascending_o
         for k, value in enumerate(ascending):
             np.testing.assert_array_equal(np.asarray(mapped.dataobj)[..., k], label == value)
         assert mapped.header["descrip"].tobytes().rstrip(b"\0").decode() == (
-            f"channels = label values {ascending[0]},{ascending[1]}")
+            f"channels = label values {ascending[0]},{ascending[1]}"
+        )
 
 
 def test_a_soft_label_is_thresholded_at_label_threshold(identity_case, tmp_path):
@@ -256,12 +299,15 @@ def test_a_soft_label_is_thresholded_at_label_threshold(identity_case, tmp_path)
         np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), soft >= threshold)
 
 
-@pytest.mark.parametrize("value, ndim, match", [
-    (1.7, 3, "label holds the value 1.7, neither in \\[0, 1\\]"),
-    (-1.0, 3, "negative value -1"),
-    (2.0, 4, "4-D label holds the value 2"),
-    (0.5, 3, "mixes fractional values \\(0.5\\) with integers above 1 \\(2\\)"),
-])
+@pytest.mark.parametrize(
+    "value, ndim, match",
+    [
+        (1.7, 3, "label holds the value 1.7, neither in \\[0, 1\\]"),
+        (-1.0, 3, "negative value -1"),
+        (2.0, 4, "4-D label holds the value 2"),
+        (0.5, 3, "mixes fractional values \\(0.5\\) with integers above 1 \\(2\\)"),
+    ],
+)
 def test_labels_that_are_neither_soft_nor_an_integer_map_are_refused(identity_case, tmp_path, value, ndim, match):
     label = np.zeros((9, 10, 8) + (2,) * (ndim == 4), np.float32)
     label[1:3, 1:3, 1:3], label[5, 5, 5] = 1.0, value
@@ -276,9 +322,12 @@ def test_a_label_on_another_grid_is_refused(identity_case, tmp_path):
     shifted = LABEL_AFFINE.copy()
     shifted[0, 3] += 1.5
     path = _save(np.zeros((9, 10, 8), np.uint8), tmp_path / "shifted.nii.gz", shifted)
-    _refused(lambda: map_files(identity_case, tmp_path / "out", labels=path, to="moving"),
-             f"shifted.nii.gz: label grid .* differs from the grid it must lie on, that of "
-             f".*transform_fixed_to_moving.nii.gz", tmp_path / "out")
+    _refused(
+        lambda: map_files(identity_case, tmp_path / "out", labels=path, to="moving"),
+        "shifted.nii.gz: label grid .* differs from the grid it must lie on, that of "
+        ".*transform_fixed_to_moving.nii.gz",
+        tmp_path / "out",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -292,9 +341,15 @@ def ground_truth_case(tmp_path_factory):
     size = (32, 40, 24)
     box = network_box(fixed.affine, fixed.shape, size, 0)
     out = root / "registered"
-    register_pair(d / "mr_images" / f"{name}.nii.gz", d / "us_images" / f"{name}.nii.gz", out,
-                  network=field_as_network(d / "ddf_mr2us" / f"{name}.nii.gz", box), spatial_size=size,
-                  depth_crop=0, use_rigid=False)
+    register_pair(
+        d / "mr_images" / f"{name}.nii.gz",
+        d / "us_images" / f"{name}.nii.gz",
+        out,
+        network=field_as_network(d / "ddf_mr2us" / f"{name}.nii.gz", box),
+        spatial_size=size,
+        depth_crop=0,
+        use_rigid=False,
+    )
     truth = json.loads((d / "truth" / f"{name}.json").read_text())
     return {"out": out, "truth": truth, "dir": d, "name": name}
 
@@ -322,8 +377,14 @@ def test_map_points_config_maps_the_trus_gland_onto_the_mr_gland(ground_truth_ca
     d, name = ground_truth_case["dir"], ground_truth_case["name"]
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "map_points.json"))
-    parser.update({"transforms": str(ground_truth_case["out"]), "output_dir": str(tmp_path),
-                   "labels": str(d / "us_labels" / f"{name}.nii.gz"), "to": "moving"})
+    parser.update(
+        {
+            "transforms": str(ground_truth_case["out"]),
+            "output_dir": str(tmp_path),
+            "labels": str(d / "us_labels" / f"{name}.nii.gz"),
+            "to": "moving",
+        }
+    )
     parser.get_parsed_content("run")
     mapped = nib.load(str(tmp_path / f"{name}_to_moving.nii.gz"))
     mr = nib.load(str(d / "mr_labels" / f"{name}.nii.gz"))
@@ -339,5 +400,7 @@ def test_markups_whose_control_points_are_not_a_list_are_refused(tmp_path):
     document["markups"][0]["controlPoints"] = None
     path = tmp_path / "t.mrk.json"
     path.write_text(json.dumps(document))
-    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: markup 0 has controlPoints NoneType; it must be a list"):
+    with pytest.raises(
+        InputError, match=rf"^{re.escape(str(path))}: markup 0 has controlPoints NoneType; it must be a list"
+    ):
         read_markups(path)

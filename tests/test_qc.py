@@ -22,9 +22,14 @@ SIZE = (32, 40, 24)
 def _folder(path, field, affine, rigid, method="given"):
     """A minimal registration output folder: composed field + result.json (no labels)."""
     write_field_nifti(field, affine, path / "transform_fixed_to_moving.nii.gz")
-    result = {"direction": "mr2us", "moving_image": "m.nii.gz", "fixed_image": "f.nii.gz",
-              "files": {"forward_field": "transform_fixed_to_moving.nii.gz"}, "deformable": "network",
-              "rigid": {"matrix_lps_fixed_to_moving": np.asarray(rigid).tolist(), "method": method, "mask_dice": None}}
+    result = {
+        "direction": "mr2us",
+        "moving_image": "m.nii.gz",
+        "fixed_image": "f.nii.gz",
+        "files": {"forward_field": "transform_fixed_to_moving.nii.gz"},
+        "deformable": "network",
+        "rigid": {"matrix_lps_fixed_to_moving": np.asarray(rigid).tolist(), "method": method, "mask_dice": None},
+    }
     (path / "result.json").write_text(json.dumps(result))
 
 
@@ -70,16 +75,28 @@ def phantom(tmp_path_factory):
 
 
 def _paths(d, moving_case, fixed_case):
-    return (d / "mr_images" / f"{moving_case}.nii.gz", d / "us_images" / f"{fixed_case}.nii.gz",
-            d / "mr_labels" / f"{moving_case}.nii.gz", d / "us_labels" / f"{fixed_case}.nii.gz")
+    return (
+        d / "mr_images" / f"{moving_case}.nii.gz",
+        d / "us_images" / f"{fixed_case}.nii.gz",
+        d / "mr_labels" / f"{moving_case}.nii.gz",
+        d / "us_labels" / f"{fixed_case}.nii.gz",
+    )
 
 
 def test_ground_truth_registration_passes_with_the_dice_of_the_files(phantom, tmp_path):
     moving, fixed, moving_label, fixed_label = _paths(phantom, "case000002", "case000002")
     img = nib.load(str(fixed))
     box = network_box(img.affine, img.shape, SIZE, 0)
-    register_pair(moving, fixed, tmp_path, moving_label, network=field_as_network(phantom / "ddf_mr2us" /
-                  "case000002.nii.gz", box), spatial_size=SIZE, depth_crop=0, use_rigid=False)
+    register_pair(
+        moving,
+        fixed,
+        tmp_path,
+        moving_label,
+        network=field_as_network(phantom / "ddf_mr2us" / "case000002.nii.gz", box),
+        spatial_size=SIZE,
+        depth_crop=0,
+        use_rigid=False,
+    )
     qc = quality_check(tmp_path, fixed_label, "label", moving_gland=moving_label)
     a = nib.load(str(tmp_path / "warped_label.nii.gz")).get_fdata()[..., 0] > 0.5
     b = nib.load(str(fixed_label)).get_fdata()[..., 0] > 0.5
@@ -132,8 +149,17 @@ def _translated(pair, out, t_lps, **kwargs):
     """register_pair through the given rigid ``p -> p + t`` (LPS mm, fixed -> moving), no network."""
     rigid = np.eye(4)
     rigid[:3, 3] = t_lps
-    register_pair(pair["moving"], pair["fixed"], out, kwargs.pop("labels", pair["moving_label"]), network=None,
-                  rigid=rigid, spatial_size=(8, 8, 8), depth_crop=0, **kwargs)
+    register_pair(
+        pair["moving"],
+        pair["fixed"],
+        out,
+        kwargs.pop("labels", pair["moving_label"]),
+        network=None,
+        rigid=rigid,
+        spatial_size=(8, 8, 8),
+        depth_crop=0,
+        **kwargs,
+    )
     return out
 
 
@@ -171,12 +197,15 @@ def test_a_20mm_rigid_failure_fails_on_overlap_and_shift(pair, tmp_path):
 def test_predicted_masks_of_both_images_are_used(pair, tmp_path):
     # a stand-in segmenter "predicts" the two spheres; no labels anywhere, QC gets no gland argument
     masks = {str(pair["moving"]): pair["arrays"]["moving_label"], str(pair["fixed"]): pair["arrays"]["fixed_label"]}
-    out = _translated(pair, tmp_path / "case", (20.0, 0.0, 0.0), labels=None,
-                      seg_network=lambda path: (masks[str(path)], GRID))
+    out = _translated(
+        pair, tmp_path / "case", (20.0, 0.0, 0.0), labels=None, seg_network=lambda path: (masks[str(path)], GRID)
+    )
     qc = quality_check(out)
     assert qc["verdict"] == "fail" and qc["reasons"][0].startswith("gland_dice_drop")
-    assert qc["metrics"]["overlap_masks"] == {"moving": str(out / "moving_gland.nii.gz"),
-                                              "fixed": str(out / "fixed_gland.nii.gz")}
+    assert qc["metrics"]["overlap_masks"] == {
+        "moving": str(out / "moving_gland.nii.gz"),
+        "fixed": str(out / "fixed_gland.nii.gz"),
+    }
     a, b = pair["arrays"]["moving_label"] > 0, pair["arrays"]["fixed_label"] > 0
     assert qc["metrics"]["unregistered_gland_dice"] == pytest.approx(_dice(a, b))
     assert qc["metrics"]["gland_dice"] is None  # no fixed gland given: the plain Dice check needs one

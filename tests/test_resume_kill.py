@@ -10,10 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
 from test_training import NO_RIGID, ROOT, SMALL_NET, make_dataset
 
 EPOCHS, CASES = 4, 4
@@ -41,8 +39,9 @@ def run(data, run_dir):
 
 def run_and_kill(data, run_dir):
     """Start the training, SIGKILL it as soon as the first iteration of epoch 2 is logged; return the log."""
-    proc = subprocess.Popen(command(data, run_dir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(data, run_dir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     try:
         for line in proc.stdout:

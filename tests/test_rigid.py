@@ -31,8 +31,9 @@ def _point_error(matrix):
 
 
 def test_masks_recover_rigid(pair):
-    matrix, info = rigid_prealign(pair / "fixed.nii.gz", pair / "moving.nii.gz", pair / "fixed_mask.nii.gz",
-                                  pair / "moving_mask.nii.gz")
+    matrix, info = rigid_prealign(
+        pair / "fixed.nii.gz", pair / "moving.nii.gz", pair / "fixed_mask.nii.gz", pair / "moving_mask.nii.gz"
+    )
     assert info["method"] == "masks"
     assert info["mask_dice"] > 0.9
     # the default schedule stops at shrink 3 here (about 3 mm on this 1 mm, 30-voxel pair): no full-resolution level
@@ -53,7 +54,9 @@ def test_implausible_mask_result_falls_back_to_images(pair):
     arr = wrong.numpy()
     arr[0:3, 0:3, :] = 1  # a thin rod
     wrong = wrong.new_image_like(arr)
-    matrix, info = rigid_prealign(pair / "fixed.nii.gz", moving, ants.image_read(str(pair / "fixed_mask.nii.gz")), wrong)
+    matrix, info = rigid_prealign(
+        pair / "fixed.nii.gz", moving, ants.image_read(str(pair / "fixed_mask.nii.gz")), wrong
+    )
     assert info["method"] == "mutual_information" and info["mask_dice"] < 0.5
     assert _point_error(matrix) < 1.5
 
@@ -62,7 +65,10 @@ def test_schedule_keeps_its_physical_levels_on_other_voxel_sizes():
     from scripts.rigid import scaled_schedule
 
     assert scaled_schedule((8, 4), (3, 2), 0.8, 0.8) == ((8, 4), (3.0, 2.0))  # μ-RegPro's grids: as configured
-    assert scaled_schedule((8, 4), (3, 2), 2.4, 0.8) == ((3, 1), (1.125, 0.5))  # 7.2 and 2.4 mm levels, not 19.2 and 9.6
+    assert scaled_schedule((8, 4), (3, 2), 2.4, 0.8) == (
+        (3, 1),
+        (1.125, 0.5),
+    )  # 7.2 and 2.4 mm levels, not 19.2 and 9.6
     assert scaled_schedule((8, 4), (3, 2), 0.4, 0.8) == ((16, 8), (6.0, 4.0))
     assert scaled_schedule((8, 4), (3, 2), 2.4, None) == ((8, 4), (3, 2))
 
@@ -120,8 +126,11 @@ def _stored(pair, folder, orientations):
         ornt = np.asarray(orientations.get(role, [[0, 1], [1, 1], [2, 1]]), float)
         for name in names:
             img = nib.load(str(pair / f"{name}.nii.gz"))
-            write_nifti(apply_orientation(np.asarray(img.dataobj), ornt), img.affine @ inv_ornt_aff(ornt, img.shape),
-                        folder / f"{name}.nii.gz")
+            write_nifti(
+                apply_orientation(np.asarray(img.dataobj), ornt),
+                img.affine @ inv_ornt_aff(ornt, img.shape),
+                folder / f"{name}.nii.gz",
+            )
     return folder
 
 
@@ -136,14 +145,22 @@ def _rigid_single_threaded(folders, masks: bool):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import json, sys\nfrom scripts.rigid import rigid_prealign\nout = []\n"
-            "for d in sys.argv[2:]:\n"
-            "    f = [f'{d}/{n}.nii.gz' for n in ('fixed', 'moving', 'fixed_mask', 'moving_mask')]\n"
-            "    out.append(rigid_prealign(*(f if sys.argv[1] == '1' else f[:2]))[0].tolist())\n"
-            "print(json.dumps(out))")
+    code = (
+        "import json, sys\nfrom scripts.rigid import rigid_prealign\nout = []\n"
+        "for d in sys.argv[2:]:\n"
+        "    f = [f'{d}/{n}.nii.gz' for n in ('fixed', 'moving', 'fixed_mask', 'moving_mask')]\n"
+        "    out.append(rigid_prealign(*(f if sys.argv[1] == '1' else f[:2]))[0].tolist())\n"
+        "print(json.dumps(out))"
+    )
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", code, "1" if masks else "0", *map(str, folders)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "1" if masks else "0", *map(str, folders)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return [np.asarray(m) for m in json.loads(done.stdout.strip().splitlines()[-1])]
 

@@ -29,8 +29,12 @@ CASES = {"train": [0, 1, 2, 3], "val": [5]}  # index % 3 == 2: oblique TRUS grid
 VAL = "case000005"
 EPOCHS = 25
 # a tiny U-Net on a 32^3 grid; the same ids override seg_train.json and seg_inference.json
-TINY = {"seg_spatial_size": [32, 32, 32], "seg_network_def#channels": [8, 16, 32], "seg_network_def#strides": [2, 2],
-        "seg_network_def#num_res_units": 1}
+TINY = {
+    "seg_spatial_size": [32, 32, 32],
+    "seg_network_def#channels": [8, 16, 32],
+    "seg_network_def#strides": [2, 2],
+    "seg_network_def#num_res_units": 1,
+}
 
 
 def _dice(a, b):
@@ -51,9 +55,26 @@ def trained(tmp_path_factory):
         for i in indices:
             write_case(generate_case(0, i, "small"), data, split, f"case{i:06d}", preview=False)
     ckpt = tmp / "models" / "seg_model.pt"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/seg_train.json",
-           "--dataset_dir", str(data), "--run_dir", str(tmp / "run"), "--checkpoint", str(ckpt),
-           "--max_epochs", str(EPOCHS), "--learning_rate", "0.005", *_cli(TINY)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/seg_train.json",
+        "--dataset_dir",
+        str(data),
+        "--run_dir",
+        str(tmp / "run"),
+        "--checkpoint",
+        str(ckpt),
+        "--max_epochs",
+        str(EPOCHS),
+        "--learning_rate",
+        "0.005",
+        *_cli(TINY),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return {"root": tmp, "data": data, "ckpt": ckpt, "run": tmp / "run", "done": done}
@@ -69,8 +90,15 @@ def test_seg_train_runs_through_the_bundle_runner_and_writes_weights(trained):
     done = trained["done"]
     assert done.returncode == 0, done.stderr[-3000:]
     state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1,
-               norm="instance")
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(8, 16, 32),
+        strides=(2, 2),
+        num_res_units=1,
+        norm="instance",
+    )
     net.load_state_dict(state["model"])  # strict: the weights are exactly this configured U-Net's
     last = torch.load(trained["run"] / "last.pt", map_location="cpu", weights_only=True)
     assert last["trainer"]["iteration"] // last["trainer"]["epoch_length"] == EPOCHS
@@ -93,9 +121,15 @@ def test_seg_inference_writes_masks_on_each_input_grid_with_gland_dice_above_tri
     from monai.bundle import run
 
     out = tmp_path / "masks"
-    args = dict(config_file=str(ROOT / "configs" / "seg_inference.json"), bundle_root=str(ROOT),
-                dataset_dir=str(trained["data"]), split="val", output_dir=str(out), checkpoint=str(trained["ckpt"]),
-                **TINY)
+    args = dict(
+        config_file=str(ROOT / "configs" / "seg_inference.json"),
+        bundle_root=str(ROOT),
+        dataset_dir=str(trained["data"]),
+        split="val",
+        output_dir=str(out),
+        checkpoint=str(trained["ckpt"]),
+        **TINY,
+    )
     run(**args)
     for mod in ("mr", "us"):
         image = nib.load(str(trained["data"] / "val" / f"{mod}_images" / f"{VAL}.nii.gz"))
@@ -136,10 +170,20 @@ def test_pipeline_predicts_masks_for_the_rigid_and_the_roi_images(trained, segme
     moving, fixed = d / "mr_images" / f"{VAL}.nii.gz", d / "us_images" / f"{VAL}.nii.gz"
     net, size = RecordingNet(), (24, 24, 16)
     out = tmp_path / "pair"
-    result = register_pair(moving, fixed, out, network=net, spatial_size=size, depth_crop=0, seg_network=segmenter,
-                           roi_mask=True, rigid_args={"iterations": (50, 25)})
+    register_pair(
+        moving,
+        fixed,
+        out,
+        network=net,
+        spatial_size=size,
+        depth_crop=0,
+        seg_network=segmenter,
+        roi_mask=True,
+        rigid_args={"iterations": (50, 25)},
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [v for k, v in OUTPUTS.items() if k != "warped_label"] + list(MASK_OUTPUTS.values()))
+        [v for k, v in OUTPUTS.items() if k != "warped_label"] + list(MASK_OUTPUTS.values())
+    )
     written = json.loads((out / "result.json").read_text())
     assert written["masks"]["source"] == {"moving_mask": "predicted", "fixed_mask": "predicted"}
     assert written["masks"]["roi_mask"]
@@ -166,8 +210,14 @@ def test_pipeline_predicts_masks_for_the_rigid_and_the_roi_images(trained, segme
 def test_roi_mask_without_masks_or_segmenter_is_refused(trained, tmp_path):
     d = trained["data"] / "val"
     with pytest.raises(InputError, match="roi_mask"):
-        register_pair(d / "mr_images" / f"{VAL}.nii.gz", d / "us_images" / f"{VAL}.nii.gz", tmp_path / "x",
-                      network=RecordingNet(), use_rigid=False, roi_mask=True)
+        register_pair(
+            d / "mr_images" / f"{VAL}.nii.gz",
+            d / "us_images" / f"{VAL}.nii.gz",
+            tmp_path / "x",
+            network=RecordingNet(),
+            use_rigid=False,
+            roi_mask=True,
+        )
 
 
 def test_inference_config_builds_the_same_segmenter_when_use_seg_is_on(trained, segmenter):

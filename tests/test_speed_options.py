@@ -109,8 +109,20 @@ def test_benchmark_runs_file_variants_and_onnx_rows(tmp_path):
 
     torch.set_num_threads(1)
     out = tmp_path / "speed.txt"
-    main(grid="32,32,32", variants="configs/cpu_net.json", amp="fp32", train=False, voxelmorph=False, ants=False,
-         onnx=True, net_grid="16,16,16", warmup=0, repeats=1, threads=1, out=str(out))
+    main(
+        grid="32,32,32",
+        variants="configs/cpu_net.json",
+        amp="fp32",
+        train=False,
+        voxelmorph=False,
+        ants=False,
+        onnx=True,
+        net_grid="16,16,16",
+        warmup=0,
+        repeats=1,
+        threads=1,
+        out=str(out),
+    )
     report = out.read_text()
     params = sum(p.numel() for p in RegistrationNet(**variant_kwargs("configs/cpu_net.json")).parameters())
     assert "checkpoint cpu_net: " in report and f"({params:,} parameters" in report

@@ -208,10 +208,14 @@ def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
     moving, moving_img = read_label(tmp_path / "data" / "val" / "mr_labels" / val)
     fixed, fixed_img = read_label(tmp_path / "data" / "val" / "us_labels" / val)
     unregistered = soft_dice(identity_warp(moving[:1], moving_img.affine, fixed_img)[0] > 0.5, fixed[0] > 0.5)
-    registered, rigid_only = scalars(tmp_path / "run", "val_gland_dice"), scalars(tmp_path / "run", "val_gland_dice_rigid_only")
+    registered, rigid_only = scalars(tmp_path / "run", "val_gland_dice"), scalars(
+        tmp_path / "run", "val_gland_dice_rigid_only"
+    )
     assert max(registered.values()) >= unregistered + 0.05
     assert registered[10] > rigid_only[10]  # the network adds to the rigid step
-    tre, tre_rigid = scalars(tmp_path / "run", "val_landmark_tre_mm"), scalars(tmp_path / "run", "val_landmark_tre_mm_rigid_only")
+    tre, tre_rigid = scalars(tmp_path / "run", "val_landmark_tre_mm"), scalars(
+        tmp_path / "run", "val_landmark_tre_mm_rigid_only"
+    )
     assert sorted(tre) == sorted(tre_rigid) == list(range(1, 11)) and all(np.isfinite(list(tre.values())))
     assert len(set(tre_rigid.values())) == 1  # the rigid-only error does not depend on the network
 
@@ -253,8 +257,12 @@ def test_run_dir_fresh_resume_and_refusals(tmp_path, caplog):
     assert prepare_run_dir(str(run), overwrite=True, config=changed) is None
     # only our files moved aside, kept until the new run's first epoch has saved its checkpoints
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "replaced_run", "run_config.json"]
-    assert sorted(p.name for p in (run / "replaced_run").iterdir()) == ["best.pt", "last.pt", "run_config.json",
-                                                                       "tensorboard"]
+    assert sorted(p.name for p in (run / "replaced_run").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "run_config.json",
+        "tensorboard",
+    ]
     assert json.loads((run / "run_config.json").read_text())["config"]["net"] == {"channels": [4, 16]}
     # the new run failed before saving anything; a second --overwrite keeps the first replaced run
     assert prepare_run_dir(str(run), overwrite=True, config=config) is None
@@ -290,7 +298,13 @@ def test_fingerprint_ignores_listed_ids_only():
 
 
 def test_active_config_sees_overrides():
-    parser = ConfigParser({"imports": ["$import scripts", "$import scripts.training"], "a": 1, "seen": "$scripts.training.active_config()"})
+    parser = ConfigParser(
+        {
+            "imports": ["$import scripts", "$import scripts.training"],
+            "a": 1,
+            "seen": "$scripts.training.active_config()",
+        }
+    )
     parser.update({"a": 2})
     parser.parse()
     assert parser.get_parsed_content("seen")["a"] == 2
@@ -302,7 +316,9 @@ def test_active_config_sees_overrides():
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     torch.save(RngState().state_dict(), tmp_path / "rng.pt")
     first = (random.random(), np.random.rand(), torch.rand(2).tolist())
     RngState().load_state_dict(load(tmp_path / "rng.pt"))
@@ -310,7 +326,7 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 
 class _Validator:
-    class state:
+    class state:  # noqa: N801 (ignite's attribute name)
         best_metric_epoch = -1
         best_metric = -1.0
 
@@ -407,7 +423,9 @@ def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cac
     for weight in (0.0, 0.01):
         parser = ConfigParser()
         parser.read_config(str(ROOT / "configs" / "train.json"))
-        parser.update({"dataset_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"), "loss#field_weight": weight})
+        parser.update(
+            {"dataset_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"), "loss#field_weight": weight}
+        )
         datasets[weight] = parser.get_parsed_content("train#dataset")
     names = {w: [type(t).__name__ for t in d.transform.transforms] for w, d in datasets.items()}
     assert names[0.0] == ["PairToBoxd", "EnsureTyped"] and names[0.01] == names[0.0] + ["TrueFieldToBoxd"]
@@ -431,8 +449,13 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     assert settings["spatial_size"] == [24, 24, 24] and settings["network_def"]["spatial_size"] == [24, 24, 24]
     assert settings["roi_mask"] is False and settings["depth_crop"] == 0  # the run's NO_RIGID overrides
     # the config the run was trained with, written as inference overrides: loads, weights equal
-    overrides = {"spatial_size": [24, 24, 24], "depth_crop": 0, "roi_mask": False, "device": "cpu",
-                 "seg_checkpoint": str(tmp_path / "none.pt")}
+    overrides = {
+        "spatial_size": [24, 24, 24],
+        "depth_crop": 0,
+        "roi_mask": False,
+        "device": "cpu",
+        "seg_checkpoint": str(tmp_path / "none.pt"),
+    }
     overrides.update({SMALL_NET[i][2:]: json.loads(SMALL_NET[i + 1]) for i in range(0, len(SMALL_NET), 2)})
     overrides["network_def#msfa_mode"] = "paper"  # train.json's default (inference.json has the shipped model's)
     (tmp_path / "same.json").write_text(json.dumps(overrides))
@@ -445,14 +468,35 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     with pytest.raises(FileExistsError):  # never replaced silently
         make_model(str(run), out=str(out))
     # fine-tuning: a fresh run starts from these weights (learning rate 0: they come out unchanged) ...
-    rc, log = run_bundle("training", data, tmp_path / "finetune", "--max_epochs", "1", "--seed", "0", *NO_RIGID,
-                         "--init_weights", str(out), "--learning_rate", "0.0")
+    rc, log = run_bundle(
+        "training",
+        data,
+        tmp_path / "finetune",
+        "--max_epochs",
+        "1",
+        "--seed",
+        "0",
+        *NO_RIGID,
+        "--init_weights",
+        str(out),
+        "--learning_rate",
+        "0.0",
+    )
     assert rc == 0, log[-3000:]
     tuned = load(tmp_path / "finetune" / "last.pt")["model"]
     assert all(torch.equal(tuned[k], best[k]) for k in best)
     # ... and refuses weights trained on another grid, naming it
-    rc, log = run_bundle("training", data, tmp_path / "other_grid", "--max_epochs", "1", *NO_RIGID,
-                         "--init_weights", str(out), grid="[32,32,32]")
+    rc, log = run_bundle(
+        "training",
+        data,
+        tmp_path / "other_grid",
+        "--max_epochs",
+        "1",
+        *NO_RIGID,
+        "--init_weights",
+        str(out),
+        grid="[32,32,32]",
+    )
     assert rc != 0 and "spatial_size: trained with [24, 24, 24], configured [32, 32, 32]" in log
     # a diverged run (NaN weights) does not become a model
     nan_run = tmp_path / "nan_run"

@@ -46,14 +46,23 @@ def scene(tmp_path_factory):
     write_field_nifti(u_box, box.affine, d / "warp.nii.gz")
     write_ants_rigid(RIGID, d / "rigid.mat")
     warped = warp(np.stack([moving, moving_gland], -1), MOV, composed, FIX)
-    return {"dir": d, "box": box, "u_box": u_box, "moving": moving, "composed": composed,
-            "image": warped[..., 0], "gland": warped[..., 1] > 0.5}
+    return {
+        "dir": d,
+        "box": box,
+        "u_box": u_box,
+        "moving": moving,
+        "composed": composed,
+        "image": warped[..., 0],
+        "gland": warped[..., 1] > 0.5,
+    }
 
 
 def test_composed_field_is_analytic_inside_box_and_rigid_outside(scene):
     box, composed = scene["box"], scene["composed"]
     p = points(FIX, FIX_SHAPE)
-    index = (p - (np.diag([-1, -1, 1]) @ box.affine[:3, 3])) @ np.linalg.inv(np.diag([-1, -1, 1]) @ box.affine[:3, :3]).T
+    index = (p - (np.diag([-1, -1, 1]) @ box.affine[:3, 3])) @ np.linalg.inv(
+        np.diag([-1, -1, 1]) @ box.affine[:3, :3]
+    ).T
     inner = np.all((index >= 0.5) & (index <= np.array(SIZE) - 1.5), -1)
     outside = np.any((index < -0.5) | (index > np.array(SIZE) - 0.5), -1)
     assert inner.sum() > 1000 and outside.sum() > 500  # the depth slabs exist in this scene
@@ -120,7 +129,11 @@ def test_h5_field_holds_what_itks_own_writer_writes(scene, tmp_path):
         for key in ("TransformType", "TransformFixedParameters", "TransformParameters"):
             a, b = ours[f"TransformGroup/0/{key}"][()], theirs[f"TransformGroup/0/{key}"][()]
             assert a.dtype.kind == b.dtype.kind and a.shape == b.shape, key
-            np.testing.assert_array_equal(a, b, err_msg=key) if a.dtype.kind == "O" else np.testing.assert_allclose(a, b, atol=1e-12)
+            (
+                np.testing.assert_array_equal(a, b, err_msg=key)
+                if a.dtype.kind == "O"
+                else np.testing.assert_allclose(a, b, atol=1e-12)
+            )
 
 
 def test_nifti_field_header_and_round_trip(scene):
@@ -156,8 +169,10 @@ def test_inverse_maps_landmarks_back_and_ants_applies_it(scene, tmp_path):
     write_nifti(fixed_data, FIX, tmp_path / "fixed_img.nii.gz")
     ours = warp(fixed_data, FIX, inverse, MOV)
     theirs = ants.apply_transforms(
-        ants.image_read(str(scene["dir"] / "moving.nii.gz")), ants.image_read(str(tmp_path / "fixed_img.nii.gz")),
-        [str(scene["dir"] / "rigid.mat"), str(tmp_path / "inverse_warp.nii.gz")], whichtoinvert=[True, False],
+        ants.image_read(str(scene["dir"] / "moving.nii.gz")),
+        ants.image_read(str(tmp_path / "fixed_img.nii.gz")),
+        [str(scene["dir"] / "rigid.mat"), str(tmp_path / "inverse_warp.nii.gz")],
+        whichtoinvert=[True, False],
     ).numpy()
     assert np.abs(ours - theirs).max() <= 1e-3 * (fixed_data.max() - fixed_data.min())
 

@@ -19,7 +19,6 @@ sys.path.insert(0, str(_HERE))
 
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import Application  # noqa: E402
-
 from registration_operator import RegistrationOperator  # noqa: E402
 
 
@@ -28,11 +27,19 @@ class RegistrationApp(Application):
 
     def compose(self):
         context = Application.init_app_context(self.argv)  # parses -i/-o/-m and the HOLOSCAN_* variables
-        logging.getLogger(__name__).info("input %s, output %s, model %s",
-                                         context.input_path, context.output_path, context.model_path)
-        self.add_operator(RegistrationOperator(self, CountCondition(self, 1), name="registration",
-                                               input_folder=context.input_path, output_folder=context.output_path,
-                                               model_path=context.model_path))
+        logging.getLogger(__name__).info(
+            "input %s, output %s, model %s", context.input_path, context.output_path, context.model_path
+        )
+        self.add_operator(
+            RegistrationOperator(
+                self,
+                CountCondition(self, 1),
+                name="registration",
+                input_folder=context.input_path,
+                output_folder=context.output_path,
+                model_path=context.model_path,
+            )
+        )
 
 
 def main() -> None:

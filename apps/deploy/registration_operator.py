@@ -21,8 +21,13 @@ from scripts.pipeline import register_pair
 __all__ = ["INPUTS", "OVERRIDES", "RegistrationOperator", "find_inputs", "find_model"]
 
 # register_pair argument -> file stem in the input folder (".nii.gz" or ".nii"); the first two are required
-INPUTS = {"moving_image": "moving", "fixed_image": "fixed", "moving_labels": "moving_labels",
-          "moving_mask": "moving_mask", "fixed_mask": "fixed_mask"}
+INPUTS = {
+    "moving_image": "moving",
+    "fixed_image": "fixed",
+    "moving_labels": "moving_labels",
+    "moving_mask": "moving_mask",
+    "fixed_mask": "fixed_mask",
+}
 # config file merged after configs/inference.json when it lies beside the weights (e.g. a smaller network_def)
 OVERRIDES = "inference_overrides.json"
 WEIGHTS = "model.pt"
@@ -34,8 +39,10 @@ def find_inputs(folder) -> dict:
     """``register_pair`` path arguments found in ``folder`` (see :data:`INPUTS`); moving and fixed are required."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: input folder does not exist (expected {INPUTS['moving_image']}.nii.gz and "
-                         f"{INPUTS['fixed_image']}.nii.gz in it)")
+        raise InputError(
+            f"{folder}: input folder does not exist (expected {INPUTS['moving_image']}.nii.gz and "
+            f"{INPUTS['fixed_image']}.nii.gz in it)"
+        )
     found = {}
     for key, stem in INPUTS.items():
         hits = [folder / f"{stem}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{stem}{suffix}").is_file()]
@@ -65,7 +72,8 @@ def find_model(path) -> tuple[str | None, str | None]:
         weights = path
     else:
         hits = next((h for h in ([path / WEIGHTS], [path / "models" / WEIGHTS]) if h[0].is_file()), None) or sorted(
-            [*path.glob(f"*/{WEIGHTS}"), *path.glob(f"*/models/{WEIGHTS}")])
+            [*path.glob(f"*/{WEIGHTS}"), *path.glob(f"*/models/{WEIGHTS}")]
+        )
         if len(hits) > 1:
             raise InputError(f"{path}: several {WEIGHTS} files in sub-folders ({', '.join(map(str, hits))}); keep one")
         if not hits:
@@ -81,8 +89,9 @@ class RegistrationOperator(Operator):
     No ports: it runs once (give it a ``CountCondition(fragment, 1)``) and reads/writes files only.
     """
 
-    def __init__(self, fragment: Fragment, *args, input_folder, output_folder, model_path=None,
-                 config_file=CONFIG, **kwargs) -> None:
+    def __init__(
+        self, fragment: Fragment, *args, input_folder, output_folder, model_path=None, config_file=CONFIG, **kwargs
+    ) -> None:
         self.input_folder, self.output_folder = Path(input_folder), Path(output_folder)
         self.model_path, self.config_file = model_path, config_file
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
@@ -111,11 +120,20 @@ class RegistrationOperator(Operator):
         if "seg_network" not in settings:
             roi = bool(app["roi_mask"]) and have_masks
             if app["roi_mask"] and not have_masks and network is not None:
-                self._logger.warning("roi_mask is set but there are no moving_mask/fixed_mask inputs and no gland "
-                                     "segmenter weights: the network sees the whole images (roi_mask off)")
+                self._logger.warning(
+                    "roi_mask is set but there are no moving_mask/fixed_mask inputs and no gland "
+                    "segmenter weights: the network sees the whole images (roi_mask off)"
+                )
             settings["roi_mask"] = roi
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        result = register_pair(out_dir=self.output_folder, network=network, direction=app["direction"],
-                               use_rigid=app["use_rigid"], overwrite=app["overwrite"], **inputs, **settings)
+        result = register_pair(
+            out_dir=self.output_folder,
+            network=network,
+            direction=app["direction"],
+            use_rigid=app["use_rigid"],
+            overwrite=app["overwrite"],
+            **inputs,
+            **settings,
+        )
         self._logger.info("wrote %d files in %s", len(result["files"]) + 1, self.output_folder)
         return result

@@ -42,8 +42,14 @@ class RegistrationApp(MONAILabelApp):
         self.config_files = [_from_root(p) for p in configs]
         self.checkpoint = _from_root(conf["checkpoint"]) if conf.get("checkpoint") else None
         self.label_names = _list(conf.get("label_names")) or list(DEFAULT_LABEL_NAMES)
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MRI-TRUS registration",
-                         description="MR gland and landmark labels registered onto TRUS images", version="1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MRI-TRUS registration",
+            description="MR gland and landmark labels registered onto TRUS images",
+            version="1.0",
+        )
 
     def init_infers(self):
         return {TASK: MRLabelsOnTRUS(self.studies, self.config_files, self.checkpoint, self.label_names)}

@@ -30,8 +30,16 @@ from scripts.cli import load_registration
 from scripts.io import InputError, write_nifti
 from scripts.pipeline import OUTPUTS, register_pair
 
-__all__ = ["MR_IMAGES", "MR_LABELS", "DEFAULT_LABEL_NAMES", "RESULT_EXTENSIONS", "case_id", "paired_files",
-           "label_map", "MRLabelsOnTRUS"]
+__all__ = [
+    "MR_IMAGES",
+    "MR_LABELS",
+    "DEFAULT_LABEL_NAMES",
+    "RESULT_EXTENSIONS",
+    "case_id",
+    "paired_files",
+    "label_map",
+    "MRLabelsOnTRUS",
+]
 
 MR_IMAGES, MR_LABELS = "mr_images", "mr_labels"  # datastore sub-folders of the naming rule
 # names of the label channels 0..5 of μ-RegPro-layout labels (channel 0 = gland; the others are landmarks)
@@ -56,8 +64,10 @@ def paired_files(datastore, case: str) -> tuple[Path, Path]:
         candidates = [Path(datastore) / folder / f"{case}{suffix}" for suffix in NIFTI_SUFFIXES]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise InputError(f"{candidates[0]}: missing; the TRUS image {case} needs its MR image in "
-                             f"<datastore>/{MR_IMAGES}/ and its MR labels in <datastore>/{MR_LABELS}/ (same file name)")
+            raise InputError(
+                f"{candidates[0]}: missing; the TRUS image {case} needs its MR image in "
+                f"<datastore>/{MR_IMAGES}/ and its MR labels in <datastore>/{MR_LABELS}/ (same file name)"
+            )
         found.append(path)
     return found[0], found[1]
 
@@ -111,8 +121,11 @@ class MRLabelsOnTRUS(InferTask):
         request or case (missing MR partner and where it must be, unreadable image, too many label channels).
         """
         if not request.get("image"):
-            raise HTTPException(status_code=404, detail=f"unknown image id: the datastore {self.datastore} lists only "
-                                                        "the TRUS NIfTI files at its top level (see docs/monailabel.md)")
+            raise HTTPException(
+                status_code=404,
+                detail=f"unknown image id: the datastore {self.datastore} lists only "
+                "the TRUS NIfTI files at its top level (see docs/monailabel.md)",
+            )
         try:
             return self._register(request)
         except InputError as err:
@@ -127,14 +140,17 @@ class MRLabelsOnTRUS(InferTask):
         moving, moving_labels = paired_files(self.datastore, case)
         work = Path(tempfile.mkdtemp(prefix=f"mrtrus_{case}_"))
         try:
-            result = register_pair(moving, fixed, work, moving_labels, network=self.network, direction="mr2us",
-                                   **self.settings)
+            result = register_pair(
+                moving, fixed, work, moving_labels, network=self.network, direction="mr2us", **self.settings
+            )
             warped = nib.load(work / OUTPUTS["warped_label"])
             labels = np.asarray(warped.dataobj)
             channels = 1 if labels.ndim == 3 else labels.shape[-1]
             if channels > len(self.labels):
-                raise InputError(f"{moving_labels}: has {channels} label channels but the app names only "
-                                 f"{len(self.labels)} (set --conf label_names)")
+                raise InputError(
+                    f"{moving_labels}: has {channels} label channels but the app names only "
+                    f"{len(self.labels)} (set --conf label_names)"
+                )
             nifti = write_nifti(label_map(labels), warped.affine, work / f"{case}_labels.nii.gz")
             fd, out = tempfile.mkstemp(prefix=f"{case}_mr_labels_", suffix=extension)
             os.close(fd)
@@ -145,6 +161,11 @@ class MRLabelsOnTRUS(InferTask):
         finally:
             shutil.rmtree(work, ignore_errors=True)
         names = dict(list(self.labels.items())[:channels])
-        return out, {"label_names": names, "case": case, "moving_image": str(moving),
-                     "moving_labels": str(moving_labels), "rigid": result["rigid"]["method"],
-                     "deformable": result["deformable"]}
+        return out, {
+            "label_names": names,
+            "case": case,
+            "moving_image": str(moving),
+            "moving_labels": str(moving_labels),
+            "rigid": result["rigid"]["method"],
+            "deformable": result["deformable"],
+        }
