@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.case_folder import case_transaction
-from scripts.data import DIRECTIONS, load_split
+from scripts.data import check_direction, load_split
 from scripts.io import InputError, flag, read_nifti, same_grid, write_json
 from scripts.pictures import case_pictures, write_index
 from scripts.pipeline import load_weights, refuse_taken_case_folders, register_pair
@@ -101,7 +101,10 @@ def load_registration(config_file=None, checkpoint=None, use_network: bool = Tru
             )
         return parser.get_parsed_content("network"), settings
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise InputError(f"{checkpoint}: checkpoint file does not exist")
+        problem = (
+            "is a folder, not a checkpoint file" if Path(checkpoint).is_dir() else "checkpoint file does not exist"
+        )
+        raise InputError(f"{checkpoint}: {problem}")
     weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
     if not weights.is_file():
         print(
@@ -286,8 +289,7 @@ def register(
     moving, fixed, out, moving_labels, fixed_gland, checkpoint, points = _paths(
         moving, fixed, out, moving_labels, fixed_gland, checkpoint, points
     )
-    if direction not in DIRECTIONS:
-        raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
+    check_direction(direction)
     qc = check_qc_settings(qc)
     with timer("load"):
         network, settings = load_registration(config_file, checkpoint, use_network)

@@ -36,6 +36,7 @@ __all__ = [
     "with_direction",
     "write_datalist",
     "DIRECTIONS",
+    "check_direction",
     "case_cache_key",
     "settings_cache_key",
     "prime_cache",
@@ -146,10 +147,16 @@ def check_case(case: dict) -> dict:
     return {"channels": channels["mr"]}
 
 
-def with_direction(case: dict, direction: str) -> dict:
-    """Add ``moving_*``/``fixed_*`` keys (and ``direction``) to a case dict of MR/TRUS paths."""
+def check_direction(direction) -> str:
+    """``direction`` if it is "mr2us" or "us2mr", else an :class:`InputError`."""
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
+    return direction
+
+
+def with_direction(case: dict, direction: str) -> dict:
+    """Add ``moving_*``/``fixed_*`` keys (and ``direction``) to a case dict of MR/TRUS paths."""
+    check_direction(direction)
     moving, fixed = DIRECTIONS[direction]
     return {
         **case,

@@ -30,7 +30,7 @@ from monai.networks.blocks import DVF2DDF
 from monai.transforms import ScaleIntensityRangePercentiles
 
 from scripts.case_folder import case_transaction, check_replaceable, is_taken
-from scripts.data import DIRECTIONS, load_split
+from scripts.data import check_direction, load_split
 from scripts.geometry import (
     apply_affine,
     box_ddf_to_mm,
@@ -109,7 +109,7 @@ def load_weights(
     Loads with ``weights_only=True``. A missing file is an :class:`InputError` when ``required``, else a warning
     (the network keeps its initial weights: for the registration network, a near-identity field).
     """
-    if path and os.path.isfile(path):
+    if path and (required or os.path.exists(path)):  # read_checkpoint names a missing file or a folder
         state = read_checkpoint(path, bundle_root, device)
         weights = state.get("model", state) if isinstance(state, dict) else state
         _check_fits(network, weights, path)
@@ -117,7 +117,7 @@ def load_weights(
         check_finite_weights(path, weights)
         network.load_state_dict(weights)
     elif required:
-        raise InputError(f"{path}: checkpoint does not exist (train the network first, or pass another checkpoint)")
+        raise InputError("no checkpoint given (train the network first, or pass one)")
     else:
         logging.getLogger(__name__).warning("%s: no checkpoint, the network keeps its initial weights", path)
     return network.to(device).eval()
@@ -292,8 +292,7 @@ def register_pair(
     keep_freed_memory()  # large arrays keep their pages between stages and registrations (scripts/memory.py)
     if roi_mask and None in (moving_mask, fixed_mask) and seg_network is None:
         raise InputError("roi_mask needs both gland masks (moving_mask and fixed_mask) or a seg_network")
-    if direction not in DIRECTIONS:
-        raise InputError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
+    check_direction(direction)
     if not flag(publish, "publish"):
         return _register_into(Path(out_dir), **arguments)
     inputs = (moving_image, fixed_image, moving_labels, moving_mask, fixed_mask)

@@ -154,6 +154,8 @@ def read_checkpoint(path, bundle_root: str | os.PathLike | None = None, device="
     """Verify (:func:`verify_checkpoint`), then ``torch.load(weights_only=True)`` a checkpoint; :class:`InputError`
     in one line when it does not exist or cannot be read (torch's own message is pages long and advises turning
     the safe loading off)."""
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, not a checkpoint file")
     if not Path(path).is_file():
         raise InputError(f"{path}: checkpoint does not exist (train the network first, or pass another checkpoint)")
     verify_checkpoint(path, bundle_root)
