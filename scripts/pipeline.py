@@ -405,6 +405,7 @@ def _register_into(
                 hard = soft >= label_threshold
             else:
                 hard = np.moveaxis(np.asarray(postprocessing(torch.as_tensor(np.moveaxis(soft, -1, 0)))), 0, -1)
+        lost = [] if hard is None else lost_channels(labels, hard, label_threshold)
         zero = np.zeros(tuple(box.shape) + (3,))
         jobs = [
             (write_field_h5, inverse, moving_affine, paths["inverse_h5"]),  # the largest files first
@@ -445,10 +446,22 @@ def _register_into(
         # apply_transforms inverts a leading .mat by default, antsApplyTransforms needs -t [ants_rigid.mat,1]
         "ants_inverse": [OUTPUTS["ants_rigid"], OUTPUTS["ants_inverse_warp"]],
         "ants_inverse_whichtoinvert": [True, False],
+        # moving label channels with voxels that have none after warping (QC warns; scripts.qc)
+        "label_channels_lost": lost,
         "seconds": timer.seconds,
     }
     write_json(result, paths["result"])
     return result
+
+
+def lost_channels(labels: np.ndarray, warped: np.ndarray, threshold: float = 0.5) -> list[int]:
+    """Channels that hold a structure in the moving ``labels`` (X, Y, Z, C; a voxel >= ``threshold``) but none in
+    the binarised ``warped`` labels (X', Y', Z', C): outside the fixed field of view after the transform, or
+    smaller than what linear resampling onto the fixed grid keeps above the threshold (a small landmark on a
+    coarse grid). Map such a structure's centre as a point instead (``--points``)."""
+    present = (labels >= threshold).reshape(-1, labels.shape[-1]).any(0)
+    kept = np.asarray(warped, bool).reshape(-1, warped.shape[-1]).any(0)
+    return [int(c) for c in np.flatnonzero(present & ~kept)]
 
 
 def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=(), inputs=()) -> None:

@@ -243,6 +243,11 @@ def quality_check(
         checks["rigid_mi_increase"] = _check(increase, "<=", max_rigid_mi_increase)
     metrics["rigid"] = rigid_out
 
+    # labelled structures that vanished in the warped labels (outside the fixed field of view, or too small)
+    if "label_channels_lost" in result:
+        lost = result["label_channels_lost"]
+        checks["label_channels_lost"] = {**_check(len(lost), "<=", 0), "channels": lost}
+
     details = {
         "gland_dice_drop": (
             f" (gland Dice {unregistered:.3g} unregistered -> {registered:.3g} registered)"
@@ -250,6 +255,8 @@ def quality_check(
             else ""
         ),
         "gland_shift_mm": f" ({shift_from})",
+        "label_channels_lost": f" (label channels {result.get('label_channels_lost')} hold a structure in the moving "
+        "labels but none after warping: outside the fixed field of view, or too small for the grid; map it as a point)",
     }
     failed = sorted((name for name, c in checks.items() if not c["ok"]), key=lambda n: checks[n]["severity"] != "fail")
     reasons = [

@@ -8,11 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_case as write_small_case
 
 from scripts.geometry import network_box
 from scripts.phantom import generate_case, write_case
 from scripts.pictures import write_index
-from scripts.pipeline import field_as_network, register_pair
+from scripts.pipeline import field_as_network, lost_channels, register_pair
 from scripts.qc import QC_FILE, deformable_part, gland_shift, quality_check
 from scripts.transform_io import write_field_nifti
 
@@ -247,3 +248,26 @@ def test_gland_shift_is_the_mean_displacement_with_the_rigid_beyond_the_grid():
     assert gland_shift(field, np.eye(4), rigid, [[-1.0, -1.0, 1.0]]) == pytest.approx(3.0)
     assert gland_shift(field, np.eye(4), rigid, [[50.0, 0.0, 0.0]]) == pytest.approx(5.0)
     assert gland_shift(field, np.eye(4), rigid, [[-1.0, -1.0, 1.0], [50.0, 0.0, 0.0]]) == pytest.approx(np.sqrt(14))
+
+
+def test_a_labelled_structure_that_vanishes_in_the_warped_labels_is_reported(tmp_path):
+    """A landmark outside the fixed field of view has no voxel in the warped labels: result.json lists its
+    channel and the QC warns, naming it (before, it was dropped silently)."""
+    paths = write_small_case(tmp_path / "data", "holdout", "case000000", channels=3)
+    labels = nib.load(paths["mr_label"])
+    data = np.asarray(labels.dataobj).copy()
+    data[..., 1] = 0
+    data[0, 0, 0, 1] = 1  # MR voxel at x = 0 mm; the TRUS grid starts at x = 12.5 mm
+    data[4:8, 4:8, 3:7, 2] = 1  # a landmark inside both fields of view
+    nib.save(nib.Nifti1Image(data, labels.affine), str(paths["mr_label"]))
+    result = register_pair(paths["mr_image"], paths["us_image"], tmp_path / "out", paths["mr_label"], use_rigid=False)
+    assert result["label_channels_lost"] == [1]
+    qc = quality_check(tmp_path / "out")
+    assert qc["verdict"] == "warn" and not qc["checks"]["label_channels_lost"]["ok"]
+    assert any(r.startswith("label_channels_lost = 1 (label channels [1] hold a structure") for r in qc["reasons"])
+    # the rule itself: present before (>= threshold somewhere), absent after
+    before = np.zeros((4, 4, 4, 3))
+    before[..., 0], before[0, 0, 0, 1], before[1, 1, 1, 2] = 1, 0.7, 0.2
+    after = np.zeros((5, 5, 5, 3), bool)
+    after[..., 0] = True
+    assert lost_channels(before, after) == [1]  # channel 2 never reached the threshold: nothing lost
