@@ -14,6 +14,7 @@ from monai.networks.blocks import Convolution, Warp
 from torch import nn
 
 __all__ = [
+    "adaptive_avg_pool3d_as_matmul",
     "conv_block",
     "chunk_bounds",
     "chunk_matrix",
@@ -62,6 +63,29 @@ def chunk_matrix(depth: int, chunks: int, device=None, dtype=torch.float32) -> t
     for t, (start, stop) in enumerate(chunk_bounds(depth, chunks)):
         mat[start:stop, t] = 1.0 / (stop - start)
     return mat
+
+
+def _averaging_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_in, n_out) matrix whose column j averages the bins of adaptive average pooling:
+    indices floor(j*n_in/n_out) .. ceil((j+1)*n_in/n_out) - 1 (PyTorch's definition).
+    Built from ``arange`` so that ``torch.export`` records it as operations, not as a lifted constant."""
+    j = torch.arange(n_out, device=like.device)
+    start, stop = (j * n_in) // n_out, ((j + 1) * n_in + n_out - 1) // n_out
+    i = torch.arange(n_in, device=like.device)[:, None]
+    return ((i >= start) & (i < stop)).to(like.dtype) / (stop - start).to(like.dtype)
+
+
+def adaptive_avg_pool3d_as_matmul(x: torch.Tensor, output_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool3d`` (N, C, H, W, D) -> (N, C, *output_size) as three matrix products.
+
+    Hand-written: the ONNX exporter has no translation for adaptive 3-D pooling with non-integer
+    ratios (used by the compact LSTM refiner); at a fixed grid the pooling is separable and linear. The refiner
+    uses it while an ONNX export runs (MONAI's ``onnx_export`` included), the library op otherwise.
+    """
+    for axis, n_out in enumerate(output_size):
+        dim = x.ndim - 3 + axis
+        x = torch.movedim(torch.movedim(x, dim, -1) @ _averaging_matrix(x.shape[dim], int(n_out), x), -1, dim)
+    return x
 
 
 class MSFA(nn.Module):
@@ -252,7 +276,8 @@ class CompactLSTMRefiner(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         n = v.shape[0]
         gx, gy, gz = self.code
-        pooled = F.adaptive_avg_pool3d(v, (gx, gy, self.chunks * gz))  # (N, 3, gx, gy, T*gz)
+        pool = adaptive_avg_pool3d_as_matmul if torch.onnx.is_in_onnx_export() else F.adaptive_avg_pool3d
+        pooled = pool(v, (gx, gy, self.chunks * gz))  # (N, 3, gx, gy, T*gz)
         seq = pooled.reshape(n, 3, gx, gy, self.chunks, gz).permute(0, 4, 1, 2, 3, 5).reshape(n, self.chunks, -1)
         out, _ = self.lstm(seq)
         code = self.fc(out).reshape(n, self.chunks, 3, gx, gy, gz).permute(0, 2, 3, 4, 1, 5)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser, ckpt_export
 
+from scripts.blocks import adaptive_avg_pool3d_as_matmul
 from scripts.io import InputError, atomic_write
 from scripts.pipeline import load_weights
 from scripts.trained_model import settings_of
@@ -69,28 +70,6 @@ NETWORKS = {
         "seg_network_def#in_channels",
     ),
 }
-
-
-def _averaging_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_in, n_out) matrix whose column j averages the bins of adaptive average pooling:
-    indices floor(j*n_in/n_out) .. ceil((j+1)*n_in/n_out) - 1 (PyTorch's definition).
-    Built from ``arange`` so that ``torch.export`` records it as operations, not as a lifted constant."""
-    j = torch.arange(n_out, device=like.device)
-    start, stop = (j * n_in) // n_out, ((j + 1) * n_in + n_out - 1) // n_out
-    i = torch.arange(n_in, device=like.device)[:, None]
-    return ((i >= start) & (i < stop)).to(like.dtype) / (stop - start).to(like.dtype)
-
-
-def adaptive_avg_pool3d_as_matmul(x: torch.Tensor, output_size) -> torch.Tensor:
-    """``F.adaptive_avg_pool3d`` (N, C, H, W, D) -> (N, C, *output_size) as three matrix products.
-
-    Hand-written: the ONNX exporter has no translation for adaptive 3-D pooling with non-integer
-    ratios (used by the compact LSTM refiner); at a fixed grid the pooling is separable and linear.
-    """
-    for axis, n_out in enumerate(output_size):
-        dim = x.ndim - 3 + axis
-        x = torch.movedim(torch.movedim(x, dim, -1) @ _averaging_matrix(x.shape[dim], int(n_out), x), -1, dim)
-    return x
 
 
 class _FieldAndVelocity(torch.nn.Module):

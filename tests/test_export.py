@@ -290,3 +290,28 @@ def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_
         assert (network(x) - reg(x)).abs().max() <= TOL
     with pytest.raises(InputError, match="does not load PyTorch checkpoints"):
         load_registration(files, checkpoint=str(tmp_path / "model.pt"))
+
+
+def test_monais_own_onnx_export_gives_the_eager_field(exported, tmp_path):
+    """``monai.bundle.onnx_export`` on configs/inference.json (the refiner's adaptive pooling is written as matrix
+    products while an ONNX export runs): ONNX Runtime gives the eager network's DDF."""
+    import onnxruntime as ort
+    from monai.bundle import onnx_export
+
+    _, reg, _, override, tmp = exported
+    onnx_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "monai.onnx"),
+        config_file="configs/inference.json",
+        ckpt_file=str(tmp / "model.pt"),
+        key_in_ckpt="",
+        input_shape=[1, 2, *GRID],
+        **override["registration"],
+    )
+    x = synthetic_pair(3)
+    session = ort.InferenceSession(str(tmp_path / "monai.onnx"), providers=["CPUExecutionProvider"])
+    (ddf,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:1]
+    with torch.no_grad():
+        eager = reg(x).numpy()
+    assert np.abs(eager).max() > 0.1  # a field worth comparing
+    assert np.abs(ddf - eager).max() <= TOL
