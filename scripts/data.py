@@ -228,15 +228,19 @@ def case_cache_key(item: dict) -> bytes:
     return hashlib.sha256(dump.encode()).hexdigest().encode()
 
 
+# the pre-stage code's own version, part of the cache key: 2 = the rigid step in closest-RAS storage order
+PRESTAGE_VERSION = 2
+
+
 def settings_cache_key(transforms) -> bytes:
     """``PersistentDataset(hash_transform=...)`` key of the cached transforms: each one's class and settings.
 
     MONAI's own ``json_hashing`` cannot serialise transform objects and falls back to their class names,
     so a change of grid, depth crop or rigid settings would reuse a cache computed with the old ones.
     Here every transform's class and attributes enter the key, nested objects alike (other values, e.g. dtypes,
-    by repr).
+    by repr), and :data:`PRESTAGE_VERSION`, bumped when the pre-stage's code changes what it computes.
     """
-    dump = json.dumps(list(transforms), sort_keys=True, default=_settings)
+    dump = json.dumps({"version": PRESTAGE_VERSION, "transforms": list(transforms)}, sort_keys=True, default=_settings)
     return hashlib.sha256(dump.encode()).hexdigest().encode()
 
 

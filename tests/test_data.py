@@ -193,6 +193,15 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     finally:
         scripts.rigid.rigid_prealign.__defaults__ = defaults
     assert settings_cache_key(chain([48, 48, 40])) == key
+    # a new version of the pre-stage code (e.g. the rigid step's storage order) is a new key
+    import scripts.data
+
+    version = scripts.data.PRESTAGE_VERSION
+    try:
+        scripts.data.PRESTAGE_VERSION = version + 1
+        assert settings_cache_key(chain([48, 48, 40])) != key
+    finally:
+        scripts.data.PRESTAGE_VERSION = version
     with pytest.raises(InputError, match=r"rigid_args: unknown setting\(s\) \['iteration'\]"):
         PairToBoxd([48, 48, 40], rigid_args={"iteration": [10]})
 
