@@ -27,7 +27,29 @@ from scripts.io import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
 from scripts.metrics import centroid
 from scripts.transform_io import ants_image
 
-__all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd"]
+__all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd", "ThresholdKeepingStructures"]
+
+
+class ThresholdKeepingStructures(Transform):
+    """Binarise warped soft labels (C, X, Y, Z) channel by channel so that no structure vanishes.
+
+    A channel is cut at ``threshold``, or at ``fraction`` of its own peak where that is lower: a structure
+    larger than the grid comes out as with a plain threshold (``AsDiscrete(threshold=...)``), one that linear
+    resampling onto a coarser fixed grid spread below the threshold keeps its most likely voxels (those near its
+    peak) instead of disappearing. A channel with no value above zero stays empty (the structure left the fixed
+    field of view; ``result.json``'s ``label_channels_lost`` lists it). Hand-written: MONAI's ``AsDiscrete``
+    thresholds every channel at one value. Use it as the inference config's ``postprocessing``
+    (``configs/keep_structures.json``).
+    """
+
+    def __init__(self, threshold: float = 0.5, fraction: float = 0.5):
+        self.threshold, self.fraction = float(threshold), float(fraction)
+
+    def __call__(self, labels) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.float32)
+        peak = labels.flatten(1).amax(1).view(-1, *([1] * (labels.ndim - 1)))
+        level = torch.clamp(self.fraction * peak, max=self.threshold)
+        return ((labels >= level) & (peak > 0)).to(torch.float32)
 
 
 class Warpd(MapTransform):

@@ -271,3 +271,33 @@ def test_a_labelled_structure_that_vanishes_in_the_warped_labels_is_reported(tmp
     after = np.zeros((5, 5, 5, 3), bool)
     after[..., 0] = True
     assert lost_channels(before, after) == [1]  # channel 2 never reached the threshold: nothing lost
+
+
+def test_the_keep_structures_postprocessing_keeps_a_landmark_that_the_plain_threshold_loses(tmp_path):
+    """A one-voxel MR landmark inside both fields of view: linear resampling onto the coarser, rotated TRUS
+    grid spreads it below 0.5, so the plain threshold loses it (reported); configs/keep_structures.json's
+    postprocessing keeps its peak voxels, and leaves the large gland exactly as the plain threshold does."""
+    from monai.bundle import ConfigParser
+
+    from scripts.transforms import ThresholdKeepingStructures
+
+    paths = write_small_case(tmp_path / "data", "holdout", "case000000", channels=2)
+    labels = nib.load(paths["mr_label"])
+    data = np.asarray(labels.dataobj).copy()
+    data[..., 1] = 0
+    data[7, 3, 6, 1] = 1  # world (14, 6, 12) mm: inside the TRUS grid (x 12.5-40, y -10-12.5, z 5-25 mm)
+    nib.save(nib.Nifti1Image(data, labels.affine), str(paths["mr_label"]))
+    plain = register_pair(paths["mr_image"], paths["us_image"], tmp_path / "plain", paths["mr_label"], use_rigid=False)
+    assert plain["label_channels_lost"] == [1]
+    parser = ConfigParser()
+    parser.read_config(["configs/inference.json", "configs/keep_structures.json"])
+    keep = parser.get_parsed_content("postprocessing")
+    assert isinstance(keep, ThresholdKeepingStructures)
+    kept = register_pair(
+        paths["mr_image"], paths["us_image"], tmp_path / "keep", paths["mr_label"], use_rigid=False, postprocessing=keep
+    )
+    assert kept["label_channels_lost"] == []
+    a = np.asarray(nib.load(tmp_path / "plain" / "warped_label.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "keep" / "warped_label.nii.gz").dataobj)
+    np.testing.assert_array_equal(a[..., 0], b[..., 0])  # the gland: the same as with the plain threshold
+    assert 1 <= b[..., 1].sum() <= 8  # the landmark: its peak voxels only
