@@ -321,21 +321,7 @@ def _out_is_a_symlink(t, b):
 
 def _broken_config(t, b):
     (t / "broken.json").write_text(Path(b["config"]).read_text()[:-20])
-    argv = [
-        "register",
-        "--moving",
-        b["mr_image"],
-        "--fixed",
-        b["us_image"],
-        "--out",
-        str(t / "out"),
-        "--config-file",
-        str(t / "broken.json"),
-        "--use-rigid",
-        "False",
-        "--pictures",
-        "False",
-    ]
+    argv = register({**b, "config": str(t / "broken.json")}, t / "out")
     return argv, r"broken\.json: cannot read the config \(JSONDecodeError"
 
 

@@ -175,8 +175,7 @@ def test_overwrite_keeps_a_checkpoint_or_config_stored_in_the_case_folder(base, 
     main(register(base, out))
     (out / "my_config.json").write_text(Path(base["config"]).read_text())
     before = snapshot(out)
-    argv = register(base, out, None, None, None, "--overwrite")
-    argv[argv.index("--config-file") + 1] = str(out / "my_config.json")
+    argv = register({**base, "config": str(out / "my_config.json")}, out, None, None, None, "--overwrite")
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
