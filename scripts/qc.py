@@ -164,8 +164,8 @@ def quality_check(
             than this (0.02: resampling noise of a correct, near-identity registration; ``None``: no check).
         max_gland_shift_mm: fail when the registration moves the gland centroid further than this (mm).
             15 mm: MR and TRUS of μ-RegPro-like data share a world frame up to a few mm; the true maps of
-            the phantom move the gland centroid 1.5–10 mm (40 small ``basic``, 65 full ``realistic`` cases;
-            <= 11.5 mm at the fixed field-of-view centre), failed rigid alignments ~20 mm. Images in unrelated
+            the phantom move the gland centroid 1.8–7.8 mm (65 ``realistic`` cases,
+            ``benchmarks/qc_gland_shift.py``), failed rigid alignments ~20 mm. Images in unrelated
             world frames need a larger value (``None``: no check).
         moving_gland: gland mask or label (channel 0) of the moving image, on its own grid; ``None``: the
             moving mask recorded in ``result.json`` (given to, or predicted by, the pipeline), if any.
