@@ -113,7 +113,7 @@ def check_header(img, path: str | os.PathLike, what: str = "image") -> None:
     - an sform whose voxel sizes differ from pixdim by more than ``HEADER_TOLERANCE_MM`` at a corner voxel;
     - an sform and a qform (both codes > 0) more than ``HEADER_TOLERANCE_MM`` apart at a corner voxel, unless
       the qform stores the sform's own rotation and origin (its float32 quaternion, rebuilt as a matrix, can miss
-      a rotation near 180 degrees by 0.2 mm over 150 mm) and sform_code is 1, so that ITK reads the sform too.
+      a rotation near 180 degrees by a fraction of a mm) and sform_code is 1, so that ITK reads the sform too.
 
     Accepted headers (both codes with one affine, as :func:`write_nifti` and ITK write; sform only, as
     ``nib.Nifti1Image(data, affine)`` writes; qform only) read the same in all three to 1e-4 mm
@@ -182,8 +182,8 @@ def check_header(img, path: str | os.PathLike, what: str = "image") -> None:
                 f"sform; {_HEADER_FIX}"
             )
     if scode > 0 and qcode > 0:
-        # the qform is a float32 quaternion: rebuilt as a matrix it can miss the sform it was written from by 0.2 mm
-        # over 150 mm (rotations near 180 degrees, e.g. ITK-written oblique LPS volumes); a qform that stores the
+        # the qform is a float32 quaternion: rebuilt as a matrix it can miss the sform it was written from by a
+        # fraction of a mm (rotations near 180 degrees, e.g. ITK-written oblique LPS volumes); a qform that stores the
         # sform's own rotation and origin (to 1e-5 and HEADER_TOLERANCE_MM) agrees with it whatever that gap
         gap = _corner_gap(affine, img.header.get_qform(), shape)
         if gap > HEADER_TOLERANCE_MM and not _stores_same_qform(raw, affine):
