@@ -1,10 +1,11 @@
 """Metric tests on hand-built volumes; every expected value is worked out by hand in the comments."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from scripts.io import InputError
 from scripts.metrics import (
@@ -91,32 +92,64 @@ def test_landmark_vanishing_after_warping():
     assert m_off["n_landmarks_used"] == 0
     assert m_off["n_landmarks_empty_warped"] == 1 and m_off["n_landmarks_empty_fixed"] == 0
     assert math.isnan(m_off["tre_mm"]) and math.isnan(m_off["landmark_mm"][0])
-    # HD95 of the empty channel counts as 0 in the mean over channels; the gland matches exactly -> 0
-    assert m_off["hd95_channels"] == [0.0, 0.0]
+    # official HD95: the gland matches exactly -> 0. The vanished landmark leaves the warped mask empty: the
+    # organisers' distance transform has no voxel to measure to, and scipy then measures from a point one step
+    # before the array's first voxel on the leading length-1 axis: sqrt(1 + 4² + 5² + 7²) for the voxel (4, 5, 7)
+    assert m_off["hd95_channels"] == pytest.approx([0.0, math.sqrt(1 + 16 + 25 + 49)])
+    # float mode (the textbook surface HD95): an empty surface scores 0
+    assert m_flt["hd95_channels"] == [0.0, 0.0]
 
 
 def test_references_compare_raw_indices_of_two_grids_and_resize_arrays():
-    # fixed grid 10³, moving grid 20³. Landmark voxel at index (2, 2, 2) in both: physically different
+    # fixed grid 12³, moving grid 6³. Landmark voxel at index (2, 2, 2) in both: physically different
     # places, but the official references compare raw indices.
-    fixed = labels((10, 10, 10), GLAND, (slice(2, 3),) * 3)
-    moving = labels((20, 20, 20), (slice(4, 16),) * 3, (slice(2, 3),) * 3)
+    fixed = labels((12, 12, 12), (slice(4, 10),) * 3, (slice(2, 3),) * 3)
+    moving = labels((6, 6, 6), (slice(2, 4),) * 3, (slice(2, 3),) * 3)
     m = case_metrics(fixed, fixed, moving, "official")
-    # gland: moving centroid (4+15)/2 = 9.5 -> 9, fixed (2+7)/2 = 4.5 -> 4: (5+5+5)//3 = 5; landmark: 0
-    assert m["errors0"] == [5, 0]
-    # HD95_0 resizes the moving array 20³ -> 10³ (half-pixel linear): output j averages inputs 2j, 2j+1.
-    # Gland 4..15 -> exactly 2..7 = the fixed gland: 0. Landmark at 2 -> 0.5 per axis at j = 1: 0.125 at
-    # (1, 1, 1), kept by the "> 0" threshold; distance to the fixed landmark (2, 2, 2) = sqrt(3).
-    assert m["hd95_0_channels"] == pytest.approx([0.0, math.sqrt(3)])
-    assert m["hd95_0"] == pytest.approx(math.sqrt(3) / 2)
+    # gland: moving centroid 2.5 -> 2, fixed 6.5 -> 6: (4+4+4)//3 = 4; landmark: 0
+    assert m["errors0"] == [4, 0]
+    # HD95_0 resizes the moving array 6³ -> 12³: output j samples input j/2 - 0.25 linearly (mirror padding
+    # at the ends, which touches nothing here), so values at input indices a..b reach outputs with
+    # a - 1 < j/2 - 0.25 < b + 1. Gland 2..3 -> 3..8 per axis, against the fixed 4..9. Distances (whole masks,
+    # see hd95_official), each way: 125 overlap voxels at 0, 75 at 1, 15 at sqrt(2), 1 at sqrt(3). Pooled 432
+    # values sorted: 0..249 = 0, 250..399 = 1, 400..429 = sqrt(2); 0.95 * 431 = 409.45 -> sqrt(2).
+    assert m["hd95_0_channels"][0] == pytest.approx(math.sqrt(2))
+    # landmark 2 -> outputs 3..6 per axis (64 voxels); each lies at offsets (a, b, c), a, b, c in 1..4, from the
+    # fixed voxel (2, 2, 2), which lies sqrt(3) from the nearest of them
+    offsets = np.arange(1, 5)
+    d = np.sqrt(offsets[:, None, None] ** 2 + offsets[None, :, None] ** 2 + offsets[None, None, :] ** 2).ravel()
+    assert m["hd95_0_channels"][1] == pytest.approx(np.percentile(np.r_[d, math.sqrt(3)], 95))
 
 
-def test_resize_is_half_pixel_trilinear():
-    # reference: torch's trilinear interpolation with align_corners=False (TF2 tf.image.resize convention)
-    rng = np.random.default_rng(0)
-    a = rng.random((2, 7, 9, 5))
-    for shape in [(12, 5, 8), (3, 9, 10)]:
-        ref = torch.nn.functional.interpolate(torch.from_numpy(a)[None], size=shape, mode="trilinear")[0].numpy()
-        np.testing.assert_allclose(resize_linear(a, shape), ref, atol=1e-12)
+def test_resize_is_scikit_image_resize():
+    # upsampling [0, 1] -> 4 voxels: outputs sample inputs -0.25, 0.25, 0.75, 1.25; mirror padding reflects
+    # -0.25 to 0.25 and 1.25 to 0.75 (scipy "mirror" = scikit-image "reflect")
+    up = resize_linear(np.array([0.0, 1.0]).reshape(1, 2, 1, 1), (4, 1, 1))
+    np.testing.assert_allclose(up.ravel(), [0.25, 0.25, 0.75, 0.75], atol=1e-12)
+    # downsampling [0, 0, 1, 1] -> 2: first a Gaussian of sigma (4/2 - 1)/2 = 0.5 (weights exp(-2x²) for
+    # |x| <= 2, normalised), mirror padded: filtered = [2 w2, w1 + w2, w0 + w1 + w2, w0 + 2 w1]; then outputs
+    # sample inputs 0.5 and 2.5: the means of filtered[0:2] and filtered[2:4]
+    w0, w1, w2 = (math.exp(-2 * x * x) / (1 + 2 * math.exp(-2) + 2 * math.exp(-8)) for x in (0, 1, 2))
+    down = resize_linear(np.array([0.0, 0.0, 1.0, 1.0]).reshape(1, 4, 1, 1), (2, 1, 1))
+    np.testing.assert_allclose(down.ravel(), [(w1 + 3 * w2) / 2, (2 * w0 + 3 * w1 + w2) / 2], atol=1e-12)
+
+
+@pytest.mark.parametrize("label_set", ["seed0_fixed_larger", "seed0_fixed_smaller"])
+def test_official_mode_equals_the_organisers_code(label_set):
+    # the organisers' own evaluation code (TensorFlow 2.13, Keras 2, scikit-image 0.20) ran on these labels;
+    # benchmarks/muregpro_official.py holds the commands that made both files
+    from benchmarks.muregpro_official import METRICS, ours
+
+    folder = Path(__file__).parent / "data" / "muregpro_official"
+    theirs = json.loads((folder / f"{label_set}.json").read_text())
+    mine = ours(folder / f"{label_set}.npz")
+    for name in METRICS:
+        assert mine["metrics"][name] == pytest.approx(theirs["metrics"][name], abs=1e-6), name
+    for key, table in theirs["per_case"].items():
+        np.testing.assert_allclose(mine["per_case"][key], table, atol=1e-6, err_msg=key)
+    # the sets hold what a re-implementation can get wrong: a vanished landmark (case 1, channel 1) scores
+    # scipy's no-background distances, and the warped channel without a zero voxel (case 5, channel 5)
+    assert theirs["per_case"]["hd95"][1][1] > 5 and theirs["per_case"]["hd95"][5][5] > 0
 
 
 # ---------------------------------------------------------------- per-case and aggregate rules
