@@ -184,12 +184,12 @@ def _trained_network(model: str):
     from monai.bundle import ConfigParser
 
     from scripts.pipeline import load_weights
-    from scripts.trained_model import settings_of
+    from scripts.trained_model import settings_of, stored_settings
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser["device"] = "cpu"
-    trained = torch.load(model, map_location="cpu", weights_only=True)["settings"]
+    trained = stored_settings(torch.load(model, map_location="cpu", weights_only=True))
     parser.update({k: v for k, v in trained.items() if k != "network_def"})
     parser["network_def"] = trained["network_def"]  # the trained variant, whole (another class for a baseline)
     if "int_steps" not in trained["network_def"]:  # a baseline integrates with its own steps (VoxelMorph) or not at all

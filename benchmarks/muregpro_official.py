@@ -198,7 +198,7 @@ def organisers(repo: str, labels: str, out: str) -> dict:
     path = Path(out)
     if path.exists():
         raise SystemExit(f"{path} exists; remove it first")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=4) + "\n")
     return result["metrics"]
 
 

@@ -247,7 +247,7 @@ def settings_cache_key(transforms) -> bytes:
 def prime_cache(dataset, name: str = "cases") -> int:
     """Run a ``PersistentDataset``'s cached transforms for every case now; return the number of cases.
 
-    Called at ``initialize``, before the run folder is touched: each case's pre-stage is computed (or
+    Called first in ``run`` (``configs/train.json``), before the run folder is touched: each case's pre-stage is computed (or
     found in the cache) and so every file is read and checked, and a bad case stops the training with
     its :class:`InputError` before anything is written into the run folder. Cached cases cost a file read.
     """

@@ -7,6 +7,7 @@ Depth is the last spatial axis. Every paper number is a constructor argument wit
 
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 import torch
@@ -24,9 +25,31 @@ from scripts.blocks import (
     conv_block,
 )
 
-__all__ = ["RegistrationNet"]
+__all__ = ["RegistrationNet", "encode_settings", "decode_settings"]
 
 LSTM_MODES = ("compact", "paper", "none")
+NOT_SETTINGS = ("grid_cache",)  # speed switches: same results, free to differ from the training's
+SETTINGS_BYTES = 4096  # room for the stored settings' JSON (about 700 bytes for this network's)
+
+
+def encode_settings(settings: dict) -> torch.Tensor:
+    """Settings as UTF-8 JSON in a zero-padded uint8 tensor of ``SETTINGS_BYTES``.
+
+    A tensor of one fixed shape, because MONAI's ``copy_model_state`` (behind ``monai.bundle.load`` and
+    ``ckpt_export``) reads ``.shape`` of every state-dict entry and copies only entries whose shapes agree.
+    """
+    data = json.dumps(settings, sort_keys=True).encode()
+    if len(data) > SETTINGS_BYTES:
+        raise ValueError(f"settings take {len(data)} bytes, more than the {SETTINGS_BYTES} kept with the weights")
+    out = torch.zeros(SETTINGS_BYTES, dtype=torch.uint8)
+    out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def decode_settings(tensor: torch.Tensor) -> dict:
+    """The settings :func:`encode_settings` stored (``{}`` for none)."""
+    data = bytes(tensor.to(torch.uint8).tolist()).rstrip(b"\0")
+    return json.loads(data) if data else {}
 
 
 class RegistrationNet(nn.Module):
@@ -59,6 +82,12 @@ class RegistrationNet(nn.Module):
         pool_size: max-pooling and upsampling factor between levels.
         grid_cache: speed option, VecInt warps with :class:`GridCachedWarp` (identity grid kept on the
             device) instead of MONAI's ``Warp`` (rebuilt on the host every step); same output.
+
+    The state dict carries, as its ``_extra_state`` entry (:func:`encode_settings`), the settings the weights
+    were trained with (``trained_settings``: ``{}`` while training; ``python -m scripts make-model`` writes the
+    run's settings, :mod:`scripts.trained_model`), so a plain state dict, as MONAI's and the model zoo's tools
+    load it, keeps them. Loading weights whose stored ``network_def`` differs from this network's arguments is
+    an error, in MONAI's loaders too.
     """
 
     def __init__(
@@ -90,7 +119,10 @@ class RegistrationNet(nn.Module):
         pool_size: int = 2,
         grid_cache: bool = False,
     ):
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.arguments = json.loads(json.dumps(arguments))  # lists, as a config and a weights file hold them
+        self.trained_settings: dict = {}
         enc, dec, head = tuple(encoder_channels), tuple(decoder_channels), tuple(head_channels)
         if len(dec) != len(enc):
             raise ValueError(f"decoder_channels needs one entry per encoder level ({len(enc)}), got {dec}")
@@ -179,6 +211,23 @@ class RegistrationNet(nn.Module):
         """VecInt in fp32 (sampling grids are not autocast): velocity -> ddf, both (N, 3, H, W, D) voxels."""
         with torch.autocast(device_type=velocity.device.type, enabled=False):
             return self.integrate(velocity.float())
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The settings these weights were trained with (``{}`` unless loaded from a make-model file), encoded."""
+        return encode_settings(self.trained_settings)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Take stored settings; refuse them when their ``network_def`` arguments differ from this network's."""
+        state = decode_settings(state)
+        stored = state.get("network_def", {})
+        diffs = [
+            f"{k}: trained with {json.dumps(stored[k])}, built with {json.dumps(self.arguments[k])}"
+            for k in sorted(stored.keys() & self.arguments.keys() - set(NOT_SETTINGS))
+            if stored[k] != self.arguments[k]
+        ]
+        if diffs:
+            raise ValueError("these weights were trained with another network_def: " + "; ".join(diffs))
+        self.trained_settings = state
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image (N, 2, H, W, D) = [moving, fixed] -> ddf (N, 3, H, W, D) in voxels of this grid."""

@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from scripts.io import InputError, write_text
-from scripts.weights import MANIFEST, verify_weights, weight_files, write_manifest
+from scripts.weights import MANIFEST, read_checkpoint, verify_weights, weight_files, write_manifest
 
 __all__ = ["BUNDLE_NAME", "CONTENT", "ZOO_MAX_FILE_MB", "package"]
 
@@ -30,6 +32,18 @@ UNTRAINED_NOTE = (
     "Train first (configs/train.json, see docs/README.md) and package again; until then the\n"
     "network runs with its random initial weights and its output is meaningless.\n"
 )
+
+
+def _check_plain_state_dict(path: Path, root: Path) -> None:
+    """Refuse a ``model.pt`` that is not a plain state dict: MONAI's ``load`` and ``ckpt_export`` and the zoo's
+    checks read the file as one, and a wrapped checkpoint (``{"model": ...}``) would load no weight at all."""
+    state = read_checkpoint(path, root)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"{path}: not a plain state dict (keys {sorted(state)[:4] if isinstance(state, dict) else type(state)}); "
+            "MONAI's load and ckpt_export would load no weights from it. Write models/ from a training run with "
+            "`python -m scripts make-model --run_dir RUN`"
+        )
 
 
 def package(
@@ -66,6 +80,8 @@ def package(
             "the code without weights (marked untrained)"
         )
     verify_weights(root)  # a listed file replaced behind the manifest's back is refused, not re-hashed
+    if (root / "models" / "model.pt").is_file():
+        _check_plain_state_dict(root / "models" / "model.pt", root)
     dest = Path(out).resolve() / name
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")

@@ -42,10 +42,11 @@ from scripts.geometry import (
 )
 from scripts.io import MIN_VOXELS_PER_AXIS, InputError, flag, load_array, read_nifti, write_json, write_nifti
 from scripts.memory import keep_freed_memory
+from scripts.network import encode_settings
 from scripts.points import read_label
 from scripts.rigid import rigid_prealign
 from scripts.timing import StageTimer
-from scripts.trained_model import check_finite_weights, check_settings
+from scripts.trained_model import EXTRA_STATE, check_finite_weights, check_settings, stored_settings, tensors_of
 from scripts.transform_io import (
     compose_field,
     inverse_composed_field,
@@ -103,7 +104,8 @@ def load_weights(
     A file listed in ``bundle_root/large_files.yml``, or in the manifest of the bundle holding it, must match its
     SHA-256 before a byte is read (:func:`scripts.weights.read_checkpoint`; unlisted files, e.g. locally trained
     weights, are not checked).
-    A weights file written by ``python -m scripts make-model`` stores the settings it was trained with;
+    A weights file written by ``python -m scripts make-model`` stores the settings it was trained with (in the
+    state dict's ``_extra_state``, or a ``"settings"`` entry);
     ``settings`` (of the running config, :func:`scripts.trained_model.settings_of`) must equal them.
     Weights holding NaN/Inf are refused.
     Loads with ``weights_only=True``. A missing file is an :class:`InputError` when ``required``, else a warning
@@ -111,10 +113,12 @@ def load_weights(
     """
     if path and (required or os.path.exists(path)):  # read_checkpoint names a missing file or a folder
         state = read_checkpoint(path, bundle_root, device)
-        weights = state.get("model", state) if isinstance(state, dict) else state
+        weights, stored = tensors_of(state), stored_settings(state)
         _check_fits(network, weights, path)
-        check_settings(path, state.get("settings") if isinstance(state, dict) else None, settings)
+        check_settings(path, stored, settings)
         check_finite_weights(path, weights)
+        if EXTRA_STATE in network.state_dict():  # a network that keeps its settings (RegistrationNet)
+            weights = {**weights, EXTRA_STATE: encode_settings(stored or {})}
         network.load_state_dict(weights)
     elif required:
         raise InputError("no checkpoint given (train the network first, or pass one)")
@@ -128,7 +132,7 @@ def _check_fits(network: torch.nn.Module, weights, path) -> None:
     name = type(network).__name__
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise InputError(f"{path}: holds no state dict of tensors for {name}")
-    expected = network.state_dict()
+    expected = {k: v for k, v in network.state_dict().items() if k != EXTRA_STATE}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     shapes = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape)
     if missing or unexpected or shapes:

@@ -1,10 +1,14 @@
 """A trained run becomes a shipped model: weights plus the settings they need, checked at every load.
 
 ``python -m scripts make-model --run_dir runs/cpu_recipe --seg_run_dir runs/seg_recipe`` writes
-``models/model.pt`` and ``models/seg_model.pt`` as ``{"model": state_dict, "settings": {...}}``: the
-network definition and the grid the weights were trained on, read from the run folder's
-``run_config.json``. Every loader (``scripts.pipeline.load_weights``: the bundle configs, the CLI,
-MONAI Label, Deploy) compares those settings with the config it runs and stops with the list of
+``models/model.pt`` as a plain state dict of the registration network (the model zoo's format, what
+``monai.bundle.load`` and ``ckpt_export`` read) whose ``_extra_state`` entry holds the settings (JSON in a
+uint8 tensor, :func:`scripts.network.encode_settings`): the network
+definition and the grid the weights were trained on, read from the run folder's ``run_config.json``
+(:class:`scripts.network.RegistrationNet` keeps them, and refuses them when built with another definition).
+``models/seg_model.pt`` (MONAI's U-Net, which has no extra state) is ``{"model": state_dict, "settings": {...}}``;
+training checkpoints ``{"model": state_dict, ...}`` load too. Every loader (``scripts.pipeline.load_weights``:
+the bundle configs, the CLI, MONAI Label, Deploy) compares those settings with the config it runs and stops with the list of
 differences, so that a model is never silently run on a grid or architecture it was not trained for
 (the failure this prevents: a case falling from gland Dice 0.89 to 0.51 with a forgotten grid).
 """
@@ -18,14 +22,25 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
+from scripts.network import NOT_SETTINGS, decode_settings, encode_settings
 from scripts.weights import MANIFEST, read_checkpoint, record_weights
 
-__all__ = ["REGISTRATION", "SEGMENTATION", "settings_of", "check_settings", "check_finite_weights", "make_model"]
+__all__ = [
+    "REGISTRATION",
+    "SEGMENTATION",
+    "EXTRA_STATE",
+    "settings_of",
+    "stored_settings",
+    "tensors_of",
+    "check_settings",
+    "check_finite_weights",
+    "make_model",
+]
 
 # what a weights file depends on: plain config ids, and the network definition whose arguments count
 REGISTRATION = {"keys": ("spatial_size", "depth_crop", "roi_mask"), "network": "network_def"}
 SEGMENTATION = {"keys": ("seg_spatial_size",), "network": "seg_network_def"}
-NOT_SETTINGS = ("grid_cache",)  # speed switches: same results, free to change at inference
+EXTRA_STATE = "_extra_state"  # PyTorch's state-dict entry for a module's get_extra_state()
 
 
 def settings_of(config, kind: dict = REGISTRATION) -> dict:
@@ -46,6 +61,24 @@ def settings_of(config, kind: dict = REGISTRATION) -> dict:
             if k not in NOT_SETTINGS
         }
     return json.loads(json.dumps(out, default=str))  # plain lists/numbers, as stored in a weights file
+
+
+def stored_settings(checkpoint) -> dict | None:
+    """The settings a loaded weights file stores: ``checkpoint["settings"]``, or a state dict's non-empty
+    ``_extra_state``; None when it stores none (a training checkpoint, a foreign state dict)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    if isinstance(checkpoint.get("settings"), dict):
+        return checkpoint["settings"]
+    weights = checkpoint.get("model", checkpoint)
+    extra = weights.get(EXTRA_STATE) if isinstance(weights, dict) else None
+    return (decode_settings(extra) or None) if isinstance(extra, torch.Tensor) else None
+
+
+def tensors_of(checkpoint):
+    """The state dict of a loaded weights file (its ``"model"`` entry if it has one) without ``_extra_state``."""
+    weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    return {k: v for k, v in weights.items() if k != EXTRA_STATE} if isinstance(weights, dict) else weights
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -89,8 +122,7 @@ def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict
     for path in (record, weights):
         if not path.is_file():
             raise InputError(f"{path}: missing; is {run_dir} a finished training run folder of this bundle?")
-    state = read_checkpoint(weights)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = tensors_of(read_checkpoint(weights))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{weights}: holds no state dict of tensors")
     check_finite_weights(weights, state)
@@ -116,7 +148,7 @@ def make_model(
     Args:
         run_dir: a ``configs/train.json`` run folder (``run_config.json`` and ``checkpoint`` inside); None: the
             segmenter only.
-        out: the registration weights file to write (``{"model": state_dict, "settings": {...}}``).
+        out: the registration weights file to write (a state dict; the settings in its ``_extra_state``).
         checkpoint: the run's checkpoint to take (``best.pt``: the best validated epoch).
         seg_run_dir: a ``configs/seg_train.json`` run folder, for its settings.
         seg_checkpoint: the segmenter weights that run wrote (its ``checkpoint`` id; default
@@ -131,7 +163,7 @@ def make_model(
         raise InputError("give --run_dir (registration run) and/or --seg_run_dir (segmenter run)")
     if run_dir is not None:
         state, settings = _run_weights(Path(run_dir), checkpoint, REGISTRATION)
-        written.append(_save({"model": state, "settings": settings}, out, overwrite))
+        written.append(_save({**state, EXTRA_STATE: encode_settings(settings)}, out, overwrite))
     if seg_run_dir is not None:
         if seg_checkpoint is None:
             raise InputError("--seg_checkpoint: give the segmenter weights file the seg_train.json run wrote")

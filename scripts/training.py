@@ -2,7 +2,7 @@
 
 A run folder (``run_dir``) holds ``run_config.json`` (the config fingerprint and content),
 ``last.pt`` (written after every epoch), ``best.pt`` (written when the validation key metric
-improves) and ``tensorboard/``. :func:`prepare_run_dir` decides at ``initialize`` whether a
+improves) and ``tensorboard/``. :func:`prepare_run_dir` decides at the start of ``run`` whether a
 training starts fresh, resumes from ``last.pt``, or stops with an error that asks for an explicit
 overwrite. Checkpoints hold only tensors and plain Python values, so ``torch.load(...,
 weights_only=True)`` reads them.

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.trained_model import REGISTRATION, SEGMENTATION, settings_of
+from scripts.trained_model import REGISTRATION, SEGMENTATION, settings_of, stored_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -34,7 +34,7 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     for key in ("use_rigid", "rigid_args", "direction"):
         assert inference[key] == train[key], key
     for weights, expected in (("models/model.pt", infer), ("models/seg_model.pt", seg)):
-        stored = torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True)["settings"]
+        stored = stored_settings(torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True))
         assert stored == expected, weights
 
 

@@ -339,3 +339,25 @@ def test_iteration_passes_the_true_field_to_the_field_term():
     assert losses[1] - losses[0] == pytest.approx(0.5 * 3 * 2.0**2, rel=0.05)  # squared norm of (2, 2, 2)
     with pytest.raises(ValueError, match="TrueFieldToBoxd"):
         iteration(engine, batch)
+
+
+def test_state_dict_carries_the_trained_settings_and_refuses_another_network_def():
+    from monai.networks.utils import copy_model_state
+
+    from scripts.network import SETTINGS_BYTES, decode_settings, encode_settings
+
+    settings = {"spatial_size": [16, 16, 16], "network_def": {"msfa_mode": "paper", "encoder_channels": [4, 8, 8, 8]}}
+    assert decode_settings(encode_settings(settings)) == settings and decode_settings(encode_settings({})) == {}
+    with pytest.raises(ValueError, match="more than the 4096 kept"):
+        encode_settings({"x": "y" * SETTINGS_BYTES})
+    net = RegistrationNet(**TINY)
+    net.trained_settings = settings
+    state = net.state_dict()  # a plain state dict: every entry a tensor, the settings a fixed-size one
+    assert all(isinstance(v, torch.Tensor) for v in state.values()) and state["_extra_state"].shape == (SETTINGS_BYTES,)
+    # MONAI's loader copies them with the weights (same shape), and the network takes them
+    same = RegistrationNet(**TINY, grid_cache=True)  # a speed switch is not a setting
+    copy_model_state(same, state)
+    assert same.trained_settings == settings and torch.equal(same.flow.weight, net.flow.weight)
+    other = RegistrationNet(**TINY, msfa_mode="dilated")  # same tensor shapes, another network
+    with pytest.raises(ValueError, match='msfa_mode: trained with "paper", built with "dilated"'):
+        copy_model_state(other, state)

@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser
 from scripts.io import InputError
 from scripts.network import RegistrationNet
 from scripts.package import package
+from scripts.trained_model import settings_of
 from scripts.weights import verify_weights, write_manifest
 
 torch.set_num_threads(1)
@@ -70,7 +71,9 @@ def source(tmp_path_factory):
     (src / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     (src / "models").mkdir()
     torch.manual_seed(0)
-    torch.save({"model": RegistrationNet(**TINY).state_dict()}, src / "models" / "model.pt")
+    net = RegistrationNet(**TINY, spatial_size=tuple(GRID))
+    net.trained_settings = settings_of(config)  # as make-model writes it: a plain state dict, settings inside
+    torch.save(net.state_dict(), src / "models" / "model.pt")
     (src / "models" / "model.onnx").write_bytes(np.random.default_rng(0).bytes(3 * 2**20))  # "large" file
     (src / "scripts" / "__pycache__").mkdir()
     (src / "scripts" / "__pycache__" / "junk.pyc").write_bytes(b"0")
@@ -146,7 +149,7 @@ workflow = ConfigWorkflow(config_file="configs/inference.json", meta_file="confi
 workflow.initialize()
 workflow.run()
 loaded = workflow.parser.get_parsed_content("network").state_dict()
-saved = torch.load("models/model.pt", weights_only=True)["model"]
+saved = torch.load("models/model.pt", weights_only=True)
 print(json.dumps({"scripts": scripts.__file__, "weights_loaded": all(torch.equal(loaded[k], saved[k]) for k in saved)}))
 """
 
@@ -186,6 +189,51 @@ def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
     assert json.loads((out_dir / "result.json").read_text())["deformable"] == "network"
 
 
+ZOO_TOOLS = """
+import json, sys, torch
+from monai.bundle import load
+from monai.networks.utils import copy_model_state
+bundle_dir, name = sys.argv[1], sys.argv[2]
+net = load(name, bundle_dir=bundle_dir, workflow_type="inference", device="cpu", source="github")
+saved = torch.load(f"{bundle_dir}/{name}/models/model.pt", weights_only=True)
+out = {"equal": all(torch.equal(net.state_dict()[k], v) for k, v in saved.items()), "settings": net.trained_settings}
+try:
+    load(name, bundle_dir=bundle_dir, workflow_type="train", device="cpu", source="github")
+except ValueError as err:
+    out["train"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_monai_load_returns_the_trained_network_without_key_in_ckpt(packaged, tmp_path):
+    """The zoo's format: ``models/model.pt`` is a plain state dict, so ``monai.bundle.load`` (no ``key_in_ckpt``,
+    run from another folder, no data anywhere) returns the trained network with its stored settings; the train
+    workflow builds ``train.json``'s network, which these weights were not trained with: a clear refusal, not
+    the silently partial copy MONAI's ``copy_model_state`` makes of mismatched shapes."""
+    env = {**os.environ, "PYTHONPATH": str(packaged), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", ZOO_TOOLS, str(packaged.parent), packaged.name],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["equal"] and out["settings"]["spatial_size"] == GRID
+    assert "trained with another network_def" in out["train"] and "encoder_channels" in out["train"]
+
+
+def test_package_refuses_a_wrapped_checkpoint(source, tmp_path):
+    copy = tmp_path / "wrapped"
+    shutil.copytree(source, copy)
+    state = torch.load(copy / "models" / "model.pt", weights_only=True)
+    torch.save({"model": state, "trainer": {"epoch": 3}}, copy / "models" / "model.pt")  # best.pt copied by hand
+    with pytest.raises(InputError, match="not a plain state dict.*make-model"):
+        package(out=str(tmp_path / "out"), bundle_root=str(copy))
+
+
 def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
     """export and package check large_files.yml before reading the weights (package used to hash the replaced
     file into the new manifest), and so does load_weights for a checkpoint inside another bundle."""
@@ -197,8 +245,8 @@ def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
     write_manifest(copy)
     weights = copy / "models" / "model.pt"
     state = torch.load(weights, weights_only=True)
-    first = next(iter(state["model"]))
-    state["model"][first] = state["model"][first] + 1.0  # still a valid checkpoint of the right architecture
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 1.0  # still a valid state dict of the right architecture
     torch.save(state, weights)
     message = f"{weights}: sha256 differs from large_files.yml; the file is corrupt or replaced"
     with pytest.raises(InputError, match=message):
@@ -238,4 +286,4 @@ def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tm
         RegistrationNet(**TINY, spatial_size=tuple(GRID)), copy / "models" / "model.pt", bundle_root=copy
     )
     saved = torch.load(run / "best.pt", weights_only=True)["model"]
-    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved)
+    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved if k != "_extra_state")  # the settings differ

@@ -22,6 +22,8 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from scripts.io import InputError
+from scripts.network import decode_settings
+from scripts.trained_model import EXTRA_STATE
 from scripts.training import (
     AtomicCheckpointSaver,
     RngState,
@@ -441,11 +443,11 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     data, run, _, _ = trained
     out = tmp_path / "model.pt"
     make_model(str(run), out=str(out))
-    stored = load(out)
-    assert set(stored) == {"model", "settings"}
+    stored = load(out)  # a plain state dict (the zoo's format): the best epoch's tensors, the settings beside them
     best = load(run / "best.pt")["model"]
-    assert all(torch.equal(stored["model"][k], best[k]) for k in best)
-    settings = stored["settings"]
+    assert stored.keys() == best.keys() and all(torch.equal(stored[k], best[k]) for k in best if k != EXTRA_STATE)
+    assert decode_settings(best[EXTRA_STATE]) == {}  # training checkpoints carry none
+    settings = decode_settings(stored[EXTRA_STATE])
     assert settings["spatial_size"] == [24, 24, 24] and settings["network_def"]["spatial_size"] == [24, 24, 24]
     assert settings["roi_mask"] is False and settings["depth_crop"] == 0  # the run's NO_RIGID overrides
     # the config the run was trained with, written as inference overrides: loads, weights equal
@@ -461,7 +463,8 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     (tmp_path / "same.json").write_text(json.dumps(overrides))
     config = [str(ROOT / "configs" / "inference.json"), str(tmp_path / "same.json")]
     network, _ = load_registration(config, str(out))
-    assert all(torch.equal(network.state_dict()[k], best[k]) for k in best)
+    assert all(torch.equal(network.state_dict()[k], best[k]) for k in best if k != EXTRA_STATE)
+    assert network.trained_settings == settings
     (tmp_path / "other.json").write_text(json.dumps({**overrides, "spatial_size": [32, 32, 32]}))
     with pytest.raises(InputError, match=r"spatial_size: trained with \[24, 24, 24\], configured \[32, 32, 32\]"):
         load_registration([config[0], str(tmp_path / "other.json")], str(out))
@@ -484,7 +487,8 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     )
     assert rc == 0, log[-3000:]
     tuned = load(tmp_path / "finetune" / "last.pt")["model"]
-    assert all(torch.equal(tuned[k], best[k]) for k in best)
+    assert all(torch.equal(tuned[k], best[k]) for k in best if k != EXTRA_STATE)
+    assert decode_settings(tuned[EXTRA_STATE]) == settings  # the settings it was checked against travel on
     # ... and refuses weights trained on another grid, naming it
     rc, log = run_bundle(
         "training",
