@@ -68,3 +68,10 @@ def _strings(node):
             yield from _strings(value)
     elif isinstance(node, str):
         yield node
+
+
+def test_the_deploy_package_manifest_carries_the_bundle_version():
+    import yaml
+
+    manifest = yaml.safe_load((CONFIGS.parent / "apps" / "deploy" / "app.yaml").read_text())
+    assert str(manifest["application"]["version"]) == json.loads((CONFIGS / "metadata.json").read_text())["version"]
