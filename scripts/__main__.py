@@ -81,6 +81,9 @@ def main(argv=None):
         )
     else:
         component, name = {k: _lazy(v) for k, v in COMMANDS.items()}, "python -m scripts"
+    if name == "python -m scripts run" and {"--help", "-h"} & set(argv):  # fire would call run() without a config
+        print(f"usage: {name} [RUN_ID] --config_file FILE [--id value ...]\n\n{inspect.getdoc(component)}")
+        return
     try:
         if callable(component):
             check_flags(component, argv)

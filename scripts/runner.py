@@ -37,6 +37,11 @@ def run(*args, **kwargs) -> None:
 
     An override of a yes/no config value is read with :func:`scripts.io.flag` (``--use_rigid false`` is False;
     fire would pass the text "false", which Python reads as yes)."""
+    if not kwargs.get("config_file"):
+        raise InputError(
+            "no --config_file: python -m scripts run [RUN_ID] --config_file FILE [--id value ...] takes the arguments "
+            "of python -m monai.bundle run"
+        )
     try:
         if kwargs.get("config_file"):
             bools = bool_ids(config_files(kwargs["config_file"]))

@@ -442,9 +442,21 @@ def test_cli_subprocess_exits_2_without_traceback(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_run_without_a_config_says_how_to_call_it():
+    rc, err = _run(["run"])
+    assert rc == 2 and err.strip() == (
+        "error: no --config_file: python -m scripts run [RUN_ID] --config_file FILE [--id value ...] takes the "
+        "arguments of python -m monai.bundle run"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts", "run", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m scripts run [RUN_ID] --config_file")
+
+
 def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
     """``python -m scripts run training --config_file configs/train.json``: the data are checked before the run
-    folder is created (``initialize``), so a bad case leaves nothing behind."""
+    folder is created (first in ``run``), so a bad case leaves nothing behind."""
     data = folder(tmp_path, lambda p: save(np.zeros((12, 14, 10, 6), np.uint8), MR_AFFINE, p["mr_label"]), "train")
     rc, err = _run(
         [

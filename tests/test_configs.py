@@ -75,3 +75,16 @@ def test_the_deploy_package_manifest_carries_the_bundle_version():
 
     manifest = yaml.safe_load((CONFIGS.parent / "apps" / "deploy" / "app.yaml").read_text())
     assert str(manifest["application"]["version"]) == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+
+
+def test_metadata_pins_are_the_requirements_pins():
+    """The versions the metadata declares (what the model zoo installs) are the ones the tests run with."""
+    pins = {}
+    for line in (CONFIGS.parent / "requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    declared = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
+    declared.update(meta["required_packages_version"])
+    assert {name: pins.get(name) for name in declared} == declared
