@@ -6,7 +6,7 @@ the network grid; fields are in voxels of that grid.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,9 @@ def chunk_bounds(depth: int, chunks: int) -> list[tuple[int, int]]:
     return [(t * depth // chunks, (t + 1) * depth // chunks) for t in range(chunks)]
 
 
-def chunk_matrix(depth: int, chunks: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def chunk_matrix(
+    depth: int, chunks: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(depth, chunks) averaging matrix: column t is 1/size_t on chunk t's slices, 0 elsewhere.
 
     ``x @ chunk_matrix(D, T)`` turns a (..., D) tensor into its per-chunk means (..., T).
@@ -110,12 +112,19 @@ class MSFA(nn.Module):
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.stack([self._branch(branch, x) for branch in self.branches], dim=1)  # (N, K, C, H, W, D)
+        outs: List[torch.Tensor] = []
+        if not torch.jit.is_scripting():  # eager: the bf16 guard of _branch
+            outs = [self._branch(branch, x) for branch in self.branches]
+        else:
+            for branch in self.branches:
+                outs.append(branch(x))
+        feats = torch.stack(outs, dim=1)  # (N, K, C, H, W, D)
         flat = feats.flatten(2)
         weights = torch.softmax(flat.mean(dim=2) + flat.amax(dim=2), dim=1)  # (N, K)
         return (feats * weights[:, :, None, None, None, None]).sum(dim=1)
 
     @staticmethod
+    @torch.jit.ignore
     def _branch(branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One branch; in fp32 where torch's CPU bf16 backward corrupts the heap.
 
@@ -204,8 +213,11 @@ class ECMCA(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moving = self.dca[0](self.msfa[0](moving))
         fixed = self.dca[1](self.msfa[1](fixed))
-        if self.attention:
-            moving, fixed = self.gates[0](moving, fixed), self.gates[1](fixed, moving)
+        if self.attention:  # gate_m(moving, fixed), gate_f(fixed, moving); a loop so that TorchScript compiles
+            streams, gated = [moving, fixed], []  # the variant without gates too
+            for i, gate in enumerate(self.gates):
+                gated.append(gate(streams[i], streams[1 - i]))
+            moving, fixed = gated[0], gated[1]
         return moving, fixed
 
 
@@ -244,8 +256,8 @@ class PaperLSTMRefiner(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if tuple(v.shape[2:]) != self.spatial_size:
-            raise ValueError(f"lstm='paper' is built for grid {self.spatial_size}, got {tuple(v.shape[2:])}")
+        if list(v.shape[2:]) != [self.spatial_size[0], self.spatial_size[1], self.spatial_size[2]]:
+            raise ValueError(f"lstm='paper' is built for grid {self.spatial_size}, got {list(v.shape[2:])}")
         n, h, w = v.shape[0], self.spatial_size[0], self.spatial_size[1]
         # (N, 3, H, W, T, d) -> (N, T, 3, H, W, d) -> (N, T, 3*H*W*d)
         seq = v.reshape(n, 3, h, w, self.chunks, self.chunk_depth).permute(0, 4, 1, 2, 3, 5).reshape(n, self.chunks, -1)
@@ -276,8 +288,12 @@ class CompactLSTMRefiner(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         n = v.shape[0]
         gx, gy, gz = self.code
-        pool = adaptive_avg_pool3d_as_matmul if torch.onnx.is_in_onnx_export() else F.adaptive_avg_pool3d
-        pooled = pool(v, (gx, gy, self.chunks * gz))  # (N, 3, gx, gy, T*gz)
+        size = [gx, gy, self.chunks * gz]
+        if not torch.jit.is_scripting():  # an ONNX export cannot translate adaptive pooling with uneven bins
+            pool = adaptive_avg_pool3d_as_matmul if torch.onnx.is_in_onnx_export() else F.adaptive_avg_pool3d
+            pooled = pool(v, size)  # (N, 3, gx, gy, T*gz)
+        else:
+            pooled = F.adaptive_avg_pool3d(v, size)
         seq = pooled.reshape(n, 3, gx, gy, self.chunks, gz).permute(0, 4, 1, 2, 3, 5).reshape(n, self.chunks, -1)
         out, _ = self.lstm(seq)
         code = self.fc(out).reshape(n, self.chunks, 3, gx, gy, gz).permute(0, 2, 3, 4, 1, 5)
@@ -312,20 +328,55 @@ class TaskMaskNet(nn.Module):
 
 
 class GridCachedWarp(Warp):
-    """MONAI ``Warp`` whose identity grid is built on the field's device and reused while its shape holds.
+    """MONAI ``Warp`` (its native ``grid_sample`` path) that TorchScript can compile, optionally keeping its grid.
 
-    Hand-written because MONAI 1.6.1's ``Warp.get_reference_grid`` compares the cached grid's shape
-    (N, 3, H, W, D)[1:] with the field's (H, W, D), so its cache never hits: every call rebuilds the grid
-    on the host and copies it to the device (on an H100 at 128 x 128 x 120 most of VecInt's time).
-    Same arithmetic, same output; no jitter.
+    Hand-written ``forward``: MONAI 1.6.1's ``Warp.forward`` does not compile with ``torch.jit.script`` (it builds
+    a shape tuple of unknown length), which the model zoo's TorchScript check needs. This is the same arithmetic
+    for 3-D fields, op for op (identity grid + ddf, each axis scaled to [-1, 1] by ``2 / (n - 1)``, axes reversed,
+    ``grid_sample`` with ``align_corners=True``): the same output (``tests/test_network.py``).
+    ``cache``: the identity grid is built on the field's device and reused while its shape holds; MONAI 1.6.1's
+    ``get_reference_grid`` compares the cached grid's shape (N, 3, H, W, D)[1:] with the field's (H, W, D), so
+    its cache never hits and every call rebuilds the grid on the host (on an H100 at 128 x 128 x 120 most of
+    VecInt's time). No jitter.
     """
 
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "border", cache: bool = True):
+        super().__init__(mode=mode, padding_mode=padding_mode)
+        self.cache = cache
+
     def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
+        """(N, 3, H, W, D) voxel indices of the field's grid (the cached one when ``cache``; compiled: a new one)."""
         if jitter:
             raise ValueError("GridCachedWarp does not jitter its grid")
+        if not torch.jit.is_scripting():
+            return self._cached_grid(ddf)
+        return _identity_grid(ddf).expand(ddf.shape[0], -1, -1, -1, -1)
+
+    @torch.jit.ignore
+    def _cached_grid(self, ddf: torch.Tensor) -> torch.Tensor:
         grid = self.ref_grid
-        if grid is None or grid.shape[2:] != ddf.shape[2:] or grid.device != ddf.device or grid.dtype != ddf.dtype:
+        if grid is None or not self.cache or grid.shape[2:] != ddf.shape[2:] or grid.device != ddf.device:
             with torch.inference_mode(False):  # a normal tensor, usable later with autograd too
-                axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
-                self.ref_grid = grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]  # (1, 3, H, W, D)
-        return grid.expand(ddf.shape[0], *grid.shape[1:])
+                grid = _identity_grid(ddf)
+            if self.cache:
+                self.ref_grid = grid
+        return grid.to(ddf.dtype).expand(ddf.shape[0], *grid.shape[1:])
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """image (N, C, H, W, D), ddf (N, 3, H, W, D) in voxels -> image sampled at x + ddf(x)."""
+        grid = (self.get_reference_grid(ddf) + ddf).permute(0, 2, 3, 4, 1)  # (N, H, W, D, 3)
+        sizes = grid.shape[1:-1]
+        scaled = [grid[..., i] * 2 / max(sizes[i] - 1, 1) - 1 for i in range(3)]
+        return F.grid_sample(
+            image,
+            torch.stack([scaled[2], scaled[1], scaled[0]], dim=-1),  # (i, j, k) -> grid_sample's (x, y, z)
+            mode=self._interp_mode_native,
+            padding_mode=self._padding_mode_native,
+            align_corners=True,
+        )
+
+
+def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W, D) voxel indices of the field's grid, on its device and in its dtype."""
+    axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
+    return torch.stack(torch.meshgrid(axes, indexing="ij"))[None]

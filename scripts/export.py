@@ -6,14 +6,14 @@ next to the checkpoint, all for ONE input shape (1, C, *grid) with the grid of t
 (``spatial_size`` / ``seg_spatial_size``):
 
 - ``<stem>.ts``: TorchScript with the metadata and config embedded (MONAI ``ckpt_export``). Scripting is
-  tried first; if it fails (MONAI's ``Warp``/``DVF2DDF`` inside the registration network do not script)
-  the network is traced at the configured grid, and the reason is logged and returned.
+  tried first (both bundle networks script); if it fails the network is traced at the configured grid, and
+  the reason is logged and returned.
 - ``<stem>.pt2``: ``torch.export`` program (``torch.export.load(f).module()``).
 - ``<stem>.onnx``: ONNX, opset >= 20 (5-D ``GridSample``); output ``pred`` (the network's output) and,
   for networks that integrate a velocity, ``velocity`` (N, 3, *grid) too, so that the inverse field can be
   integrated exactly. Run it with ONNX Runtime (``scripts.onnx_runtime``, ``configs/inference_onnx.json``).
 
-Traced, exported and ONNX models are specialised to that input shape: feed exactly (1, C, *grid).
+Exported (``.pt2``), ONNX and traced models are specialised to that input shape: feed exactly (1, C, *grid).
 """
 
 from __future__ import annotations

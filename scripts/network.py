@@ -173,8 +173,8 @@ class RegistrationNet(nn.Module):
         else:
             self.refiner = nn.Identity()
         self.integrate = DVF2DDF(num_steps=int_steps, padding_mode=int_padding)
-        if grid_cache:
-            self.integrate.warp_layer = GridCachedWarp(mode="bilinear", padding_mode=int_padding)
+        # MONAI's Warp, as TorchScript can compile it (same output); grid_cache keeps its identity grid
+        self.integrate.warp_layer = GridCachedWarp(mode="bilinear", padding_mode=int_padding, cache=grid_cache)
         self.task_mask = TaskMaskNet(head[-1], chunks, task_hidden) if task_mask else None
 
     def _features(self, image: torch.Tensor) -> torch.Tensor:
@@ -209,8 +209,10 @@ class RegistrationNet(nn.Module):
 
     def _integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """VecInt in fp32 (sampling grids are not autocast): velocity -> ddf, both (N, 3, H, W, D) voxels."""
-        with torch.autocast(device_type=velocity.device.type, enabled=False):
-            return self.integrate(velocity.float())
+        if not torch.jit.is_scripting():
+            with torch.autocast(device_type=velocity.device.type, enabled=False):
+                return self.integrate(velocity.float())
+        return self.integrate(velocity.float())
 
     def get_extra_state(self) -> torch.Tensor:
         """The settings these weights were trained with (``{}`` unless loaded from a make-model file), encoded."""

@@ -361,3 +361,38 @@ def test_state_dict_carries_the_trained_settings_and_refuses_another_network_def
     other = RegistrationNet(**TINY, msfa_mode="dilated")  # same tensor shapes, another network
     with pytest.raises(ValueError, match='msfa_mode: trained with "paper", built with "dilated"'):
         copy_model_state(other, state)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(msfa_mode="paper"),
+        dict(msfa_mode="dilated", grid_cache=True),
+        dict(lstm="paper", spatial_size=(16, 16, 20), chunks=4),
+        dict(lstm="none", msfa=False, dca=False, attention=False, task_mask=False),
+    ],
+)
+def test_torchscript_compiles_the_network_and_gives_the_eager_field(variant):
+    """``torch.jit.script`` (the model zoo's TorchScript check) compiles every variant; the compiled network gives
+    the eager field exactly, and, but for the paper LSTM (tied to its grid), on any grid."""
+    torch.manual_seed(0)
+    net = RegistrationNet(**{**TINY, **variant}).eval()
+    with torch.no_grad():
+        net.flow.weight.normal_(0, 0.3)  # a visible field
+        scripted = torch.jit.script(net)
+        for shape in [(16, 16, 20)] + ([] if variant.get("lstm") == "paper" else [(12, 18, 14)]):
+            x = torch.rand(1, 2, *shape, generator=torch.Generator().manual_seed(1))
+            ref = net(x)
+            assert ref.abs().max() > 0.05 and torch.equal(scripted(x), ref), shape
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_the_scriptable_warp_is_monais_warp(padding):
+    from scripts.blocks import GridCachedWarp
+
+    g = torch.Generator().manual_seed(0)
+    image, ddf = torch.rand(2, 3, 9, 11, 7, generator=g), 3 * torch.randn(2, 3, 9, 11, 7, generator=g)
+    expected = Warp(mode="bilinear", padding_mode=padding)(image, ddf)
+    for cache in (False, True):
+        warp = GridCachedWarp(padding_mode=padding, cache=cache)
+        assert torch.equal(warp(image, ddf), expected) and torch.equal(torch.jit.script(warp)(image, ddf), expected)

@@ -54,6 +54,16 @@ INFERENCE_KEYS = (
 )
 
 
+def run_python(code: str, args: list, cwd, bundle) -> dict:
+    """Run ``code`` in a new Python with ``bundle`` importable; its last stdout line, read as JSON."""
+    env = {**os.environ, "PYTHONPATH": str(bundle), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -170,17 +180,7 @@ def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
         "moving_mask": str(case["mr_label"]),
         "fixed_mask": str(case["us_label"]),
     }
-    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECKS, str(SCHEMA), json.dumps(overrides)],
-        cwd=copy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = run_python(CHECKS, [str(SCHEMA), json.dumps(overrides)], cwd=copy, bundle=copy)
     assert Path(summary["scripts"]).resolve().parent == copy / "scripts"  # the packaged code ran, not the repo's
     assert summary["weights_loaded"]
     warped = nib.load(str(out_dir / "warped_image.nii.gz"))
@@ -201,28 +201,27 @@ try:
     load(name, bundle_dir=bundle_dir, workflow_type="train", device="cpu", source="github")
 except ValueError as err:
     out["train"] = str(err)
+# the model zoo's TorchScript check (ci/verify_bundle.py, mode full): ckpt_export scripts the network
+from monai.bundle import ckpt_export
+root = f"{bundle_dir}/{name}"
+ckpt_export(net_id="network_def", filepath="verify_model.ts", ckpt_file=f"{root}/models/model.pt",
+            meta_file=f"{root}/configs/metadata.json", config_file=f"{root}/configs/inference.json", bundle_root=root)
+x = torch.rand(1, 2, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    out["ts_equal"] = torch.equal(torch.jit.load("verify_model.ts")(x), net.eval()(x))
 print(json.dumps(out))
 """
 
 
-def test_monai_load_returns_the_trained_network_without_key_in_ckpt(packaged, tmp_path):
+def test_monai_load_and_ckpt_export_work_on_the_packaged_bundle(packaged, tmp_path):
     """The zoo's format: ``models/model.pt`` is a plain state dict, so ``monai.bundle.load`` (no ``key_in_ckpt``,
     run from another folder, no data anywhere) returns the trained network with its stored settings; the train
     workflow builds ``train.json``'s network, which these weights were not trained with: a clear refusal, not
     the silently partial copy MONAI's ``copy_model_state`` makes of mismatched shapes."""
-    env = {**os.environ, "PYTHONPATH": str(packaged), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", ZOO_TOOLS, str(packaged.parent), packaged.name],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_python(ZOO_TOOLS, [str(packaged.parent), packaged.name], cwd=tmp_path, bundle=packaged)
     assert out["equal"] and out["settings"]["spatial_size"] == GRID
     assert "trained with another network_def" in out["train"] and "encoder_channels" in out["train"]
+    assert out["ts_equal"]  # scripted, no exclusion needed: the same field as the loaded network
 
 
 def test_package_refuses_a_wrapped_checkpoint(source, tmp_path):
