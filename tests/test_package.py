@@ -55,8 +55,8 @@ INFERENCE_KEYS = (
 
 
 def run_python(code: str, args: list, cwd, bundle) -> dict:
-    """Run ``code`` in a new Python with ``bundle`` importable; its last stdout line, read as JSON."""
-    env = {**os.environ, "PYTHONPATH": str(bundle), "OMP_NUM_THREADS": "1"}
+    """Run ``code`` in a new Python with ``bundle`` importable (None: nothing added); its last stdout line, as JSON."""
+    env = {**os.environ, "PYTHONPATH": str(bundle or ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -222,6 +222,31 @@ def test_monai_load_and_ckpt_export_work_on_the_packaged_bundle(packaged, tmp_pa
     assert out["equal"] and out["settings"]["spatial_size"] == GRID
     assert "trained with another network_def" in out["train"] and "encoder_channels" in out["train"]
     assert out["ts_equal"]  # scripted, no exclusion needed: the same field as the loaded network
+
+
+TS_LOAD = """
+import json, sys, torch
+from monai.bundle import load
+net, meta, extra = load(sys.argv[2], bundle_dir=sys.argv[1], load_ts_module=True, source="github", device="cpu")
+x = torch.rand(1, 2, 24, 28, 20, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    ddf = net(x)
+print(json.dumps({"shape": list(ddf.shape), "max": float(ddf.abs().max()), "version": meta["version"],
+                  "bundle_code": [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]}))
+"""
+
+
+def test_monai_load_of_the_exported_torchscript_needs_no_bundle_code(packaged, tmp_path):
+    """With ``models/model.ts`` (``python -m scripts export``), ``monai.bundle.load(..., load_ts_module=True)``
+    gives the compiled network with none of the bundle's code on ``sys.path``; scripted, it takes any grid."""
+    from scripts.export import export
+
+    copy = tmp_path / "hub" / packaged.name
+    shutil.copytree(packaged, copy)
+    assert export(bundle_root=str(copy), networks="registration", formats="ts")["registration"]["ts_mode"] == "scripted"
+    out = run_python(TS_LOAD, [str(copy.parent), copy.name], cwd=tmp_path, bundle=None)
+    assert out["shape"] == [1, 3, 24, 28, 20] and out["bundle_code"] == []
+    assert out["version"] == json.loads((copy / "configs" / "metadata.json").read_text())["version"]
 
 
 def test_package_refuses_a_wrapped_checkpoint(source, tmp_path):
