@@ -272,7 +272,7 @@ def _learned_row(
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "inference.json"), *map(str, files)])
     parser.update({"spatial_size": list(grid), "device": "cpu"})
-    network = load_weights(parser.get_parsed_content("network"), run_dir / "best.pt", "cpu", required=True)
+    network = load_weights(parser.get_parsed_content("network_def"), run_dir / "best.pt", "cpu", required=True)
     rigid = json.loads((work / "rigid.json").read_text())
     started = time.time()
     for case in _cases(data, split):

@@ -195,7 +195,7 @@ def _trained_network(model: str):
     if "int_steps" not in trained["network_def"]:  # a baseline integrates with its own steps (VoxelMorph) or not at all
         parser["int_steps"] = trained["network_def"].get("integration_steps", 0)
     network = load_weights(
-        parser.get_parsed_content("network"), model, "cpu", required=True, settings=settings_of(parser)
+        parser.get_parsed_content("network_def"), model, "cpu", required=True, settings=settings_of(parser)
     )
     return parser, network, trained
 
