@@ -532,7 +532,7 @@ def test_inference_config_nan_image_exits_2_without_traceback(base, tmp_path):
 
 def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
     """A weight file listed in large_files.yml must match its SHA-256, through load_weights and inference.json's
-    ``initialize``; an unlisted (locally trained) file loads."""
+    ``network`` (where the config loads its weights); an unlisted (locally trained) file loads."""
     (tmp_path / "models").mkdir()
     weights = tmp_path / "models" / "model.pt"
     torch.save(small_net().state_dict(), weights)
@@ -540,7 +540,7 @@ def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
     assert isinstance(load_weights(small_net(), weights, bundle_root=tmp_path), RegistrationNet)  # the listed hash
 
     state = torch.load(weights, weights_only=True)
-    next(iter(state.values())).add_(1.0)  # a replaced file: still a valid checkpoint of the right architecture
+    next(v for v in state.values() if v.is_floating_point()).add_(1.0)  # replaced, still the right architecture
     torch.save(state, weights)
     message = rf"{re.escape(str(weights))}: sha256 differs from large_files\.yml; the file is corrupt or replaced"
     with pytest.raises(InputError, match=message):
@@ -551,7 +551,7 @@ def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
     parser["network_def"].update(SMALL)
     parser.update({"bundle_root": str(tmp_path), "spatial_size": GRID, "use_seg": False})
     with pytest.raises(RuntimeError) as wrapped:
-        parser.get_parsed_content("initialize")
+        parser.get_parsed_content("network")
     assert re.fullmatch(message, str(user_error(wrapped.value)))
 
     unlisted = tmp_path / "mine.pt"
