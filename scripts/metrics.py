@@ -203,8 +203,12 @@ def hd95_official(pred: np.ndarray, ref: np.ndarray, percentile: float = 95.0) -
         pred = minmax_normalise(resize_linear(pred[None], ref.shape))[0]
     pred_a, pred_b, ref_mask = _organisers_mask(pred), pred != 0, _organisers_mask(ref)
 
-    def distances(to_mask, from_mask):  # on (1, X, Y, Z, 1), as theirs
-        return ndimage.distance_transform_edt(~to_mask[None, ..., None])[from_mask[None, ..., None]]
+    def distances(to_mask, from_mask):
+        if not from_mask.any():
+            return np.zeros(0)
+        if to_mask.any():  # then the length-1 axes add nothing, and the 3-D transform is faster
+            return ndimage.distance_transform_edt(~to_mask)[from_mask]
+        return ndimage.distance_transform_edt(~to_mask[None, ..., None])[from_mask[None, ..., None]]  # as theirs
 
     pooled = np.concatenate([distances(ref_mask, pred_a), distances(pred_b, ref_mask)])
     return float(np.percentile(pooled, percentile)) if pooled.size else 0.0
