@@ -10,6 +10,20 @@ MR_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 US_AFFINE = np.array([[0.0, -2.5, 0.0, 40.0], [2.5, 0.0, 0.0, -10.0], [0.0, 0.0, 2.5, 5.0], [0, 0, 0, 1.0]])
 
 
+# a small registration network (RegistrationNet arguments) for tests that train or run the pipeline
+SMALL = dict(
+    encoder_channels=[4, 4, 4, 4],
+    decoder_channels=[4, 4, 4, 4],
+    head_channels=[4, 4, 4],
+    chunks=2,
+    lstm_hidden=8,
+    lstm_layers=1,
+    compact_code=[4, 4, 2],
+    task_hidden=8,
+    msfa_mode="paper",
+)
+
+
 def write_case(root, split, case, channels=6, mr_shape=(12, 14, 10), us_shape=(10, 12, 9), seed=0):
     """Write one case (two images, two channel-last labels with a non-empty gland) and return its MR/TRUS paths."""
     rng = np.random.default_rng(seed)

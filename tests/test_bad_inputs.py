@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import MR_AFFINE, US_AFFINE, write_case
+from conftest import MR_AFFINE, SMALL, US_AFFINE, write_case
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
@@ -29,17 +29,6 @@ from scripts.runner import user_error
 from scripts.weights import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(
-    encoder_channels=[4, 4, 4, 4],
-    decoder_channels=[4, 4, 4, 4],
-    head_channels=[4, 4, 4],
-    chunks=2,
-    lstm_hidden=8,
-    lstm_layers=1,
-    compact_code=[4, 4, 2],
-    task_hidden=8,
-    msfa_mode="paper",
-)
 GRID = [16, 16, 16]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
 

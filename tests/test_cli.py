@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL
 from matplotlib.image import imread
 
 from scripts.__main__ import main
@@ -168,21 +169,10 @@ def _check_index_in_chromium(out, tmp_path):
 def _small_network_config(tmp_path) -> Path:
     """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter: ``small.json``."""
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
-    small = dict(
-        encoder_channels=[4, 4, 4, 4],
-        decoder_channels=[4, 4, 4, 4],
-        head_channels=[4, 4, 4],
-        chunks=2,
-        lstm_hidden=8,
-        lstm_layers=1,
-        compact_code=[4, 4, 2],
-        task_hidden=8,
-        msfa_mode="paper",
-    )
-    config["network_def"].update(small)
+    config["network_def"].update(SMALL)
     config["spatial_size"] = [16, 16, 16]
     torch.manual_seed(0)
-    torch.save(RegistrationNet(**small, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
+    torch.save(RegistrationNet(**SMALL, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
     config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False)
     (tmp_path / "small.json").write_text(json.dumps(config))
     return tmp_path / "small.json"

@@ -15,24 +15,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_case
+from conftest import SMALL, write_case
 
 from scripts.network import RegistrationNet
 from scripts.pipeline import OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
-SMALL = dict(
-    encoder_channels=[4, 4, 4, 4],
-    decoder_channels=[4, 4, 4, 4],
-    head_channels=[4, 4, 4],
-    chunks=2,
-    lstm_hidden=8,
-    lstm_layers=1,
-    compact_code=[4, 4, 2],
-    task_hidden=8,
-    msfa_mode="paper",
-)
 GRID = [16, 16, 16]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 

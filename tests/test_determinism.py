@@ -15,17 +15,6 @@ from test_training import NO_RIGID, ROOT, load, make_dataset, run_bundle
 
 from scripts.pipeline import OUTPUTS
 
-SMALL = dict(
-    encoder_channels=[4, 4, 4, 4],
-    decoder_channels=[4, 4, 4, 4],
-    head_channels=[4, 4, 4],
-    chunks=2,
-    lstm_hidden=8,
-    lstm_layers=1,
-    compact_code=[4, 4, 2],
-    task_hidden=8,
-)
-
 
 def test_two_trainings_with_the_same_seed_give_identical_checkpoints(tmp_path):
     make_dataset(tmp_path / "data", counts=(("train", 2), ("val", 1)))
@@ -56,7 +45,7 @@ PIPELINE_TWICE = """
 import sys, torch
 from pathlib import Path
 sys.path.insert(0, "tests")
-from test_determinism import SMALL
+from conftest import SMALL
 from scripts.network import RegistrationNet
 from scripts.pipeline import register_pair
 d, out = Path(sys.argv[1]) / "holdout", Path(sys.argv[2])
