@@ -49,7 +49,7 @@ def settings_of(config, kind: dict = REGISTRATION) -> dict:
     Returns ``{id: value}`` for ``kind["keys"]`` present in the config and ``kind["network"]``: a dict of
     the network definition's arguments (references resolved, ``_target_`` kept, speed switches left out).
     """
-    parser = config if isinstance(config, ConfigParser) else ConfigParser(json.loads(json.dumps(config)))
+    parser = config if isinstance(config, ConfigParser) else ConfigParser(json.loads(json.dumps(config, default=str)))
     if "bundle_root" not in parser:
         parser["bundle_root"] = "."
     out = {k: parser.get_parsed_content(k) for k in kind["keys"] if k in parser}

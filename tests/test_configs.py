@@ -88,3 +88,10 @@ def test_metadata_pins_are_the_requirements_pins():
     declared = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
     declared.update(meta["required_packages_version"])
     assert {name: pins.get(name) for name in declared} == declared
+
+
+def test_settings_of_a_config_holding_python_objects():
+    """Code that builds a config with objects (a torch.device override) still gets its settings, not a JSON error."""
+    config = json.loads((CONFIGS / "inference.json").read_text())
+    config["device"] = torch.device("cpu")
+    assert settings_of(config) == settings_of(json.loads((CONFIGS / "inference.json").read_text()))
