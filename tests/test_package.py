@@ -201,6 +201,9 @@ try:
     load(name, bundle_dir=bundle_dir, workflow_type="train", device="cpu", source="github")
 except ValueError as err:
     out["train"] = str(err)
+trained = load(name, bundle_dir=bundle_dir, workflow_type="train", device="cpu", source="github",
+               net_override=json.loads(sys.argv[3]))  # train.json's network made the trained one
+out["train_equal"] = all(torch.equal(trained.state_dict()[k], v) for k, v in saved.items())
 # the model zoo's TorchScript check (ci/verify_bundle.py, mode full): ckpt_export scripts the network
 from monai.bundle import ckpt_export
 root = f"{bundle_dir}/{name}"
@@ -218,9 +221,11 @@ def test_monai_load_and_ckpt_export_work_on_the_packaged_bundle(packaged, tmp_pa
     run from another folder, no data anywhere) returns the trained network with its stored settings; the train
     workflow builds ``train.json``'s network, which these weights were not trained with: a clear refusal, not
     the silently partial copy MONAI's ``copy_model_state`` makes of mismatched shapes."""
-    out = run_python(ZOO_TOOLS, [str(packaged.parent), packaged.name], cwd=tmp_path, bundle=packaged)
+    override = json.dumps({**TINY, "spatial_size": GRID})
+    out = run_python(ZOO_TOOLS, [str(packaged.parent), packaged.name, override], cwd=tmp_path, bundle=packaged)
     assert out["equal"] and out["settings"]["spatial_size"] == GRID
     assert "trained with another network_def" in out["train"] and "encoder_channels" in out["train"]
+    assert out["train_equal"]  # with the trained network's definition as net_override
     assert out["ts_equal"]  # scripted, no exclusion needed: the same field as the loaded network
 
 
