@@ -95,3 +95,23 @@ def test_settings_of_a_config_holding_python_objects():
     config = json.loads((CONFIGS / "inference.json").read_text())
     config["device"] = torch.device("cpu")
     assert settings_of(config) == settings_of(json.loads((CONFIGS / "inference.json").read_text()))
+
+
+def test_the_shipped_torchscript_is_the_shipped_weights_of_this_version():
+    """``models/model.ts`` (scripted by ``python -m scripts export``) gives ``models/model.pt``'s field through the
+    inference config and carries this version's metadata: re-export it when the weights or the version change."""
+    from scripts.pipeline import load_weights
+
+    extra = {"metadata.json": ""}
+    scripted = torch.jit.load(str(CONFIGS.parent / "models" / "model.ts"), _extra_files=extra)
+    assert (
+        json.loads(extra["metadata.json"])["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    )
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["bundle_root"] = str(CONFIGS.parent)
+    net = load_weights(parser.get_parsed_content("network_def"), CONFIGS.parent / "models" / "model.pt")
+    x = torch.rand(1, 2, 48, 48, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ddf = net(x)
+        assert ddf.abs().max() > 0.1 and torch.equal(scripted(x), ddf)
