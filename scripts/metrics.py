@@ -18,9 +18,10 @@ error against a ground-truth field        gland mask of the fixed label ``> 0.5`
 Jacobian metrics                          no labels (the field only)
 ========================================  =================================================
 
-``official`` mode reproduces the organisers' integer arithmetic (truncated centroids, truncated
-mean of absolute coordinate differences, truncated mean of squares); ``float`` mode keeps the same
-definitions with real-valued centroids and means. HD95, DSC and the extras are the same in both
+``official`` mode gives the organisers' evaluation code's numbers (their integer arithmetic: truncated
+centroids, truncated mean of absolute coordinate differences, truncated mean of squares; their HD95 over whole
+masks; checked against their code, ``benchmarks/muregpro_official.py``); ``float`` mode keeps the same
+definitions with real-valued centroids and means and the surface HD95. DSC and the extras are the same in both
 modes. See docs/evaluation.md for the list of official-mode quirks.
 """
 
@@ -193,10 +194,10 @@ def hd95_official(pred: np.ndarray, ref: np.ndarray, percentile: float = 95.0) -
     Their code (adapted from medpy) works on ``(1, X, Y, Z, 1)`` arrays and erodes them with a 5-D cross: the two
     length-1 axes have no neighbours, so the erosion removes every voxel and each "surface" is the whole mask.
     The distances are therefore those of every voxel of one mask to the nearest voxel of the other (0 inside the
-    overlap), both directions pooled, at the percentile; none at all gives 0. A mask with no voxel to measure to
-    still gets numbers from scipy's distance transform (which is why a vanished landmark scores 15-20 voxels):
-    the transform below runs on the same 5-D arrays to give the same numbers. ``pred`` on another grid is
-    resized (:func:`resize_linear`) and min-max normalised first.
+    overlap), both directions pooled, at the percentile; none at all gives 0. Measured to a mask with no voxel,
+    scipy's distance transform of the 5-D array still gives numbers, ``sqrt(1 + i² + j² + k²)`` at voxel (i, j, k)
+    (a vanished landmark scores them); that case runs on the same 5-D array, to give the same numbers. ``pred`` on
+    another grid is resized (:func:`resize_linear`) and min-max normalised first.
     """
     pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
     if pred.shape != ref.shape:
