@@ -220,11 +220,12 @@ def ours(labels) -> dict:
     agg = aggregate(cases, "official")
     return {
         "metrics": {**agg["metrics"], **agg["references"]},
-        "per_case": {k: [c[k if k.startswith("e") else k + "_channels"] for c in cases] for k in THEIR_PER_CASE},
+        "per_case": {k: [c[OUR_PER_CASE[k]] for c in cases] for k in THEIR_PER_CASE},
     }
 
 
 THEIR_PER_CASE = ("hd95", "hd95_0", "errors", "errors0")
+OUR_PER_CASE = {"hd95": "hd95_channels", "hd95_0": "hd95_0_channels", "errors": "errors", "errors0": "errors0"}
 
 
 def compare(labels: str, reference: str) -> float:

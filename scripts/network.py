@@ -220,13 +220,12 @@ class RegistrationNet(nn.Module):
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         """Take stored settings; refuse them when their ``network_def`` arguments differ from this network's."""
+        from scripts.trained_model import differences  # it imports this module
+
         state = decode_settings(state)
         stored = state.get("network_def", {})
-        diffs = [
-            f"{k}: trained with {json.dumps(stored[k])}, built with {json.dumps(self.arguments[k])}"
-            for k in sorted(stored.keys() & self.arguments.keys() - set(NOT_SETTINGS))
-            if stored[k] != self.arguments[k]
-        ]
+        shared = stored.keys() & self.arguments.keys() - set(NOT_SETTINGS)  # arguments both sides know
+        diffs = differences({k: stored[k] for k in shared}, {k: self.arguments[k] for k in shared}, "built with")
         if diffs:
             raise ValueError("these weights were trained with another network_def: " + "; ".join(diffs))
         self.trained_settings = state

@@ -14,10 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from scripts.io import InputError, write_text
-from scripts.weights import MANIFEST, read_checkpoint, verify_weights, weight_files, write_manifest
+from scripts.weights import MANIFEST, is_state_dict, read_checkpoint, verify_weights, weight_files, write_manifest
 
 __all__ = ["BUNDLE_NAME", "CONTENT", "ZOO_MAX_FILE_MB", "package"]
 
@@ -38,7 +36,7 @@ def _check_plain_state_dict(path: Path, root: Path) -> None:
     """Refuse a ``model.pt`` that is not a plain state dict: MONAI's ``load`` and ``ckpt_export`` and the zoo's
     checks read the file as one, and a wrapped checkpoint (``{"model": ...}``) would load no weight at all."""
     state = read_checkpoint(path, root)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not is_state_dict(state):
         raise InputError(
             f"{path}: not a plain state dict (keys {sorted(state)[:4] if isinstance(state, dict) else type(state)}); "
             "MONAI's load and ckpt_export would load no weights from it. Write models/ from a training run with "

@@ -57,7 +57,7 @@ from scripts.transform_io import (
     write_field_h5,
     write_field_nifti,
 )
-from scripts.weights import read_checkpoint
+from scripts.weights import is_state_dict, read_checkpoint
 
 __all__ = [
     "OUTPUTS",
@@ -130,7 +130,7 @@ def load_weights(
 def _check_fits(network: torch.nn.Module, weights, path) -> None:
     """Raise :class:`InputError` (one line) unless ``weights`` has exactly the tensor names and shapes of ``network``."""
     name = type(network).__name__
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+    if not is_state_dict(weights):
         raise InputError(f"{path}: holds no state dict of tensors for {name}")
     expected = {k: v for k, v in network.state_dict().items() if k != EXTRA_STATE}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())

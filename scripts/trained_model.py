@@ -23,7 +23,7 @@ from monai.bundle import ConfigParser
 
 from scripts.io import InputError, atomic_write
 from scripts.network import NOT_SETTINGS, decode_settings, encode_settings
-from scripts.weights import MANIFEST, read_checkpoint, record_weights
+from scripts.weights import MANIFEST, is_state_dict, read_checkpoint, record_weights
 
 __all__ = [
     "REGISTRATION",
@@ -81,14 +81,16 @@ def tensors_of(checkpoint):
     return {k: v for k, v in weights.items() if k != EXTRA_STATE} if isinstance(weights, dict) else weights
 
 
-def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+def differences(stored: dict, current: dict, current_is: str = "configured", prefix: str = "") -> list[str]:
+    """``"key: trained with A, <current_is> B"`` for every (nested) key whose values differ; a key one side lacks
+    reads ``"(absent)"`` there."""
     diffs = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key, "(absent)"), current.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}#")
+            diffs += differences(a, b, current_is, f"{prefix}{key}#")
         elif a != b:
-            diffs.append(f"{prefix}{key}: trained with {json.dumps(a)}, configured {json.dumps(b)}")
+            diffs.append(f"{prefix}{key}: trained with {json.dumps(a)}, {current_is} {json.dumps(b)}")
     return diffs
 
 
@@ -98,7 +100,7 @@ def check_settings(path, stored: dict | None, current: dict | None) -> None:
     or a caller that has no config)."""
     if stored is None or current is None:
         return
-    diffs = [d for d in _differences(stored, current) if not d.endswith(', configured "(absent)"')]
+    diffs = [d for d in differences(stored, current) if not d.endswith(', configured "(absent)"')]
     if diffs:
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... {len(diffs) - 12} more" if len(diffs) > 12 else "")
         raise InputError(
@@ -123,7 +125,7 @@ def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict
         if not path.is_file():
             raise InputError(f"{path}: missing; is {run_dir} a finished training run folder of this bundle?")
     state = tensors_of(read_checkpoint(weights))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not is_state_dict(state):
         raise InputError(f"{weights}: holds no state dict of tensors")
     check_finite_weights(weights, state)
     return state, settings_of(json.loads(record.read_text())["config"], kind)

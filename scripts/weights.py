@@ -44,6 +44,11 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def is_state_dict(obj) -> bool:
+    """Whether a loaded checkpoint is a plain state dict: a dict whose every value is a tensor."""
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def weight_files(bundle_root: str | os.PathLike = ".") -> list[str]:
     """Weight files of a bundle, as sorted POSIX paths relative to ``bundle_root`` (``models/*.pt`` etc.)."""
     models = Path(bundle_root) / "models"
