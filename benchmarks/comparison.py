@@ -531,6 +531,7 @@ def main(
     out: str = "docs/comparison_table.md",
     data: str | None = None,
     cases: int = 24,
+    preset: str = "realistic",
     test_split: str | None = None,
     seeds=(0, 1, 2),
     directions=("mr2us", "us2mr"),
@@ -547,8 +548,10 @@ def main(
 
     Args:
         work: working folder (data, segmenter, runs, registrations, per-run results; resumable).
-        data: a μ-RegPro-layout folder; default: ``cases`` synthetic phantom cases in ``<work>/data``
-            (60 / 15 / 25 % train / val / holdout).
+        data: a μ-RegPro-layout folder; default: ``cases`` synthetic phantom cases of ``preset`` in
+            ``<work>/data`` (60 / 15 / 25 % train / val / holdout).
+        preset: the phantom preset when ``data`` is not given ("realistic", the benchmark default; "basic" made
+            the tables before it existed: docs/comparison_table.md).
         test_split: the split that is scored; default "holdout" on the phantom, "val" with ``data`` (μ-RegPro's
             holdout labels are not public).
         seeds: training seeds of every learned row (the ANTs rows are seeded with the first).
@@ -578,7 +581,7 @@ def main(
     _check_work(
         work,
         {
-            "data": str(Path(data).resolve()) if data else f"phantom, {cases} cases",
+            "data": str(Path(data).resolve()) if data else f"phantom, {cases} cases, preset {preset}",
             "test_split": test_split,
             "grid": grid,
             "epochs": epochs,
@@ -590,8 +593,10 @@ def main(
         if not (data_dir / "phantom.json").is_file():
             from scripts.phantom import synth
 
-            synth(str(data_dir), cases=cases, seed=0, size="small", splits="0.6,0.15,0.25", preview=False)
-        data_label = f"synthetic phantom, {cases} `small` cases (seed 0)"
+            synth(
+                str(data_dir), cases=cases, seed=0, size="small", splits="0.6,0.15,0.25", preview=False, preset=preset
+            )
+        data_label = f"synthetic phantom, {cases} `small` cases of preset `{preset}` (seed 0)"
     else:
         data_dir, data_label = Path(data).resolve(), f"`{data}`"
     if not report_only:

@@ -511,10 +511,22 @@ def write_case(case: dict, root: Path, split: str, name: str, overwrite: bool = 
                 case["us_image"],
                 case["us_label"],
                 centre[1],
-                f"{split}/{name} seed {t['seed']}",
+                f"{split}/{name} seed {t['seed']}, preset {t.get('preset', 'basic')}",
+                case.get("mr_true_label"),
+                case.get("us_true_label"),
             ),
             overwrite,
         )
+
+
+def _share_cores(jobs: int) -> None:
+    """Worker start: BLAS threads limited to this worker's share of the cores. OpenBLAS helper threads spin
+    after each product; with one worker per core they would take cycles from the other workers. The results do
+    not depend on it (the products split their output, not their sums: the basic digest test holds)."""
+    from threadpoolctl import threadpool_limits
+
+    global _BLAS_LIMIT
+    _BLAS_LIMIT = threadpool_limits(max(1, (os.cpu_count() or 1) // jobs), user_api="blas")
 
 
 def _write_one(args) -> str:
@@ -569,7 +581,7 @@ def synth(
     names = [s for s, n in zip(SPLITS, counts) for _ in range(n)]
     work = [(seed, i, size, preset, root, split, overwrite, preview) for i, split in enumerate(names)]
     if int(jobs) > 1:
-        with ProcessPoolExecutor(int(jobs)) as pool:
+        with ProcessPoolExecutor(int(jobs), initializer=_share_cores, initargs=(int(jobs),)) as pool:
             for line in pool.map(_write_one, work):
                 print(line, flush=True)
     else:
