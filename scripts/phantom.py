@@ -522,7 +522,8 @@ def write_case(case: dict, root: Path, split: str, name: str, overwrite: bool = 
 def _share_cores(jobs: int) -> None:
     """Worker start: BLAS threads limited to this worker's share of the cores. OpenBLAS helper threads spin
     after each product; with one worker per core they would take cycles from the other workers. The results do
-    not depend on it (the products split their output, not their sums: the basic digest test holds)."""
+    not depend on it (the products split their output, not their sums; tests/test_phantom_realistic.py compares
+    ``jobs`` 1 and 2 byte for byte)."""
     from threadpoolctl import threadpool_limits
 
     global _BLAS_LIMIT
