@@ -1,9 +1,9 @@
 """How hard is the phantom? Ideal pre-stages and classical ANTs registrations on synthetic MR–TRUS cases.
 
-``python -m scripts synth --out data/realistic --cases 65 --splits 40,5,20 --size full --preset realistic --jobs 2``
-then ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 python benchmarks/phantom_difficulty.py --data data/realistic
---work /tmp/difficulty_realistic --jobs 2 --out docs/phantom_difficulty_realistic.md`` registers every case of
-the folder (every split), both directions, and writes the table (docs/phantom_difficulty.md lists the commands).
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 python benchmarks/phantom_difficulty.py --data data/difficulty_realistic
+--work /work/difficulty_realistic --jobs 2 --out docs/phantom_difficulty_realistic.md`` registers every case of
+a folder made by ``python -m scripts synth`` (every split), both directions, and writes the table
+(docs/phantom_difficulty.md lists the commands that made the committed tables).
 
 Methods: no registration (world alignment); the ideal rigid and ideal affine maps (least-squares fits of the
 true transform over the gland, stored in each case's truth JSON by scripts/phantom_fit.py); ANTs Rigid and
@@ -38,6 +38,7 @@ import nibabel as nib  # noqa: E402
 from scripts.data import case_name  # noqa: E402
 from scripts.io import write_nifti, write_text  # noqa: E402
 from scripts.phantom import ddf_to_nifti_array, voxel_to_world  # noqa: E402
+from scripts.phantom_fit import apply_map  # noqa: E402
 
 METHODS = (
     "none",
@@ -140,8 +141,7 @@ def _ideal_field(fixed_affine: np.ndarray, shape, moving_to_fixed: np.ndarray) -
     """The ITK displacement field (X, Y, Z, 1, 3) float32, LPS mm, on the fixed grid of a 4×4 RAS map taking
     moving-world points to fixed-world points: fixed point p -> moving point M⁻¹ p."""
     p = voxel_to_world(fixed_affine, shape)
-    inv = np.linalg.inv(moving_to_fixed)
-    return ddf_to_nifti_array(p @ inv[:3, :3].T + inv[:3, 3] - p, shape)
+    return ddf_to_nifti_array(apply_map(np.linalg.inv(moving_to_fixed), p) - p, shape)
 
 
 def _field_error(field_path, true_field: np.ndarray, gland: np.ndarray) -> dict:
@@ -197,9 +197,11 @@ def register_pair(root: Path, split: str, case: str, direction: str, seed: int, 
                 masks = {
                     "ants_syn_observer_masks": observer,
                     "ants_syn_true_masks": (fixed_labels[0], moving_labels[0]),
-                }.get(method, (None, None))
-                kind = "ants_syn_masks" if method in ("ants_syn_observer_masks", "ants_syn_true_masks") else method
-                transforms = ants_transforms(kind, fixed, moving, seed, *masks)
+                }
+                if method in masks:
+                    transforms = ants_transforms("ants_syn_masks", fixed, moving, seed, *masks[method])
+                else:
+                    transforms = ants_transforms(method, fixed, moving, seed)
             warped = [ants.apply_transforms(fixed, m, transforms, interpolator="linear") for m in moving_labels]
             field = ants.apply_transforms(fixed, moving, transforms, compose=str(scratch / f"{method}_"))
         seconds = time.time() - t0  # registration and label warping; the field error below is not timed
