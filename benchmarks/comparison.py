@@ -9,13 +9,13 @@ default (generated in ``<work>/data``); ``--data`` points it at a μ-RegPro-layo
 Equal terms, for every row:
 - the same test pairs, the same gland segmenter (trained once, ``configs/seg_train.json``) and the same
   predicted masks, hence the same pre-alignment: the bundle's ANTs rigid on the predicted masks,
-  computed once per case and direction and handed to :func:`scripts.pipeline.register_pair`;
+  computed once per case and direction and handed to :func:`scripts.inference.pipeline.register_pair`;
 - learned rows: ``configs/train.json`` plus the row's override files (``configs/ablations/``,
   ``configs/baselines/``, ...), the same grid, epochs, data, rigid-on-true-masks training geometry
   and, unless the row says "native loss", the same loss; each trained with every seed; registered by
   the same pipeline (one resampling of the moving image through rigid + field);
 - classical rows (ANTs via antspyx) warp the moving labels onto the fixed grid themselves;
-- every row is scored by :func:`scripts.evaluate.evaluate` (μ-RegPro official and float modes, mm TRE).
+- every row is scored by :func:`scripts.evaluation.evaluate.evaluate` (μ-RegPro official and float modes, mm TRE).
 
 Statistics (per direction): each learned row's mean over test cases per seed, then mean ± SD over
 seeds; a paired Wilcoxon signed-rank test against the full model over the test cases, each case's
@@ -43,9 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
-from scripts.data import case_name  # noqa: E402
-from scripts.demo import bundle_run, small_segmenter  # noqa: E402
-from scripts.io import write_json, write_text  # noqa: E402
+from scripts.data.datalist import case_name  # noqa: E402
+from scripts.data.nifti import write_json, write_text  # noqa: E402
+from scripts.tools.demo import bundle_run, small_segmenter  # noqa: E402
 
 # learned rows: name -> (label, model files (train.json and inference.json), training-only files), in configs/
 BASELINE = ["baselines/training.json"]
@@ -130,9 +130,9 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
     masks, rigid_file = work / "masks", work / "rigid.json"
     if rigid_file.is_file():
         return
-    from scripts.io import write_nifti
-    from scripts.rigid import rigid_prealign
-    from scripts.segmentation import load_segmenter
+    from scripts.data.nifti import write_nifti
+    from scripts.inference.segmentation import load_segmenter
+    from scripts.spatial.rigid import rigid_prealign
 
     inference = json.loads((ROOT / "configs" / "inference.json").read_text())
     segmenter = load_segmenter(
@@ -186,8 +186,8 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
     import nibabel as nib
 
     from benchmarks.phantom_difficulty import ants_transforms, ants_warp_labels
-    from scripts.io import write_nifti
-    from scripts.pipeline import register_pair
+    from scripts.data.nifti import write_nifti
+    from scripts.inference.pipeline import register_pair
 
     rigid = json.loads((work / "rigid.json").read_text())
     for case in _cases(data, split):
@@ -223,7 +223,7 @@ def _learned_row(
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.pipeline import load_weights, register_pair
+    from scripts.inference.pipeline import load_weights, register_pair
 
     files = [ROOT / "configs" / f for f in LEARNED[name][1]]
     train_files = [ROOT / "configs" / f for f in LEARNED[name][2]]
@@ -237,14 +237,14 @@ def _learned_row(
                 "transform": "@train#preprocessing",
                 "cache_dir": str(cache),
             },
-            "train#dataset_data": "$scripts.data.load_split(@dataset_dir, 'train', @direction)",
+            "train#dataset_data": "$scripts.data.datalist.load_split(@dataset_dir, 'train', @direction)",
             "validate#dataset": {
                 "_target_": "PersistentDataset",
                 "data": "@validate#dataset_data",
                 "transform": "@validate#preprocessing",
                 "cache_dir": str(cache),
             },
-            "validate#dataset_data": "$scripts.data.load_split(@dataset_dir, 'val', @direction)",
+            "validate#dataset_data": "$scripts.data.datalist.load_split(@dataset_dir, 'val', @direction)",
         },
         work / f"persistent_cache_{cache.name}.json",
         overwrite=True,
@@ -306,7 +306,7 @@ def _learned_row(
 
 def _score(data: Path, split: str, direction: str, warped_dir: Path | None, out: Path) -> dict:
     """Per-case float-mode metrics and the official-mode summary of one set of registrations."""
-    from scripts.evaluate import evaluate
+    from scripts.evaluation.evaluate import evaluate
 
     kwargs = {"method": "identity"} if warped_dir is None else {"warped_dir": str(warped_dir)}
     if warped_dir is not None and any(warped_dir.glob("*/transform_fixed_to_moving.nii.gz")):
@@ -563,7 +563,7 @@ def main(
         overwrite: replace an existing ``out`` (the work folder always resumes).
         report_only: write the table from the results already in ``work``.
     """
-    from scripts.io import flag
+    from scripts.data.nifti import flag
 
     work, out = Path(work).resolve(), Path(out)
     overwrite = flag(overwrite, "overwrite")
@@ -591,7 +591,7 @@ def main(
     if data is None:
         data_dir = work / "data"
         if not (data_dir / "phantom.json").is_file():
-            from scripts.phantom import synth
+            from scripts.phantom.synth import synth
 
             synth(
                 str(data_dir), cases=cases, seed=0, size="small", splits="0.6,0.15,0.25", preview=False, preset=preset
@@ -676,7 +676,7 @@ def main(
 if __name__ == "__main__":
     import fire
 
-    from scripts.io import InputError
+    from scripts.data.nifti import InputError
 
     try:
         fire.Fire({"main": main, "task": task} if len(sys.argv) > 1 and sys.argv[1] == "task" else main)

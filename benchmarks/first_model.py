@@ -5,12 +5,12 @@
         --work /tmp/first_model --out docs/first_model.md
 
 Rows, on the same test pairs (``--split``, MR -> TRUS by default), every registration through
-:func:`scripts.pipeline.register_pair` (one resampling of the moving image) and scored by
-:func:`scripts.evaluate.evaluate` against the label files of the split:
+:func:`scripts.inference.pipeline.register_pair` (one resampling of the moving image) and scored by
+:func:`scripts.evaluation.evaluate.evaluate` against the label files of the split:
 
 - no registration;
 - ideal rigid / ideal affine: least-squares fits of the phantom's true map over the gland, read from
-  ``<split>/truth/<case>.json`` (TRE only: the phantom's own calibration, :mod:`scripts.phantom_fit`);
+  ``<split>/truth/<case>.json`` (TRE only: the phantom's own calibration, :mod:`scripts.phantom.fit`);
 - the bundle's rigid stage on the gland channel of the label files (the masks training used);
 - the trained network after that same rigid matrix (computed once per case, shared by both rows),
   ROI-masked by the same gland masks, on the grid and network variant stored with the weights;
@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
 from benchmarks.comparison import _cases, _float  # noqa: E402
-from scripts.data import DIRECTIONS  # noqa: E402
-from scripts.io import flag, write_nifti, write_text  # noqa: E402
+from scripts.data.datalist import DIRECTIONS  # noqa: E402
+from scripts.data.nifti import flag, write_nifti, write_text  # noqa: E402
 
 
 def _gland_mask(label_path: Path, out: Path) -> Path:
@@ -77,7 +77,7 @@ def _register(
     Masks: the label files' gland channel, or (``segmenter``) the segmenter's prediction; a network row reuses
     the rigid matrix and the predicted masks of ``rigid_row``.
     """
-    from scripts.pipeline import MASK_OUTPUTS, register_pair
+    from scripts.inference.pipeline import MASK_OUTPUTS, register_pair
 
     mov, fix = DIRECTIONS[direction]
     d, seconds = data / split, []
@@ -183,8 +183,8 @@ def _trained_network(model: str):
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.pipeline import load_weights
-    from scripts.trained_model import settings_of, stored_settings
+    from scripts.inference.pipeline import load_weights
+    from scripts.weights.trained_model import settings_of, stored_settings
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
@@ -249,7 +249,7 @@ def _curve(run_dirs: list, out: Path, steps_per_epoch: int) -> Path:
 
 def _score(data: Path, split: str, direction: str, work: Path, row: str) -> dict:
     """Official summary and float per-case metrics of one row."""
-    from scripts.evaluate import evaluate
+    from scripts.evaluation.evaluate import evaluate
 
     true_dir = data / split / f"ddf_{direction}"
     kwargs = (
@@ -316,7 +316,7 @@ def main(
     import torch
     from scipy.stats import wilcoxon
 
-    from scripts.segmentation import load_segmenter
+    from scripts.inference.segmentation import load_segmenter
 
     torch.set_num_threads(threads)
     data, work = Path(data), Path(work)

@@ -5,7 +5,7 @@
 What a user waits for, on the first ``--cases`` pairs of a μ-RegPro-layout split (``--direction``, MR -> TRUS by
 default), in one process:
 
-- **ours**: :func:`scripts.cli.register` as ``python -m scripts register`` runs it (network and segmenter
+- **ours**: :func:`scripts.tools.cli.register` as ``python -m scripts register`` runs it (network and segmenter
   loaded from ``configs/inference.json`` and the shipped weights, gland masks predicted, rigid, network, one
   resampling, every output file, QC; pictures only with ``--pictures``), ``--repeats`` times per pair into fresh
   folders; the seconds per stage are those ``result.json`` records. The first call of the process (imports,
@@ -39,7 +39,7 @@ STAGES = ("load", "read", "segmentation", "rigid", "box", "network", "resampling
 
 
 def _pair(data: Path, split: str, case: str, direction: str) -> dict:
-    from scripts.data import DIRECTIONS
+    from scripts.data.datalist import DIRECTIONS
 
     mov, fix = DIRECTIONS[direction]
     d = data / split
@@ -56,7 +56,7 @@ def _ours(pair: dict, out: Path, pictures: bool, config_file, checkpoint) -> dic
     import io
     import json
 
-    from scripts.cli import register
+    from scripts.tools.cli import register
 
     with contextlib.redirect_stdout(io.StringIO()):
         register(
@@ -100,7 +100,7 @@ def _ants_syn(pair: dict, out: Path, seed: int = 0) -> float:
     import nibabel as nib
 
     from benchmarks.phantom_difficulty import ants_transforms, ants_warp_labels
-    from scripts.io import write_nifti
+    from scripts.data.nifti import write_nifti
 
     started = time.perf_counter()
     fixed, moving = ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))
@@ -138,7 +138,7 @@ def main(
 
     from benchmarks.comparison import _cases
     from benchmarks.speed import cpu_name
-    from scripts.io import InputError, flag, write_text
+    from scripts.data.nifti import InputError, flag, write_text
 
     torch.set_num_threads(threads)
     pictures, data = flag(pictures, "pictures"), Path(data)

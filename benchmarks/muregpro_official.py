@@ -213,7 +213,7 @@ def _versions() -> dict:
 def ours(labels) -> dict:
     """This bundle's ``official`` mode on a label set: the metrics and per-case tables, in :func:`organisers`' form."""
     sys.path.insert(0, str(ROOT))
-    from scripts.metrics import aggregate, case_metrics
+    from scripts.evaluation.metrics import aggregate, case_metrics
 
     data = {k: np.moveaxis(v, -1, 1) for k, v in read_labels(labels).items()}  # (N, C, X, Y, Z)
     cases = [case_metrics(f, w, m, "official") for f, w, m in zip(data["fixed"], data["warped"], data["moving"])]

@@ -6,7 +6,7 @@ a folder made by ``python -m scripts synth`` (every split), both directions, and
 (docs/phantom_difficulty.md lists the commands that made the committed tables).
 
 Methods: no registration (world alignment); the ideal rigid and ideal affine maps (least-squares fits of the
-true transform over the gland, stored in each case's truth JSON by scripts/phantom_fit.py); ANTs Rigid and
+true transform over the gland, stored in each case's truth JSON by scripts/phantom/fit.py); ANTs Rigid and
 ANTs affine + SyN on the images (Mattes MI); ANTs affine + SyN on the gland masks (mean squares), once on the
 observer's masks (the label folders: what a user has) and once on the analytic masks (an oracle); the stored
 ground-truth field (a check of the field convention). Every ANTs run starts from the identity (the images share
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root,
 import ants  # noqa: E402
 import nibabel as nib  # noqa: E402
 
-from scripts.data import case_name  # noqa: E402
-from scripts.io import write_nifti, write_text  # noqa: E402
-from scripts.phantom import ddf_to_nifti_array, voxel_to_world  # noqa: E402
-from scripts.phantom_fit import apply_map  # noqa: E402
+from scripts.data.datalist import case_name  # noqa: E402
+from scripts.data.nifti import write_nifti, write_text  # noqa: E402
+from scripts.phantom.fit import apply_map  # noqa: E402
+from scripts.phantom.synth import ddf_to_nifti_array, voxel_to_world  # noqa: E402
 
 METHODS = (
     "none",

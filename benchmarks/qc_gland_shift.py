@@ -18,9 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.geometry import RAS2LPS  # noqa: E402
-from scripts.qc import gland_shift  # noqa: E402
-from scripts.transform_io import read_field_nifti  # noqa: E402
+from scripts.evaluation.qc import gland_shift  # noqa: E402
+from scripts.spatial.composed import read_field_nifti  # noqa: E402
+from scripts.spatial.geometry import RAS2LPS  # noqa: E402
 
 
 def main(data: str = "data/realistic", splits: str = "train,val,holdout") -> None:

@@ -9,8 +9,8 @@
   fp32), memory layout (contiguous / channels-last-3d) and ``torch.compile`` on/off;
 * ``ours train``: one full training step at ``train_batch`` through ``RegistrationIteration`` (forward,
   fp32 loss, backward, Adam step, and the task-mask subnet's own step) inside a MONAI SupervisedTrainer;
-* ``ours infer ... onnxruntime``: the same network exported to ONNX (``scripts.export.write_onnx``, fp32)
-  and run by ONNX Runtime's CPU provider (``scripts.onnx_runtime.OnnxRegistrationNet``), then the same warp;
+* ``ours infer ... onnxruntime``: the same network exported to ONNX (``scripts.tools.export.write_onnx``, fp32)
+  and run by ONNX Runtime's CPU provider (``scripts.networks.onnx_runtime.OnnxRegistrationNet``), then the same warp;
 * ``ours infer ... net HxWxD`` (``--net_grid``): the network on a coarser grid than the images (what a model
   trained with ``spatial_size`` = that grid costs), the field resampled back, the warp at full resolution;
 * ``voxelmorph``: MONAI ``VoxelMorph`` (its documented 3-D U-Net backbone, 7 integration steps),
@@ -49,13 +49,13 @@ from monai.engines import SupervisedTrainer  # noqa: E402
 from monai.networks.blocks import Warp  # noqa: E402
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet  # noqa: E402
 
-from scripts.blocks import GridCachedWarp  # noqa: E402
-from scripts.export import write_onnx  # noqa: E402
-from scripts.io import read_json, write_text  # noqa: E402
-from scripts.losses import RegistrationLoss  # noqa: E402
-from scripts.network import RegistrationNet  # noqa: E402
-from scripts.onnx_runtime import OnnxRegistrationNet  # noqa: E402
-from scripts.task_mask import RegistrationIteration  # noqa: E402
+from scripts.data.nifti import read_json, write_text  # noqa: E402
+from scripts.networks.blocks import GridCachedWarp  # noqa: E402
+from scripts.networks.onnx_runtime import OnnxRegistrationNet  # noqa: E402
+from scripts.networks.registration import RegistrationNet  # noqa: E402
+from scripts.tools.export import write_onnx  # noqa: E402
+from scripts.training.iteration import RegistrationIteration  # noqa: E402
+from scripts.training.losses import RegistrationLoss  # noqa: E402
 
 AMP = {"fp32": None, "bf16": torch.bfloat16}
 REFERENCE = "ours infer paper fp32"

@@ -1,14 +1,14 @@
 """Storage-order invariance of the rigid pre-alignment on phantom pairs (mr2us: fixed TRUS, moving MR).
 
 Each pair is written again with flipped and/or permuted axes (same voxels at the same positions) and
-``scripts.rigid.rigid_prealign`` is run on every copy, with the gland masks and by mutual information. Printed:
+``scripts.spatial.rigid.rigid_prealign`` is run on every copy, with the gland masks and by mutual information. Printed:
 how far each copy's matrix moves the fixed gland voxels from the original's (mean and max, mm). The numbers of
 ``docs/pipeline.md`` ("Storage order"):
 
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 python benchmarks/storage_order.py --data data/realistic \
         --cases "[45,46,47,48,49,50]" --work /tmp/storage_order
 
-(the "before" numbers: the same command with ``scripts/rigid.py`` of commit 3727d2c).
+(the "before" numbers: the same command with ``scripts/spatial/rigid.py`` of commit 3727d2c).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.geometry import RAS2LPS, apply_affine  # noqa: E402
-from scripts.io import write_nifti  # noqa: E402
-from scripts.rigid import rigid_prealign  # noqa: E402
+from scripts.data.nifti import write_nifti  # noqa: E402
+from scripts.spatial.geometry import RAS2LPS, apply_affine  # noqa: E402
+from scripts.spatial.rigid import rigid_prealign  # noqa: E402
 
 # copy name -> (fixed, moving) nibabel orientation (new axis index, flip), "ras" (closest RAS+) or None (as stored)
 VARIANTS = {

@@ -12,17 +12,17 @@ import fire
 
 # command name -> "module:function" inside this package
 COMMANDS = {
-    "synth": "phantom:synth",
-    "datalist": "data:write_datalist",
-    "evaluate": "evaluate:evaluate",
-    "demo": "demo:demo",
-    "export": "export:export",
-    "package": "package:package",
-    "make-model": "trained_model:make_model",
-    "register": "cli:register",
-    "register-folder": "cli:register_folder",
-    "map-points": "cli:map_points",
-    "run": "runner:run",
+    "synth": "phantom.synth:synth",
+    "datalist": "data.datalist:write_datalist",
+    "evaluate": "evaluation.evaluate:evaluate",
+    "demo": "tools.demo:demo",
+    "export": "tools.export:export",
+    "package": "tools.package:package",
+    "make-model": "weights.trained_model:make_model",
+    "register": "tools.cli:register",
+    "register-folder": "tools.cli:register_folder",
+    "map-points": "tools.cli:map_points",
+    "run": "tools.runner:run",
 }
 
 
@@ -32,7 +32,9 @@ def _lazy(target: str):
     def command(*args, **kwargs):
         return getattr(importlib.import_module(f"scripts.{module}"), func)(*args, **kwargs)
 
-    command.__doc__ = f"See scripts/{module}.py:{func} (run with --help after the command for its flags)."
+    command.__doc__ = (
+        f"See scripts/{module.replace('.', '/')}.py:{func} (run with --help after the command for its flags)."
+    )
     return command
 
 
@@ -45,7 +47,7 @@ def check_flags(function, argv) -> None:
     fire runs the command first and complains about an argument it could not use only afterwards, when every
     output is written (``--overwirte``, ``--moving-label``); a mistyped optional input was silently dropped.
     """
-    from scripts.io import InputError
+    from scripts.data.nifti import InputError
 
     parameters = inspect.signature(function).parameters
     if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
@@ -69,7 +71,7 @@ def check_flags(function, argv) -> None:
 
 
 def main(argv=None):
-    from scripts.io import InputError
+    from scripts.data.nifti import InputError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:  # hand fire the real function so --help shows its docstring

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from scripts.io import InputError, flag
+from scripts.data.nifti import InputError, flag
 
 __all__ = ["check_overrides", "config_ids", "bool_ids", "config_files"]
 
@@ -124,7 +124,7 @@ def check_overrides(argv: list[str] | None = None) -> None:
         if raw is None or raw in ("True", "False", "0", "1"):  # fire turns these (and a bare --key) into bool / int
             continue
         # anything but a yes/no word is refused; a "no" word would reach the config as text, which reads as yes
-        # (python -m scripts run turns the words into bools before the run, scripts/runner.py)
+        # (python -m scripts run turns the words into bools before the run, scripts/tools/runner.py)
         if not flag(raw, f"--{key}") and not wrapper:
             raise InputError(
                 f"--{key} {raw}: python -m monai.bundle run passes {raw!r} on as text, which Python reads "

@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 from test_training import ROOT, SMALL_NET
 from torch import nn
 
-from scripts.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner, TaskMaskNet
+from scripts.networks.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner, TaskMaskNet
 
 ABLATIONS = {  # config name -> module types its network must not contain
     "cmca": (MSFA, DCA),
@@ -28,7 +28,7 @@ ABLATIONS = {  # config name -> module types its network must not contain
     "plain_unet": (MSFA, DCA, CrossModalGate, nn.LSTM, TaskMaskNet),
 }
 MODULES = (MSFA, DCA, CrossModalGate, nn.LSTM, TaskMaskNet)
-# checkpoint key fragments of each module type (state_dict names in scripts/network.py and scripts/blocks.py)
+# checkpoint key fragments of each module type (state_dict names in scripts/networks/registration.py and scripts/networks/blocks.py)
 KEYS = {MSFA: ".msfa.", DCA: ".dca.", CrossModalGate: ".gates.", nn.LSTM: "refiner.lstm.", TaskMaskNet: "task_mask."}
 
 
@@ -81,7 +81,7 @@ def test_paper_lstm_config_exact_sizes_on_meta_device():
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """Small phantom data shared by the runs: 3 training, 1 validation, 1 hold-out case."""
-    from scripts.phantom import synth
+    from scripts.phantom.synth import synth
 
     root = tmp_path_factory.mktemp("ablations") / "data"
     synth(str(root), cases=5, seed=0, size="small", preview=False)

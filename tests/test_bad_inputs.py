@@ -22,11 +22,11 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
 from scripts.__main__ import main
-from scripts.io import InputError
-from scripts.network import RegistrationNet
-from scripts.pipeline import load_weights
-from scripts.runner import user_error
-from scripts.weights import write_manifest
+from scripts.data.nifti import InputError
+from scripts.inference.pipeline import load_weights
+from scripts.networks.registration import RegistrationNet
+from scripts.tools.runner import user_error
+from scripts.weights.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = [16, 16, 16]
@@ -554,7 +554,7 @@ def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
 def test_bf16_autocast_gives_finite_losses_and_gradients_even_with_an_empty_gland():
     """Network forward under CPU bf16 autocast, then the fp32 loss; sample 1 has no gland anywhere, so its MI
     region is empty (MI exactly 0 there, tests/test_losses.py checks the value): every number stays finite."""
-    from scripts.losses import RegistrationLoss, composite_loss
+    from scripts.training.losses import RegistrationLoss, composite_loss
 
     net = small_net()
     torch.manual_seed(1)

@@ -1,4 +1,4 @@
-"""MONAI VoxelMorph / LocalNet behind the registration interface (scripts/baselines.py, configs/baselines/).
+"""MONAI VoxelMorph / LocalNet behind the registration interface (scripts/networks/baselines.py, configs/baselines/).
 
 * The adapter keeps the network grid (padding an odd grid internally), returns VoxelMorph's field as the
   integral of its velocity, and LocalNet's directly.
@@ -20,8 +20,8 @@ import torch
 from monai.bundle import ConfigParser
 from test_training import ROOT
 
-from scripts.baselines import BaselineNet
-from scripts.pipeline import OUTPUTS, load_weights, register_pair
+from scripts.inference.pipeline import OUTPUTS, load_weights, register_pair
+from scripts.networks.baselines import BaselineNet
 
 GRID = (20, 24, 18)  # not a multiple of the networks' pooling
 
@@ -78,7 +78,7 @@ def test_native_loss_files_change_only_the_loss():
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from scripts.phantom import synth
+    from scripts.phantom.synth import synth
 
     root = tmp_path_factory.mktemp("baselines") / "data"
     synth(str(root), cases=3, seed=1, size="small", preview=False)

@@ -1,4 +1,4 @@
-"""A case folder is one transaction (scripts/case_folder.py): staged, published by one rename under a lock.
+"""A case folder is one transaction (scripts/data/case_folder.py): staged, published by one rename under a lock.
 
 Unit checks of the transaction, then the CLI through real processes: two registrations of different patients
 into one folder at the same time never leave a mixed folder, and a run killed while it writes leaves the
@@ -19,9 +19,9 @@ import pytest
 from conftest import write_case
 from test_bad_inputs import ENV, ROOT, base, register  # noqa: F401  (base: the module's fixture)
 
-import scripts.case_folder as case_folder
-from scripts.case_folder import case_transaction
-from scripts.io import InputError
+import scripts.data.case_folder as case_folder
+from scripts.data.case_folder import case_transaction
+from scripts.data.nifti import InputError
 
 
 def snapshot(folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The biopsy command line (scripts/cli.py via ``python -m scripts``): register, register-folder, map-points,
+"""The biopsy command line (scripts/tools/cli.py via ``python -m scripts``): register, register-folder, map-points,
 and the HTML index opened in headless Chromium (``apt-get install -y chromium``)."""
 
 import csv
@@ -17,8 +17,8 @@ from conftest import SMALL
 from matplotlib.image import imread
 
 from scripts.__main__ import main
-from scripts.network import RegistrationNet
-from scripts.phantom import generate_case, write_case
+from scripts.networks.registration import RegistrationNet
+from scripts.phantom.synth import generate_case, write_case
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.trained_model import REGISTRATION, SEGMENTATION, settings_of, stored_settings
+from scripts.weights.trained_model import REGISTRATION, SEGMENTATION, settings_of, stored_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -100,7 +100,7 @@ def test_settings_of_a_config_holding_python_objects():
 def test_the_shipped_torchscript_is_the_shipped_weights_of_this_version():
     """``models/model.ts`` (scripted by ``python -m scripts export``) gives ``models/model.pt``'s field through the
     inference config and carries this version's metadata: re-export it when the weights or the version change."""
-    from scripts.pipeline import load_weights
+    from scripts.inference.pipeline import load_weights
 
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(CONFIGS.parent / "models" / "model.ts"), _extra_files=extra)

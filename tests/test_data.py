@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import MR_AFFINE, write_case
 
-from scripts.data import load_split
-from scripts.io import InputError
+from scripts.data.datalist import load_split
+from scripts.data.nifti import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def test_metadata_passes_schema_offline():
 
 def test_overwrite_given_as_text_on_the_command_line_is_understood(tmp_path):
     """``--overwrite false`` reaches the code as the string "false", which Python would take as yes."""
-    from scripts.io import write_text
+    from scripts.data.nifti import write_text
 
     path = write_text("first", tmp_path / "out.txt")
     with pytest.raises(FileExistsError, match="already exists"):
@@ -159,7 +159,7 @@ def test_overwrite_given_as_text_on_the_command_line_is_understood(tmp_path):
         write_text("fourth", path, overwrite="maybe")
     with pytest.raises(InputError, match="overwrite must be true or false"):
         write_text("fifth", path, overwrite=2)
-    from scripts.io import flag
+    from scripts.data.nifti import flag
 
     assert [flag(v) for v in ("YES", " no ", "1", "0", 1, 0, "False")] == [True, False, True, False, True, False, False]
 
@@ -170,8 +170,8 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     import torch
     from monai.transforms import EnsureTyped
 
-    from scripts.data import case_cache_key, settings_cache_key
-    from scripts.transforms import PairToBoxd
+    from scripts.data.datalist import case_cache_key, settings_cache_key
+    from scripts.data.transforms import PairToBoxd
 
     def chain(size, crop=4):
         return [PairToBoxd(size, depth_crop=crop), EnsureTyped(keys=["image"], dtype=torch.float32)]
@@ -181,27 +181,27 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 32]))
     assert settings_cache_key(chain([48, 48, 40])) != settings_cache_key(chain([48, 48, 40], crop=2))
     # a changed default of the rigid step (not named in any config) is a new key too, and a mistyped name an error
-    import scripts.rigid
+    import scripts.spatial.rigid
 
     key = settings_cache_key(chain([48, 48, 40]))
-    defaults = scripts.rigid.rigid_prealign.__defaults__
+    defaults = scripts.spatial.rigid.rigid_prealign.__defaults__
     try:
-        scripts.rigid.rigid_prealign.__defaults__ = tuple(
+        scripts.spatial.rigid.rigid_prealign.__defaults__ = tuple(
             1.0 if v == 2.0 else v for v in defaults
         )  # 1 mm mask smoothing
         assert settings_cache_key(chain([48, 48, 40])) != key
     finally:
-        scripts.rigid.rigid_prealign.__defaults__ = defaults
+        scripts.spatial.rigid.rigid_prealign.__defaults__ = defaults
     assert settings_cache_key(chain([48, 48, 40])) == key
     # a new version of the pre-stage code (e.g. the rigid step's storage order) is a new key
-    import scripts.data
+    import scripts.data.datalist
 
-    version = scripts.data.PRESTAGE_VERSION
+    version = scripts.data.datalist.PRESTAGE_VERSION
     try:
-        scripts.data.PRESTAGE_VERSION = version + 1
+        scripts.data.datalist.PRESTAGE_VERSION = version + 1
         assert settings_cache_key(chain([48, 48, 40])) != key
     finally:
-        scripts.data.PRESTAGE_VERSION = version
+        scripts.data.datalist.PRESTAGE_VERSION = version
     with pytest.raises(InputError, match=r"rigid_args: unknown setting\(s\) \['iteration'\]"):
         PairToBoxd([48, 48, 40], rigid_args={"iteration": [10]})
 

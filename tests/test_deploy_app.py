@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import SMALL, write_case
 
-from scripts.network import RegistrationNet
-from scripts.pipeline import OUTPUTS
+from scripts.inference.pipeline import OUTPUTS
+from scripts.networks.registration import RegistrationNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
@@ -154,7 +154,7 @@ def test_app_reports_a_missing_input(deploy_env, tmp_path):
 def test_app_checks_the_weights_against_the_manifest_of_its_model_folder(deploy_env, pair, tmp_path):
     """The MAP layout of docs/deploy.md (``<model>/models/model.pt`` beside ``<model>/large_files.yml``): weights
     that differ from the manifest are refused before they are read, and nothing is written."""
-    from scripts.weights import write_manifest
+    from scripts.weights.manifest import write_manifest
 
     model = tmp_path / "model"
     (model / "models").mkdir(parents=True)

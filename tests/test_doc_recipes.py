@@ -4,7 +4,7 @@ Each ```python block of the section "Applying the transforms elsewhere" is execu
 folder registered with a rigid step and a deforming stand-in network, the pair linked as moving.nii.gz and
 fixed.nii.gz), then its variables are compared with the pipeline's outputs: warped images with
 warped_image.nii.gz (forward) and with the composed inverse field applied by ANTs (inverse), points with the
-bundle's own point mapping (scripts.points) and with each other after a round trip.
+bundle's own point mapping (scripts.spatial.points) and with each other after a round trip.
 """
 
 import os
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from test_pipeline import CROP, SIZE, ContentNet, case  # noqa: F401  (case: the oblique phantom fixture)
 
-from scripts.pipeline import OUTPUTS, register_pair
-from scripts.points import transform_points
+from scripts.inference.pipeline import OUTPUTS, register_pair
+from scripts.spatial.points import transform_points
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import initial_weights
 
-from scripts.evaluate import ddf_to_voxels, evaluate
-from scripts.io import InputError
+from scripts.data.nifti import InputError
+from scripts.evaluation.evaluate import ddf_to_voxels, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MR_SHAPE, US_SHAPE = (14, 12, 10), (10, 12, 10)
@@ -181,7 +181,7 @@ def test_override_of_the_inference_config_registers_then_scores(tmp_path):
     The network keeps its initial weights (a field of ~1e-5 voxels) and the rigid step is off, so the warped
     labels are the moving labels resampled through the affines: the score must match the identity method's.
     """
-    from scripts.phantom import synth
+    from scripts.phantom.synth import synth
 
     synth(tmp_path / "data", cases=3, seed=0, size="small", preview=False)  # one case per split
     files = "['configs/inference.json','configs/evaluate.json']"

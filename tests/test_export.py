@@ -1,4 +1,4 @@
-"""Tests of scripts/export.py: TorchScript, torch.export and ONNX exports agree with the eager networks.
+"""Tests of scripts/tools/export.py: TorchScript, torch.export and ONNX exports agree with the eager networks.
 
 Tiny random-weight networks on a 32^3 grid, built here directly from their classes (not through the
 bundle config), so a wrong config, wrong weights or a wrong conversion in the export shows up as a mismatch.
@@ -19,11 +19,11 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from scripts.export import adaptive_avg_pool3d_as_matmul, export
-from scripts.io import InputError
-from scripts.network import RegistrationNet
-from scripts.onnx_runtime import OnnxRegistrationNet
-from scripts.pipeline import OUTPUTS, register_pair
+from scripts.data.nifti import InputError
+from scripts.inference.pipeline import OUTPUTS, register_pair
+from scripts.networks.onnx_runtime import OnnxRegistrationNet
+from scripts.networks.registration import RegistrationNet
+from scripts.tools.export import adaptive_avg_pool3d_as_matmul, export
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -268,8 +268,8 @@ def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_
 
 
 def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_path):
-    """scripts.cli.load_registration (CLI, MONAI Label, Deploy) honours configs/inference_onnx.json."""
-    from scripts.cli import load_registration
+    """scripts.tools.cli.load_registration (CLI, MONAI Label, Deploy) honours configs/inference_onnx.json."""
+    from scripts.tools.cli import load_registration
 
     result, reg, *_ = exported
     root = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from _oblique import FIX, FIX_SHAPE, RAS2LPS, points
 
-from scripts.geometry import box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, reoriented_grid, sample
+from scripts.spatial.geometry import box_ddf_to_mm, grid_points, mm_to_box_ddf, network_box, reoriented_grid, sample
 
 AXIAL = np.array([[-0.8, 0, 0, 10], [0, 0.8, 0, -20], [0, 0, 0.8, 5], [0, 0, 0, 1.0]])  # LAS, 0.8 mm
 
@@ -101,7 +101,7 @@ def test_sample_linear_function_exact_and_zero_outside():
     assert sample(data, FIX, np.zeros((0, 3))).shape == (0,)
 
 
-# ---------------------------------------------------------------- one geometry for every reader (scripts/io.py)
+# ---------------------------------------------------------------- one geometry for every reader (scripts/data/nifti.py)
 
 
 def _header_file(path, affine, scode=1, qcode=1, sform=None, shape=(6, 7, 5), raw=None):
@@ -183,7 +183,7 @@ ACCEPTED = {
 
 @pytest.mark.parametrize("variant", list(ACCEPTED))
 def test_nibabel_itk_and_ants_read_one_geometry_from_every_accepted_header(variant, tmp_path):
-    from scripts.io import read_nifti
+    from scripts.data.nifti import read_nifti
 
     path = ACCEPTED[variant](tmp_path / "image.nii")
     read_nifti(path)  # accepted
@@ -252,7 +252,7 @@ REFUSED = {
 def test_headers_read_differently_are_refused_naming_the_file(variant, tmp_path):
     import re
 
-    from scripts.io import InputError, read_nifti
+    from scripts.data.nifti import InputError, read_nifti
 
     make, message, ants_reads = REFUSED[variant]
     path = make(tmp_path / "image.nii")
@@ -269,7 +269,7 @@ def test_headers_read_differently_are_refused_naming_the_file(variant, tmp_path)
 
 
 def test_too_few_voxels_along_an_axis_is_refused_when_asked(tmp_path):
-    from scripts.io import MIN_VOXELS_PER_AXIS, InputError, read_nifti
+    from scripts.data.nifti import MIN_VOXELS_PER_AXIS, InputError, read_nifti
 
     path = _header_file(tmp_path / "slab.nii", FIX, shape=(6, 7, 1))
     assert read_nifti(path).shape == (6, 7, 1)  # any one-slice image is a valid NIfTI file ...

@@ -1,4 +1,4 @@
-"""Tests of scripts/losses.py and the task-mask objectives of scripts/task_mask.py (expected values by hand)."""
+"""Tests of scripts/training/losses.py and the task-mask objectives of scripts/training/iteration.py (expected values by hand)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.losses import RegistrationLoss, composite_loss, masked_mutual_information
-from scripts.task_mask import difficulty_targets, mask_objective
+from scripts.training.iteration import difficulty_targets, mask_objective
+from scripts.training.losses import RegistrationLoss, composite_loss, masked_mutual_information
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -1,11 +1,11 @@
-"""glibc keeps the registration's large arrays in the heap (scripts/memory.py)."""
+"""glibc keeps the registration's large arrays in the heap (scripts/inference/memory.py)."""
 
 import ctypes
 import ctypes.util
 
 import numpy as np
 
-from scripts.memory import keep_freed_memory
+from scripts.inference.memory import keep_freed_memory
 
 
 class _MallInfo2(ctypes.Structure):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.io import InputError
-from scripts.metrics import (
+from scripts.data.nifti import InputError
+from scripts.evaluation.metrics import (
     aggregate,
     case_metrics,
     centroid,

@@ -29,7 +29,7 @@ import torch
 from monai.bundle import ConfigParser
 from nibabel.processing import resample_from_to
 
-from scripts.phantom import synth
+from scripts.phantom.synth import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-monailabel"

@@ -1,4 +1,4 @@
-"""configs/multi_gpu_train.json and scripts/distributed.py: DDP training under torchrun, on the CPU with gloo.
+"""configs/multi_gpu_train.json and scripts/training/distributed.py: DDP training under torchrun, on the CPU with gloo.
 
 * End to end: ``torchrun --nproc_per_node 2`` runs the bundle on the tiny sphere data set of
   ``test_training.py``; both ranks must end with identical weights (every parameter, task-mask subnet
@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_training import NO_RIGID, ROOT, SMALL_NET, make_dataset
 
-from scripts.losses import RegistrationLoss
-from scripts.network import RegistrationNet
-from scripts.task_mask import RegistrationIteration
+from scripts.networks.registration import RegistrationNet
+from scripts.training.iteration import RegistrationIteration
+from scripts.training.losses import RegistrationLoss
 
 TINY_NET = dict(
     encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4),
@@ -122,7 +122,7 @@ def _grad_worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        from scripts.distributed import RegistrationDDP
+        from scripts.training.distributed import RegistrationDDP
 
         torch.manual_seed(0)
         ddp = RegistrationDDP(RegistrationNet(**TINY_NET))

@@ -1,4 +1,4 @@
-"""Tests of scripts/network.py and scripts/blocks.py (tiny grids and reduced channels, CPU)."""
+"""Tests of scripts/networks/registration.py and scripts/networks/blocks.py (tiny grids and reduced channels, CPU)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from monai.engines import SupervisedTrainer
 from monai.networks.blocks import Warp
 from scipy.ndimage import gaussian_filter
 
-from scripts.blocks import MSFA, CrossModalGate, chunk_bounds
-from scripts.losses import RegistrationLoss
-from scripts.network import RegistrationNet
-from scripts.task_mask import RegistrationIteration
+from scripts.networks.blocks import MSFA, CrossModalGate, chunk_bounds
+from scripts.networks.registration import RegistrationNet
+from scripts.training.iteration import RegistrationIteration
+from scripts.training.losses import RegistrationLoss
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -283,7 +283,7 @@ def test_grad_clip_bounds_the_registration_step():
 
 BF16_BACKWARD = """
 import torch
-from scripts.blocks import MSFA
+from scripts.networks.blocks import MSFA
 torch.manual_seed(0)
 msfa = MSFA(16, (3, 5, 7), "paper")
 x = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
@@ -344,7 +344,7 @@ def test_iteration_passes_the_true_field_to_the_field_term():
 def test_state_dict_carries_the_trained_settings_and_refuses_another_network_def():
     from monai.networks.utils import copy_model_state
 
-    from scripts.network import SETTINGS_BYTES, decode_settings, encode_settings
+    from scripts.networks.registration import SETTINGS_BYTES, decode_settings, encode_settings
 
     settings = {"spatial_size": [16, 16, 16], "network_def": {"msfa_mode": "paper", "encoder_channels": [4, 8, 8, 8]}}
     assert decode_settings(encode_settings(settings)) == settings and decode_settings(encode_settings({})) == {}
@@ -388,7 +388,7 @@ def test_torchscript_compiles_the_network_and_gives_the_eager_field(variant):
 
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 def test_the_scriptable_warp_is_monais_warp(padding):
-    from scripts.blocks import GridCachedWarp
+    from scripts.networks.blocks import GridCachedWarp
 
     g = torch.Generator().manual_seed(0)
     image, ddf = torch.rand(2, 3, 9, 11, 7, generator=g), 3 * torch.randn(2, 3, 9, 11, 7, generator=g)

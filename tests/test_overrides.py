@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from scripts.io import InputError
+from scripts.data.nifti import InputError
 from scripts.overrides import check_overrides, config_ids
 
 BUNDLE = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"
@@ -80,7 +80,7 @@ def test_a_yes_no_override_that_would_be_misread_is_refused(value, message):
     )  # read as yes
     with pytest.raises(InputError, match=message):
         check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", value])
-    # python -m scripts run reads yes/no words itself (scripts/runner.py), so only the unreadable one is refused there
+    # python -m scripts run reads yes/no words itself (scripts/tools/runner.py), so only the unreadable one is refused there
     wrapper = ["/b/scripts/__main__.py", "run", "training", "--config_file", TRAIN, "--network_def#task_mask", value]
     if value == "flase":
         with pytest.raises(InputError, match=message):
@@ -92,7 +92,7 @@ def test_a_yes_no_override_that_would_be_misread_is_refused(value, message):
 @pytest.mark.parametrize("value, expected", [("false", False), ("No", False), ("TRUE", True), ("1", True)])
 def test_the_runner_reads_yes_no_words_as_bools(tmp_path, value, expected):
     """``python -m scripts run`` hands the config a real bool for a yes/no id (fire would pass the text)."""
-    from scripts.runner import run
+    from scripts.tools.runner import run
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"switch": True, "out": "", "run": ["$open(@out, 'w').write(repr(@switch))"]}))

@@ -1,4 +1,4 @@
-"""Tests of scripts/package.py and scripts/weights.py: the zoo-ready package, its manifest, and that the
+"""Tests of scripts/tools/package.py and scripts/weights/manifest.py: the zoo-ready package, its manifest, and that the
 packaged bundle, copied elsewhere, passes MONAI's bundle checks and runs inference through MONAI's bundle API."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 from conftest import US_AFFINE, write_case
 from monai.bundle import ConfigParser
 
-from scripts.io import InputError
-from scripts.network import RegistrationNet
-from scripts.package import package
-from scripts.trained_model import settings_of
-from scripts.weights import verify_weights, write_manifest
+from scripts.data.nifti import InputError
+from scripts.networks.registration import RegistrationNet
+from scripts.tools.package import package
+from scripts.weights.manifest import verify_weights, write_manifest
+from scripts.weights.trained_model import settings_of
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -101,7 +101,7 @@ def test_layout_and_manifest(source, packaged):
     for rel in (
         "configs/metadata.json",
         "configs/inference.json",
-        "scripts/network.py",
+        "scripts/networks/registration.py",
         "docs/README.md",
         "docs/data_license.txt",
         "LICENSE",
@@ -244,7 +244,7 @@ print(json.dumps({"shape": list(ddf.shape), "max": float(ddf.abs().max()), "vers
 def test_monai_load_of_the_exported_torchscript_needs_no_bundle_code(packaged, tmp_path):
     """With ``models/model.ts`` (``python -m scripts export``), ``monai.bundle.load(..., load_ts_module=True)``
     gives the compiled network with none of the bundle's code on ``sys.path``; scripted, it takes any grid."""
-    from scripts.export import export
+    from scripts.tools.export import export
 
     copy = tmp_path / "hub" / packaged.name
     shutil.copytree(packaged, copy)
@@ -266,8 +266,8 @@ def test_package_refuses_a_wrapped_checkpoint(source, tmp_path):
 def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
     """export and package check large_files.yml before reading the weights (package used to hash the replaced
     file into the new manifest), and so does load_weights for a checkpoint inside another bundle."""
-    from scripts.export import export
-    from scripts.pipeline import load_weights
+    from scripts.inference.pipeline import load_weights
+    from scripts.tools.export import export
 
     copy = tmp_path / "bundle"
     shutil.copytree(source, copy)
@@ -291,8 +291,8 @@ def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
 def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tmp_path):
     """make-model writing models/model.pt of a bundle sets that file's entry to the new hash (so the new weights
     load); the other entries are kept as they were, so a file replaced behind the manifest stays refused."""
-    from scripts.pipeline import load_weights
-    from scripts.trained_model import make_model
+    from scripts.inference.pipeline import load_weights
+    from scripts.weights.trained_model import make_model
 
     copy = tmp_path / "bundle"
     shutil.copytree(source, copy)

@@ -15,9 +15,9 @@ import pytest
 from scipy import ndimage
 
 from scripts.__main__ import main as cli
-from scripts.io import InputError
-from scripts.phantom import generate_case, split_counts, synth, write_case
-from scripts.phantom_transform import PhantomTransform
+from scripts.data.nifti import InputError
+from scripts.phantom.synth import generate_case, split_counts, synth, write_case
+from scripts.phantom.transform import PhantomTransform
 
 SMALL_SPACING = 2.4
 FLIP = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.io import write_nifti
-from scripts.phantom import synth
+from scripts.data.nifti import write_nifti
+from scripts.phantom.synth import synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import phantom_difficulty as difficulty  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests of the phantom presets (scripts/phantom.py PRESETS): basic frozen, realistic calibrated and invertible,
+"""Tests of the phantom presets (scripts/phantom/synth.py PRESETS): basic frozen, realistic calibrated and invertible,
 observer labels that differ from the analytic truth, the shifted holdout harder.
 
 Expected values come from outside the generator: the basic-preset digest was computed with the
@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.io import InputError
-from scripts.phantom import PRESETS, draw_geometry, generate_case, synth
-from scripts.phantom_fit import calibration
+from scripts.data.nifti import InputError
+from scripts.phantom.fit import calibration
+from scripts.phantom.synth import PRESETS, draw_geometry, generate_case, synth
 
 BASIC_DIGEST = "567ac78def77a6e549b9628ca63e4722c6cd4f57d0768f065f0997853f604b1a"  # commit 6179119, seed 0, cases 0-2
 # seed 0, case 0, small; computed with the generator at commit 4a8fb7c, before its in-place speed-ups: the data the

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from _oblique import dice
 from monai.networks.blocks import DVF2DDF
 
-from scripts.geometry import network_box, sample
-from scripts.phantom import generate_case, write_case
-from scripts.pipeline import OUTPUTS, field_as_network, register_pair
+from scripts.inference.pipeline import OUTPUTS, field_as_network, register_pair
+from scripts.phantom.synth import generate_case, write_case
+from scripts.spatial.geometry import network_box, sample
 
 SIZE, CROP = (32, 40, 24), 2
 CASE = "case000002"  # index % 3 == 2: the phantom's oblique TRUS grid

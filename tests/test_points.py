@@ -1,4 +1,4 @@
-"""Point, markup and label mapping through written transforms (scripts/points.py, configs/map_points.json).
+"""Point, markup and label mapping through written transforms (scripts/spatial/points.py, configs/map_points.json).
 
 Hand-made fields give hand-worked expectations; a phantom case registered with its ground-truth field
 checks that MR landmark centres land on their analytic TRUS positions.
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from scripts.geometry import network_box
-from scripts.io import InputError
-from scripts.phantom import generate_case, write_case
-from scripts.pipeline import field_as_network, register_pair
-from scripts.points import MARKUPS_SCHEMA, map_files, read_points_csv
-from scripts.transform_io import write_field_nifti
+from scripts.data.nifti import InputError
+from scripts.inference.pipeline import field_as_network, register_pair
+from scripts.phantom.synth import generate_case, write_case
+from scripts.spatial.composed import write_field_nifti
+from scripts.spatial.geometry import network_box
+from scripts.spatial.points import MARKUPS_SCHEMA, map_files, read_points_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 # 10^3 grid, 2 mm voxels, RAS coordinate of voxel i = 2 i - 9 on every axis
@@ -394,7 +394,7 @@ def test_map_points_config_maps_the_trus_gland_onto_the_mr_gland(ground_truth_ca
 
 
 def test_markups_whose_control_points_are_not_a_list_are_refused(tmp_path):
-    from scripts.points import read_markups
+    from scripts.spatial.points import read_markups
 
     document = _markups("LPS", {"t1": [1.0, 2.0, 3.0]})
     document["markups"][0]["controlPoints"] = None

@@ -1,4 +1,4 @@
-"""Quality verdict (scripts/qc.py): hand-made folders with known numbers, registrations of a small synthetic
+"""Quality verdict (scripts/evaluation/qc.py): hand-made folders with known numbers, registrations of a small synthetic
 pair through given rigids (a 20 mm failure: fail; identity: pass; the gland-shift threshold's boundary), and
 phantom registrations (ground-truth field: pass; swapped cases: fail)."""
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import write_case as write_small_case
 
-from scripts.geometry import network_box
-from scripts.phantom import generate_case, write_case
-from scripts.pictures import write_index
-from scripts.pipeline import field_as_network, lost_channels, register_pair
-from scripts.qc import QC_FILE, deformable_part, gland_shift, quality_check
-from scripts.transform_io import write_field_nifti
+from scripts.evaluation.pictures import write_index
+from scripts.evaluation.qc import QC_FILE, deformable_part, gland_shift, quality_check
+from scripts.inference.pipeline import field_as_network, lost_channels, register_pair
+from scripts.phantom.synth import generate_case, write_case
+from scripts.spatial.composed import write_field_nifti
+from scripts.spatial.geometry import network_box
 
 SIZE = (32, 40, 24)
 
@@ -279,7 +279,7 @@ def test_the_keep_structures_postprocessing_keeps_a_landmark_that_the_plain_thre
     postprocessing keeps its peak voxels, and leaves the large gland exactly as the plain threshold does."""
     from monai.bundle import ConfigParser
 
-    from scripts.transforms import ThresholdKeepingStructures
+    from scripts.data.transforms import ThresholdKeepingStructures
 
     paths = write_small_case(tmp_path / "data", "holdout", "case000000", channels=2)
     labels = nib.load(paths["mr_label"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _oblique import FIX, FIX_SHAPE, MOV, MOV_SHAPE, RAS2LPS, RIGID, gland, image, points
 
-from scripts.io import write_nifti
-from scripts.rigid import rigid_prealign
+from scripts.data.nifti import write_nifti
+from scripts.spatial.rigid import rigid_prealign
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_implausible_mask_result_falls_back_to_images(pair):
 
 
 def test_schedule_keeps_its_physical_levels_on_other_voxel_sizes():
-    from scripts.rigid import scaled_schedule
+    from scripts.spatial.rigid import scaled_schedule
 
     assert scaled_schedule((8, 4), (3, 2), 0.8, 0.8) == ((8, 4), (3.0, 2.0))  # μ-RegPro's grids: as configured
     assert scaled_schedule((8, 4), (3, 2), 2.4, 0.8) == (
@@ -74,7 +74,7 @@ def test_schedule_keeps_its_physical_levels_on_other_voxel_sizes():
 
 
 def test_a_schedule_with_unequal_levels_is_one_clear_error(pair):
-    from scripts.io import InputError
+    from scripts.data.nifti import InputError
 
     with pytest.raises(InputError, match="one value per level, got 3, 2 and 2 values"):
         rigid_prealign(pair / "fixed.nii.gz", pair / "moving.nii.gz", iterations=(50, 25, 10))
@@ -104,7 +104,7 @@ FIX_EXACT[:3, 3] = np.round(FIX[:3, 3] * 2**8) / 2**8
 @pytest.fixture(scope="module")
 def exact_pair(tmp_path_factory):
     """``pair`` on FIX_EXACT."""
-    from scripts.io import write_nifti
+    from scripts.data.nifti import write_nifti
 
     d = tmp_path_factory.mktemp("rigid_exact")
     q = points(FIX_EXACT, FIX_SHAPE) @ RIGID[:3, :3].T + RIGID[:3, 3]
@@ -119,7 +119,7 @@ def _stored(pair, folder, orientations):
     """Copies of the pair's four files, each image and its mask stored in the order ``orientations[role]``."""
     from nibabel.orientations import apply_orientation, inv_ornt_aff
 
-    from scripts.io import write_nifti
+    from scripts.data.nifti import write_nifti
 
     folder.mkdir()
     for role, names in FILES.items():
@@ -146,7 +146,7 @@ def _rigid_single_threaded(folders, masks: bool):
 
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import json, sys\nfrom scripts.rigid import rigid_prealign\nout = []\n"
+        "import json, sys\nfrom scripts.spatial.rigid import rigid_prealign\nout = []\n"
         "for d in sys.argv[2:]:\n"
         "    f = [f'{d}/{n}.nii.gz' for n in ('fixed', 'moving', 'fixed_mask', 'moving_mask')]\n"
         "    out.append(rigid_prealign(*(f if sys.argv[1] == '1' else f[:2]))[0].tolist())\n"
@@ -170,7 +170,7 @@ def test_flipped_or_permuted_copies_give_the_same_rigid(exact_pair, tmp_path, ma
     """ANTs is not invariant to the storage order (before: the copies moved the result by 0.25 mm on average over the
     gland, up to 0.48 mm, on this pair; 0.46 mm, up to 2.6 mm, on realistic phantom pairs, docs/pipeline.md);
     rigid_prealign hands it every image in the closest RAS+ order instead: the same data, the same matrix."""
-    from scripts.rigid import _read
+    from scripts.spatial.rigid import _read
 
     pair = exact_pair
     folders = [_stored(pair, tmp_path / name.replace(" ", "_"), o) for name, o in STORAGE.items()]

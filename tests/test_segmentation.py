@@ -18,11 +18,11 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from scripts.geometry import apply_affine, grid_points, network_box, sample
-from scripts.io import InputError
-from scripts.phantom import generate_case, write_case
-from scripts.pipeline import MASK_OUTPUTS, OUTPUTS, register_pair
-from scripts.segmentation import check_new_output, gland_items, load_segmenter
+from scripts.data.nifti import InputError
+from scripts.inference.pipeline import MASK_OUTPUTS, OUTPUTS, register_pair
+from scripts.inference.segmentation import check_new_output, gland_items, load_segmenter
+from scripts.phantom.synth import generate_case, write_case
+from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"train": [0, 1, 2, 3], "val": [5]}  # index % 3 == 2: oblique TRUS grid

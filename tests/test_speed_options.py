@@ -4,8 +4,8 @@ benchmark's network override files build the configs' network."""
 import torch
 from monai.networks.blocks import Warp
 
-from scripts.blocks import GridCachedWarp
-from scripts.network import RegistrationNet
+from scripts.networks.blocks import GridCachedWarp
+from scripts.networks.registration import RegistrationNet
 
 
 def _field(n, shape, scale, seed):
@@ -73,7 +73,7 @@ def test_benchmark_variant_file_builds_the_network_of_the_config():
 
 def test_loss_grid_cache_gives_the_default_loss_and_gradients():
     """RegistrationLoss(grid_cache=True) warps with GridCachedWarp; value and ddf gradient as MONAI's Warp."""
-    from scripts.losses import RegistrationLoss
+    from scripts.training.losses import RegistrationLoss
 
     g = torch.Generator().manual_seed(3)
     shape = (12, 10, 20)

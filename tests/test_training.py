@@ -1,4 +1,4 @@
-"""configs/train.json and scripts/training.py: run folders, checkpoints, resume, and a short training that learns.
+"""configs/train.json and scripts/training/run_folder.py: run folders, checkpoints, resume, and a short training that learns.
 
 The end-to-end tests run ``python -m monai.bundle`` in a subprocess on a tiny synthetic data set
 written here: a spherical gland whose TRUS copy is the MR copy shifted by a fixed 9.5 mm, on
@@ -21,10 +21,10 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from scripts.io import InputError
-from scripts.network import decode_settings
-from scripts.trained_model import EXTRA_STATE
-from scripts.training import (
+from scripts.data.nifti import InputError
+from scripts.data.transforms import LandmarkErrord, PairToBoxd, TrueFieldToBoxd, Warpd
+from scripts.networks.registration import decode_settings
+from scripts.training.run_folder import (
     AtomicCheckpointSaver,
     RngState,
     active_config,
@@ -32,7 +32,7 @@ from scripts.training import (
     drop_replaced_run,
     prepare_run_dir,
 )
-from scripts.transforms import LandmarkErrord, PairToBoxd, TrueFieldToBoxd, Warpd
+from scripts.weights.trained_model import EXTRA_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,9 +193,9 @@ def test_same_command_resumes_and_changed_config_needs_overwrite(trained, tmp_pa
 
 def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
     """The default pipeline (ANTs rigid on the gland masks, ROI images) on small phantom data, 10 seeded epochs."""
-    from scripts.evaluate import identity_warp, read_label
-    from scripts.metrics import soft_dice
-    from scripts.phantom import synth
+    from scripts.evaluation.evaluate import identity_warp, read_label
+    from scripts.evaluation.metrics import soft_dice
+    from scripts.phantom.synth import synth
 
     synth(tmp_path / "data", cases=6, seed=0, size="small", preview=False)  # 4 train, 1 val, 1 holdout
     rc, log = run_bundle(
@@ -302,9 +302,9 @@ def test_fingerprint_ignores_listed_ids_only():
 def test_active_config_sees_overrides():
     parser = ConfigParser(
         {
-            "imports": ["$import scripts", "$import scripts.training"],
+            "imports": ["$import scripts", "$import scripts.training.run_folder"],
             "a": 1,
-            "seen": "$scripts.training.active_config()",
+            "seen": "$scripts.training.run_folder.active_config()",
         }
     )
     parser.update({"a": 2})
@@ -399,9 +399,9 @@ def test_landmark_error_measures_centroid_shifts_in_mm_on_the_box(tmp_path):
 def test_true_field_target_warps_the_moving_labels_onto_the_fixed_ones(tmp_path):
     """TrueFieldToBoxd turns the phantom's true map into the network's box field after the case's rigid:
     warping the moving labels with it must land on the fixed labels far better than the rigid alone."""
-    from scripts.data import load_split
-    from scripts.metrics import soft_dice
-    from scripts.phantom import synth
+    from scripts.data.datalist import load_split
+    from scripts.evaluation.metrics import soft_dice
+    from scripts.phantom.synth import synth
 
     synth(str(tmp_path / "data"), cases=2, seed=0, size="small", splits="1,0,0", preview=False)
     item = load_split(tmp_path / "data", "train", "mr2us")[1]
@@ -418,7 +418,7 @@ def test_true_field_target_warps_the_moving_labels_onto_the_fixed_ones(tmp_path)
 def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cache(tmp_path):
     """loss#field_weight > 0 appends TrueFieldToBoxd after the cached transforms: the PersistentDataset
     hash (hence the cached pre-stage) stays that of the runs without it, and the iteration passes true_ddf on."""
-    from scripts.phantom import synth
+    from scripts.phantom.synth import synth
 
     synth(str(tmp_path / "data"), cases=2, seed=0, size="small", splits="1,0,0", preview=False)
     datasets = {}
@@ -437,8 +437,8 @@ def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cac
 def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
     """``make-model`` writes the run's best weights with its grid and network; the CLI loader runs them with
     those settings and stops, naming the difference, when the config gives another grid or width."""
-    from scripts.cli import load_registration
-    from scripts.trained_model import make_model
+    from scripts.tools.cli import load_registration
+    from scripts.weights.trained_model import make_model
 
     data, run, _, _ = trained
     out = tmp_path / "model.pt"

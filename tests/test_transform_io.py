@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from _oblique import FIX, FIX_SHAPE, MOV, MOV_SHAPE, RIGID, dice, full_map, gland, image, points, u
 
-from scripts.geometry import network_box
-from scripts.io import write_nifti
-from scripts.transform_io import (
+from scripts.data.nifti import write_nifti
+from scripts.spatial.composed import (
     compose_field,
     inverse_composed_field,
     invert_box_field,
@@ -25,6 +24,7 @@ from scripts.transform_io import (
     write_field_h5,
     write_field_nifti,
 )
+from scripts.spatial.geometry import network_box
 
 SIZE, CROP = (16, 16, 12), 2
 
@@ -157,7 +157,7 @@ def test_inverse_maps_landmarks_back_and_ants_applies_it(scene, tmp_path):
     inverse = inverse_composed_field(w_box, box, RIGID, MOV, MOV_SHAPE)
     # landmark centres: gland centre of the fixed image and two more interior points
     landmarks = np.array([[1.0, 0.5, -0.5], [-4.0, 3.0, 2.0], [3.0, -2.0, -3.0]])
-    from scripts.geometry import sample
+    from scripts.spatial.geometry import sample
 
     forward = landmarks + sample(composed, FIX, landmarks)
     np.testing.assert_allclose(forward, full_map(landmarks), atol=0.05)

@@ -1,8 +1,8 @@
 """The MONAI Deploy operator that registers one moving/fixed NIfTI pair with the bundle's pipeline.
 
 It builds nothing of its own: the network, its weights and every ``register_pair`` setting come from
-``configs/inference.json`` through :func:`scripts.cli.load_registration` (the CLI's loader), and the
-registration is :func:`scripts.pipeline.register_pair`, the function ``configs/inference.json`` runs.
+``configs/inference.json`` through :func:`scripts.tools.cli.load_registration` (the CLI's loader), and the
+registration is :func:`scripts.inference.pipeline.register_pair`, the function ``configs/inference.json`` runs.
 Inputs, outputs and settings are described in ``docs/deploy.md``.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from monai.bundle import ConfigParser
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from scripts.cli import CONFIG, load_registration
-from scripts.io import InputError
-from scripts.pipeline import register_pair
+from scripts.data.nifti import InputError
+from scripts.inference.pipeline import register_pair
+from scripts.tools.cli import CONFIG, load_registration
 
 __all__ = ["INPUTS", "OVERRIDES", "RegistrationOperator", "find_inputs", "find_model"]
 
@@ -61,7 +61,7 @@ def find_model(path) -> tuple[str | None, str | None]:
     ``path`` is a checkpoint file, or a folder holding ``model.pt`` directly or in one sub-folder (the layout
     of a packaged app's ``/opt/holoscan/models/<name>/``), either of them possibly a bundle-like folder with
     ``models/model.pt`` beside its ``large_files.yml``: the weights are then checked against that manifest
-    before they are read (:func:`scripts.weights.verify_checkpoint`). ``inference_overrides.json`` beside the checkpoint
+    before they are read (:func:`scripts.weights.manifest.verify_checkpoint`). ``inference_overrides.json`` beside the checkpoint
     is returned as the override config. ``(None, None)`` when there is no checkpoint: the config's own
     ``checkpoint`` is used then (``models/model.pt``; missing: rigid only, with a warning).
     """

@@ -8,8 +8,8 @@ Naming rule of the datastore (``--studies`` folder; ``docs/monailabel.md``)::
                                             or 3-D (gland only)
 
 MONAI Label lists only the NIfTI files at the top of the datastore, so the MR files in sub-folders are never
-offered as images. The registration is the bundle's own :func:`scripts.pipeline.register_pair` (mr2us: moving MR,
-fixed TRUS) with the settings of :func:`scripts.cli.load_registration`; this module only finds the files and turns
+offered as images. The registration is the bundle's own :func:`scripts.inference.pipeline.register_pair` (mr2us: moving MR,
+fixed TRUS) with the settings of :func:`scripts.tools.cli.load_registration`; this module only finds the files and turns
 the warped channel-last labels into one label map on the TRUS grid.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from scripts.cli import load_registration
-from scripts.io import InputError, write_nifti
-from scripts.pipeline import OUTPUTS, register_pair
+from scripts.data.nifti import InputError, write_nifti
+from scripts.inference.pipeline import OUTPUTS, register_pair
+from scripts.tools.cli import load_registration
 
 __all__ = [
     "MR_IMAGES",

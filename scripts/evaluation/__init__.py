@@ -1,0 +1,1 @@
+"""Evaluation: μ-RegPro metrics, QC verdicts, pictures and the per-split evaluation."""

@@ -1,0 +1,1 @@
+"""Inference: the pair stage, the registrar, the gland segmenter, stage timing and memory settings."""

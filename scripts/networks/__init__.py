@@ -1,0 +1,1 @@
+"""The networks: the registration network, its blocks, the baselines behind its interface, ONNX Runtime."""

@@ -1,0 +1,1 @@
+"""The synthetic MR–TRUS phantom: anatomy, appearance, known transform, ideal fits, previews."""

@@ -1,0 +1,426 @@
+"""Command line for the biopsy workflow (``python -m scripts register|register-folder|map-points``).
+
+Each registered case gets the pipeline's files (``docs/pipeline.md``), ``qc.json`` (:mod:`scripts.evaluation.qc`),
+three PNGs (:mod:`scripts.evaluation.pictures`) and, when points are given, the points mapped into fixed space
+(:mod:`scripts.spatial.points`). The network, its box and pre/post-processing come from ``configs/inference.json``,
+so the CLI registers exactly as the bundle config does. ``docs/biopsy.md`` is the user guide.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import sys
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from scripts.data.case_folder import case_transaction
+from scripts.data.datalist import check_direction, load_split
+from scripts.data.nifti import InputError, flag, read_nifti, same_grid, write_json
+from scripts.evaluation.pictures import case_pictures, write_index
+from scripts.evaluation.qc import quality_check
+from scripts.inference.pipeline import load_weights, refuse_taken_case_folders, register_pair
+from scripts.inference.timing import StageTimer, summary
+from scripts.spatial.points import check_point_files, map_files
+from scripts.weights.trained_model import settings_of
+
+__all__ = ["register", "register_folder", "map_points", "load_registration"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
+# register_pair settings read from the inference config
+CONFIG_KEYS = (
+    "spatial_size",
+    "depth_crop",
+    "axcodes",
+    "rigid_args",
+    "int_steps",
+    "label_threshold",
+    "preprocessing",
+    "inferer",
+    "postprocessing",
+    "device",
+    "amp",
+)
+GLAND_SOURCES = ("auto", "predicted", "label", "none")
+
+
+def load_registration(config_file=None, checkpoint=None, use_network: bool = True) -> tuple[object, dict]:
+    """The network (``network_def`` of the inference config, weights loaded) and the other ``register_pair`` settings.
+
+    Without a ``checkpoint`` argument the config's (``models/model.pt``) is used; if that file does not
+    exist, a warning is printed and the network is ``None`` (rigid-only registration). A ``checkpoint``
+    given explicitly must exist. When the config's ``use_seg`` is on and its gland segmenter weights
+    (``seg_checkpoint``, ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
+    both glands (used by the rigid step, ``roi_mask`` and the QC). A config whose ``network`` is an object
+    of its own (``configs/inference_onnx.json``: the ONNX file on ONNX Runtime) gives that network instead.
+    ``use_network=False``: no network (``None``: the rigid step only, for comparison), the rest as above.
+    """
+    files = (
+        [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    )
+    for path in files:
+        if not Path(path).is_file():
+            raise InputError(
+                f"{path}: config {'is a folder, not a file' if Path(path).is_dir() else 'file does not exist'}"
+            )
+    parser = ConfigParser()
+    for path in files:  # one by one, so that a file that does not parse is named
+        try:
+            parser.load_config_file(str(path))
+        except Exception as err:  # json and yaml raise their own types
+            raise InputError(f"{path}: cannot read the config ({type(err).__name__}: {err})") from None
+    parser.read_config([str(f) for f in files])  # later files override earlier ones, as with the bundle runner
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
+    seg_weights = parser.get("seg_checkpoint") and Path(parser.get_parsed_content("seg_checkpoint"))
+    roi_mask = flag(parser.get_parsed_content("roi_mask"), "roi_mask")
+    if flag(parser.get_parsed_content("use_seg"), "use_seg") and seg_weights and seg_weights.is_file():
+        parser["use_seg"] = True
+        settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
+    elif roi_mask:
+        cause = (
+            f"no gland segmenter weights at {seg_weights}"
+            if flag(parser.get_parsed_content("use_seg"), "use_seg")
+            else "the gland segmenter is switched off (use_seg false)"
+        )
+        print(
+            f"WARNING: {cause}: the network gets whole images, not the ROI images it was trained on (roi_mask); "
+            "give moving and fixed gland masks, or use the segmenter (configs/seg_train.json trains one).",
+            file=sys.stderr,
+        )
+    if not flag(use_network, "use_network"):
+        return None, settings
+    if isinstance(parser.get("network"), dict):  # the config builds its own network (configs/inference_onnx.json)
+        if checkpoint is not None:
+            raise InputError(
+                f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
+                "does not load PyTorch checkpoints; leave --checkpoint out"
+            )
+        return parser.get_parsed_content("network"), settings
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        problem = (
+            "is a folder, not a checkpoint file" if Path(checkpoint).is_dir() else "checkpoint file does not exist"
+        )
+        raise InputError(f"{checkpoint}: {problem}")
+    weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
+    if not weights.is_file():
+        print(
+            f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
+            "part). Train the network (configs/train.json) or pass --checkpoint.",
+            file=sys.stderr,
+        )
+        return None, settings
+    network = load_weights(
+        parser.get_parsed_content("network_def"), str(weights), settings["device"], settings=settings_of(parser)
+    )
+    return network, settings
+
+
+QC_FAIL_STATUS = 3  # exit status of a run whose outputs are written but whose QC says "fail"
+QC_FIXED = ("case_dir", "fixed_gland", "gland_source", "moving_gland", "overwrite")  # quality_check's non-thresholds
+
+
+def check_qc_settings(qc) -> dict:
+    """The ``--qc`` thresholds as a dict, refused (:class:`InputError`) unless every key is a threshold of
+    :func:`scripts.evaluation.qc.quality_check` (with the nearest one named) and every value a number (or null)."""
+    if qc is None:
+        return {}
+    if not isinstance(qc, dict):
+        raise InputError(f"--qc must be a dict of thresholds such as {{min_gland_dice: 0.8}}, got {qc!r}")
+    known = [k for k in inspect.signature(quality_check).parameters if k not in QC_FIXED]
+    for key, value in qc.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise InputError(
+                f"--qc: unknown threshold {key!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; known: {', '.join(known)}"
+            )
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"--qc: {key} must be a number, got {value!r}")
+        if "dice" in key and value is not None and not 0 <= value <= 1:
+            raise InputError(f"--qc: {key} is a Dice, between 0 and 1, got {value!r}")
+    return qc
+
+
+def _check_case_inputs(fixed, fixed_gland, points, frame) -> None:
+    """What a case reads after the registration, checked before it: the QC's fixed gland (readable, on the fixed
+    image's grid) and the point files (readable, frame stated)."""
+    if fixed_gland is not None:
+        mask = read_nifti(fixed_gland, ndim=(3, 4), what="fixed gland")
+        if not same_grid(mask, read_nifti(fixed, ndim=3, what="fixed image")):
+            raise InputError(f"{fixed_gland}: fixed gland mask is not on the fixed image's grid ({fixed})")
+    check_point_files(points, frame)
+
+
+def _register_case(
+    network,
+    settings,
+    moving,
+    fixed,
+    out,
+    moving_labels,
+    direction,
+    fixed_gland,
+    gland_source,
+    points,
+    frame,
+    use_rigid,
+    pictures,
+    qc,
+    overwrite,
+    timer=None,
+    settings_files=(),
+) -> dict:
+    """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
+
+    ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
+    the pipeline's own prediction (``result.json``'s ``masks``) instead. ``result.json``'s ``seconds`` gains the
+    qc, pictures and points stages, and its total becomes the whole case's wall time (since ``timer`` started,
+    when one is given: e.g. with the network's loading). ``settings_files`` (the config files and checkpoint the
+    user named) join the inputs that an overwritten case folder must not hold.
+    """
+    timer, out = timer or StageTimer(), Path(out)
+    points = points.split(",") if isinstance(points, str) else points  # a file or a comma-separated list
+    _check_case_inputs(fixed, fixed_gland, points, frame)
+    inputs = (moving, fixed, moving_labels, fixed_gland, *(points or []), *settings_files)
+    with case_transaction(out, overwrite, inputs) as stage:  # every file below, published together
+        result = register_pair(
+            moving,
+            fixed,
+            stage,
+            moving_labels,
+            network=network,
+            direction=direction,
+            use_rigid=use_rigid,
+            publish=False,
+            **settings,
+        )
+        timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
+        if gland_source == "predicted":
+            fixed_gland = stage / result["masks"]["fixed"]
+        with timer("qc"):
+            verdict = quality_check(
+                stage, fixed_gland, gland_source if fixed_gland is not None else None, moving_gland=moving_labels, **qc
+            )
+        with timer("pictures"):
+            images = case_pictures(stage, moving_labels, fixed_gland, title=out.name) if pictures else []
+        if points is not None:
+            with timer("points"):
+                try:
+                    map_files(stage, stage, points=points, to="fixed", frame=frame)
+                except InputError as err:  # name the case folder the user knows, not the private staging folder
+                    raise InputError(str(err).replace(str(stage), str(out))) from None
+        result["seconds"] = timer.seconds
+        write_json(result, stage / "result.json", overwrite=True)  # this call's own file, now with every stage
+        written = sorted(out / p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+    images, written = [str(out / Path(p).relative_to(stage)) for p in images], [str(p) for p in written]
+    return {"out": str(out), "written": written, "qc": verdict, "pictures": images, "seconds": result["seconds"]}
+
+
+def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
+    """One line per case: the QC verdict (on stderr, WARNING or ERROR, unless pass), then the seconds per stage."""
+    if qc["verdict"] == "pass":
+        write(f"{name}: QC pass; {summary(seconds)}")
+    else:
+        level = "ERROR" if qc["verdict"] == "fail" else "WARNING"
+        write(f"{level} {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
+
+
+def _paths(*values) -> list:
+    """Path arguments as text: fire turns ``--out 2024`` into an int and ``--out True`` into a bool."""
+    return [str(v) if isinstance(v, (int, float, bool, Path)) else v for v in values]
+
+
+def _settings_files(config_file, checkpoint) -> list:
+    """The config files and checkpoint a user named: an overwritten case folder must not hold them."""
+    configs = config_file if isinstance(config_file, (list, tuple)) else [config_file]
+    return [str(f) for f in (*configs, checkpoint) if f is not None]
+
+
+def _flags(**values) -> list[bool]:
+    """The yes/no arguments as bools: fire passes ``--pictures false`` as the string "false" (:func:`flag`)."""
+    return [flag(value, name) for name, value in values.items()]
+
+
+def register(
+    moving,
+    fixed,
+    out,
+    moving_labels=None,
+    points=None,
+    direction: str = "mr2us",
+    frame: str | None = None,
+    fixed_gland=None,
+    config_file=None,
+    checkpoint=None,
+    use_rigid: bool = True,
+    use_network: bool = True,
+    pictures: bool = True,
+    qc: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
+
+    Args:
+        moving, fixed: NIfTI images (mr2us: moving = MR, fixed = TRUS).
+        out: output folder.
+        moving_labels: labels on the moving grid (3-D, or 4-D channel-last with the gland in channel 0).
+        points: points on the moving image to map into fixed space: a CSV (label,x,y,z) or 3D Slicer ``.mrk.json``.
+        direction: "mr2us" or "us2mr" (recorded).
+        frame: None, "LPS" or "RAS": the frame of a CSV's coordinates when the CSV does not state it (a 'frame'
+            column or a '# frame: ...' first line); a CSV stating another frame is refused. Markups carry their own.
+        fixed_gland: gland mask on the fixed grid for the QC Dice (QC only); default: the gland the pipeline
+            predicts when the segmenter's weights (models/seg_model.pt) exist, else no Dice.
+        config_file: inference config (default configs/inference.json), or a list of config files merged in
+            order (e.g. the inference config and an override file); checkpoint: weights (default its own).
+        use_rigid: run the ANTs rigid step. use_network: run the trained network after it (false: the rigid
+            step alone, for comparison). pictures: write the PNGs.
+        qc: QC thresholds overriding :func:`scripts.evaluation.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
+        overwrite: replace existing outputs.
+    """
+    timer = StageTimer()
+    use_rigid, use_network, pictures, overwrite = _flags(
+        use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
+    )
+    moving, fixed, out, moving_labels, fixed_gland, checkpoint, points = _paths(
+        moving, fixed, out, moving_labels, fixed_gland, checkpoint, points
+    )
+    check_direction(direction)
+    qc = check_qc_settings(qc)
+    with timer("load"):
+        network, settings = load_registration(config_file, checkpoint, use_network)
+    source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
+    case = _register_case(
+        network,
+        settings,
+        moving,
+        fixed,
+        out,
+        moving_labels,
+        direction,
+        fixed_gland,
+        source,
+        points,
+        frame,
+        use_rigid,
+        pictures,
+        qc,
+        overwrite,
+        timer,
+        _settings_files(config_file, checkpoint),
+    )
+    print(f"wrote {len(case['written'])} files:")
+    for path in case["written"]:
+        print(f"  {path}")
+    _report(Path(out).name, case["qc"], case["seconds"])
+    if case["qc"]["verdict"] == "fail":
+        raise SystemExit(QC_FAIL_STATUS)
+
+
+def register_folder(
+    dataset_dir,
+    out,
+    split: str = "holdout",
+    direction: str = "mr2us",
+    gland: str = "auto",
+    config_file=None,
+    checkpoint=None,
+    use_rigid: bool = True,
+    use_network: bool = True,
+    pictures: bool = True,
+    qc: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Register every case of a μ-RegPro split (outputs in ``out/<case>/``) and write ``out/index.html``.
+
+    Args:
+        dataset_dir, split: the μ-RegPro folder and split; direction: "mr2us" or "us2mr".
+        gland: the fixed gland for the QC Dice: "predicted" (segmentation network, needs models/seg_model.pt),
+            "label" (the split's fixed label, channel 0), "none", or "auto" (predicted if possible, else label).
+        Other arguments as for :func:`register`.
+    """
+    use_rigid, use_network, pictures, overwrite = _flags(
+        use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
+    )
+    dataset_dir, out, checkpoint = _paths(dataset_dir, out, checkpoint)
+    qc = check_qc_settings(qc)
+    if gland not in GLAND_SOURCES:
+        raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
+    cases, settings_files = load_split(dataset_dir, split, direction), _settings_files(config_file, checkpoint)
+    refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"], inputs=settings_files)
+    network, settings = load_registration(config_file, checkpoint, use_network)
+    predicted = "seg_network" in settings
+    if gland == "predicted" and not predicted:
+        raise InputError("gland='predicted' needs the gland segmenter's weights (models/seg_model.pt)")
+    source = {"auto": "predicted" if predicted else "label", "none": None}.get(gland, gland)
+    done = []
+    for case in tqdm(cases, desc="register", unit="case"):
+        fixed_gland = case["fixed_label"] if source == "label" else None
+        result = _register_case(
+            network,
+            settings,
+            case["moving_image"],
+            case["fixed_image"],
+            Path(out) / case["case"],
+            case["moving_label"],
+            direction,
+            fixed_gland,
+            source,
+            None,
+            None,
+            use_rigid,
+            pictures,
+            qc,
+            overwrite,
+            settings_files=settings_files,
+        )
+        done.append({"case": case["case"], **result})
+        _report(case["case"], result["qc"], result["seconds"], tqdm.write)
+    index = write_index(out, done, overwrite)
+    n = {v: sum(c["qc"]["verdict"] == v for c in done) for v in ("pass", "warn", "fail")}
+    print(
+        f"wrote {len(done)} case folders in {out} and the index {index}; QC: {n['pass']} pass, {n['warn']} warn, "
+        f"{n['fail']} fail"
+    )
+    if n["fail"]:
+        raise SystemExit(QC_FAIL_STATUS)
+
+
+def map_points(
+    transforms,
+    out,
+    points=None,
+    labels=None,
+    to: str = "fixed",
+    frame: str | None = None,
+    label_threshold: float = 0.5,
+    overwrite: bool = False,
+) -> None:
+    """Map points (CSV label,x,y,z or 3D Slicer ``.mrk.json``) and label volumes through a registration's files.
+
+    Args:
+        transforms: a case output folder of ``register`` (holds the transform files).
+        out: output folder; files are named ``<input>_to_<to>.<suffix>``.
+        points, labels: a file or a comma-separated list of files in the other space.
+        to: "fixed" (moving -> fixed, e.g. MR targets onto TRUS) or "moving" (back).
+        frame: None, "LPS" or "RAS": the frame of CSV coordinates when the CSV does not state it (a 'frame'
+            column or a '# frame: ...' first line); a CSV stating another frame is refused.
+        label_threshold: binarisation of mapped labels.
+    """
+    transforms, out = _paths(transforms, out)
+    split = lambda x: x.split(",") if isinstance(x, str) else x  # noqa: E731
+    for path in map_files(
+        transforms,
+        out,
+        points=split(points),
+        labels=split(labels),
+        to=to,
+        frame=frame,
+        label_threshold=label_threshold,
+        overwrite=overwrite,
+    ):
+        print(f"wrote {path}")

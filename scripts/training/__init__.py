@@ -1,0 +1,1 @@
+"""Training: the loss, one iteration (network and task-mask subnet), run folders and checkpoints, DDP."""

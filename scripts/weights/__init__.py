@@ -1,0 +1,1 @@
+"""Weight files: the SHA-256 manifest and the settings a trained model carries."""
