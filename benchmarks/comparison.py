@@ -9,7 +9,7 @@ default (generated in ``<work>/data``); ``--data`` points it at a μ-RegPro-layo
 Equal terms, for every row:
 - the same test pairs, the same gland segmenter (trained once, ``configs/seg_train.json``) and the same
   predicted masks, hence the same pre-alignment: the bundle's ANTs rigid on the predicted masks,
-  computed once per case and direction and handed to :func:`scripts.inference.pipeline.register_pair`;
+  computed once per case and direction and handed to :class:`scripts.inference.registrar.Registrar`;
 - learned rows: ``configs/train.json`` plus the row's override files (``configs/ablations/``,
   ``configs/baselines/``, ...), the same grid, epochs, data, rigid-on-true-masks training geometry
   and, unless the row says "native loss", the same loss; each trained with every seed; registered by
@@ -134,7 +134,7 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
     from scripts.inference.segmentation import load_segmenter
     from scripts.spatial.rigid import rigid_prealign
 
-    inference = json.loads((ROOT / "configs" / "inference.json").read_text())
+    inference = _pair_stage()  # the rigid settings of configs/pair.json
     segmenter = load_segmenter(
         ROOT / "configs" / "seg_inference.json",
         seg_weights,
@@ -154,10 +154,18 @@ def prepare(work: Path, data: Path, test_split: str, seg_epochs: int, seed: int,
                 str(data / test_split / f"{mov}_images" / f"{case}.nii.gz"),
                 str(masks / f"{case}_{fix}.nii.gz"),
                 str(masks / f"{case}_{mov}.nii.gz"),
-                **inference["rigid_args"],
+                **inference.rigid_args,
             )
             rigid[f"{direction}/{case}"] = {"matrix": np.asarray(matrix).tolist(), "method": info.get("method")}
     write_json(rigid, rigid_file)
+
+
+def _pair_stage(spatial_size=(128, 128, 120), roi_mask: bool = True):
+    """The pair stage of configs/pair.json (rigid settings, box, intensities) for the comparison's own runs."""
+    from scripts.inference.pair import load_pair_stage
+
+    settings = {"spatial_size": list(spatial_size), "use_rigid": True, "roi_mask": roi_mask}
+    return load_pair_stage(ROOT / "configs" / "pair.json", settings)
 
 
 # ---------------------------------------------------------------- rows
@@ -187,23 +195,16 @@ def _ants_row(name: str, work: Path, data: Path, split: str, direction: str, out
 
     from benchmarks.phantom_difficulty import ants_transforms, ants_warp_labels
     from scripts.data.nifti import write_nifti
-    from scripts.inference.pipeline import register_pair
+    from scripts.inference.registrar import Registrar
 
     rigid = json.loads((work / "rigid.json").read_text())
+    registrar = Registrar(None, _pair_stage(), direction=direction, overwrite=True)  # no network: the rigid alone
     for case in _cases(data, split):
         p = _pair(data, split, case, direction)
         masks = _masks(work, case, p)
         if name == "bundle_rigid":  # the pipeline with no network: the rigid alone, one resampling
-            register_pair(
-                p["moving"],
-                p["fixed"],
-                out / case,
-                moving_labels=p["moving_label"],
-                direction=direction,
-                rigid=rigid[f"{direction}/{case}"]["matrix"],
-                **masks,
-                overwrite=True,
-            )
+            matrix = rigid[f"{direction}/{case}"]["matrix"]
+            registrar.register(p["moving"], p["fixed"], out / case, p["moving_label"], rigid=matrix, **masks)
             continue
         fixed, moving = ants.image_read(str(p["fixed"])), ants.image_read(str(p["moving"]))
         gland = [ants.image_read(str(masks[k])).astype("float32") for k in ("fixed_mask", "moving_mask")]
@@ -223,7 +224,8 @@ def _learned_row(
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.inference.pipeline import load_weights, register_pair
+    from scripts.inference.registrar import Registrar
+    from scripts.weights.trained_model import load_weights
 
     files = [ROOT / "configs" / f for f in LEARNED[name][1]]
     train_files = [ROOT / "configs" / f for f in LEARNED[name][2]]
@@ -271,31 +273,16 @@ def _learned_row(
     torch.set_num_threads(threads)
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "inference.json"), *map(str, files)])
-    parser.update({"spatial_size": list(grid), "device": "cpu"})
+    parser.update({"spatial_size": list(grid), "device": "cpu", "bundle_root": str(ROOT)})
     network = load_weights(parser.get_parsed_content("network_def"), run_dir / "best.pt", "cpu", required=True)
+    pair, postprocessing = parser.get_parsed_content("pair"), parser.get_parsed_content("postprocessing")
+    registrar = Registrar(network, pair, postprocessing=postprocessing, direction=direction, overwrite=True)
     rigid = json.loads((work / "rigid.json").read_text())
     started = time.time()
     for case in _cases(data, split):
         p = _pair(data, split, case, direction)
-        masks = _masks(work, case, p)
-        register_pair(
-            p["moving"],
-            p["fixed"],
-            out / case,
-            moving_labels=p["moving_label"],
-            network=network,
-            direction=direction,
-            spatial_size=grid,
-            depth_crop=parser["depth_crop"],
-            axcodes=parser["axcodes"],
-            rigid=rigid[f"{direction}/{case}"]["matrix"],
-            **masks,
-            preprocessing=parser.get_parsed_content("preprocessing"),
-            postprocessing=parser.get_parsed_content("postprocessing"),
-            int_steps=parser.get_parsed_content("int_steps"),
-            roi_mask=parser["roi_mask"],
-            overwrite=True,
-        )
+        matrix, masks = rigid[f"{direction}/{case}"]["matrix"], _masks(work, case, p)
+        registrar.register(p["moving"], p["fixed"], out / case, p["moving_label"], rigid=matrix, **masks)
     params = sum(p.numel() for p in network.parameters())
     return {
         "train_seconds": round(train_seconds, 1),

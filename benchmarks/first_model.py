@@ -5,7 +5,7 @@
         --work /tmp/first_model --out docs/first_model.md
 
 Rows, on the same test pairs (``--split``, MR -> TRUS by default), every registration through
-:func:`scripts.inference.pipeline.register_pair` (one resampling of the moving image) and scored by
+:class:`scripts.inference.registrar.Registrar` (one resampling of the moving image) and scored by
 :func:`scripts.evaluation.evaluate.evaluate` against the label files of the split:
 
 - no registration;
@@ -77,49 +77,43 @@ def _register(
     Masks: the label files' gland channel, or (``segmenter``) the segmenter's prediction; a network row reuses
     the rigid matrix and the predicted masks of ``rigid_row``.
     """
-    from scripts.inference.pipeline import MASK_OUTPUTS, register_pair
+    from scripts.inference.registrar import MASK_OUTPUTS, Registrar
 
     mov, fix = DIRECTIONS[direction]
     d, seconds = data / split, []
+    pair = parser.get_parsed_content("pair")
+    postprocessing = parser.get_parsed_content("postprocessing") if network is not None else None
+    registrar = Registrar(
+        network,
+        pair,
+        segmenter=segmenter if network is None else None,
+        postprocessing=postprocessing,
+        direction=direction,
+    )
     for case in _cases(data, split):
         out = work / row / case
         if (out / "result.json").is_file():
             continue
+        masks, rigid = {}, None
         if segmenter is None:
             masks = {
                 f"{k}_mask": _gland_mask(d / f"{m}_labels" / f"{case}.nii.gz", work / "masks" / f"{case}_{m}.nii.gz")
                 for k, m in (("moving", mov), ("fixed", fix))
             }
-        elif network is None:
-            masks = {"seg_network": segmenter}
-        else:
+        elif network is not None:
             masks = {k: work / rigid_row / case / name for k, name in MASK_OUTPUTS.items()}
-        kwargs = {}
         if network is not None:  # the rigid stage's own matrix: both rows share one pre-alignment
             rigid = json.loads((work / rigid_row / case / "result.json").read_text())["rigid"][
                 "matrix_lps_fixed_to_moving"
             ]
-            kwargs = {
-                "rigid": rigid,
-                "preprocessing": parser.get_parsed_content("preprocessing"),
-                "postprocessing": parser.get_parsed_content("postprocessing"),
-                "int_steps": parser.get_parsed_content("int_steps"),
-                "roi_mask": parser["roi_mask"],
-            }
         started = time.time()
-        register_pair(
+        registrar.register(
             d / f"{mov}_images" / f"{case}.nii.gz",
             d / f"{fix}_images" / f"{case}.nii.gz",
             out,
-            moving_labels=d / f"{mov}_labels" / f"{case}.nii.gz",
-            network=network,
-            direction=direction,
-            spatial_size=parser["spatial_size"],
-            depth_crop=parser["depth_crop"],
-            axcodes=parser["axcodes"],
-            rigid_args=parser.get_parsed_content("rigid_args"),
+            d / f"{mov}_labels" / f"{case}.nii.gz",
+            rigid=rigid,
             **masks,
-            **kwargs,
         )
         seconds.append(time.time() - started)
         (out / "seconds.txt").write_text(f"{seconds[-1]:.2f}\n")
@@ -183,17 +177,15 @@ def _trained_network(model: str):
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.inference.pipeline import load_weights
-    from scripts.weights.trained_model import settings_of, stored_settings
+    from scripts.weights.trained_model import load_weights, settings_of, stored_settings
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser["device"] = "cpu"
+    parser.update({"device": "cpu", "bundle_root": str(ROOT)})
     trained = stored_settings(torch.load(model, map_location="cpu", weights_only=True))
-    parser.update({k: v for k, v in trained.items() if k != "network_def"})
+    parser.update({k: v for k, v in trained.items() if k not in ("network_def", "depth_crop")})
+    parser["pair_overrides"] = {"depth_crop": trained["depth_crop"]}  # the pair stage's own setting
     parser["network_def"] = trained["network_def"]  # the trained variant, whole (another class for a baseline)
-    if "int_steps" not in trained["network_def"]:  # a baseline integrates with its own steps (VoxelMorph) or not at all
-        parser["int_steps"] = trained["network_def"].get("integration_steps", 0)
     network = load_weights(
         parser.get_parsed_content("network_def"), model, "cpu", required=True, settings=settings_of(parser)
     )

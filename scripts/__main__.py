@@ -26,11 +26,24 @@ COMMANDS = {
 }
 
 
+def _function(module: str, func: str):
+    """``scripts.<module>.<func>``; a repository tool missing from a packaged bundle is one error line."""
+    try:
+        return getattr(importlib.import_module(f"scripts.{module}"), func)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("scripts.tools"):
+            sys.exit(
+                f"error: {module} is a repository tool, not shipped in the packaged bundle; run the configs with "
+                "python -m monai.bundle run (configs/inference.json, configs/train.json)"
+            )
+        raise
+
+
 def _lazy(target: str):
     module, func = target.split(":")
 
     def command(*args, **kwargs):
-        return getattr(importlib.import_module(f"scripts.{module}"), func)(*args, **kwargs)
+        return _function(module, func)(*args, **kwargs)
 
     command.__doc__ = (
         f"See scripts/{module.replace('.', '/')}.py:{func} (run with --help after the command for its flags)."
@@ -76,11 +89,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:  # hand fire the real function so --help shows its docstring
         module, func = COMMANDS[argv[0]].split(":")
-        component, name, argv = (
-            getattr(importlib.import_module(f"scripts.{module}"), func),
-            f"python -m scripts {argv[0]}",
-            argv[1:],
-        )
+        component, name, argv = (_function(module, func), f"python -m scripts {argv[0]}", argv[1:])
     else:
         component, name = {k: _lazy(v) for k, v in COMMANDS.items()}, "python -m scripts"
     if name == "python -m scripts run" and {"--help", "-h"} & set(argv):  # fire would call run() without a config

@@ -9,6 +9,7 @@ runner wrapper) with ``configs/train.json`` and ``configs/inference.json``.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,10 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
 from scripts.__main__ import main
-from scripts.data.nifti import InputError
-from scripts.inference.pipeline import load_weights
+from scripts.data.nifti import InputError, user_error
 from scripts.networks.registration import RegistrationNet
-from scripts.tools.runner import user_error
 from scripts.weights.manifest import write_manifest
+from scripts.weights.trained_model import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = [16, 16, 16]
@@ -40,13 +40,13 @@ def small_net():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A good case, tiny weights and an inference config using them (no segmenter)."""
+    """A good case, tiny weights and an inference config using them (no segmenter, whole images)."""
     root = tmp_path_factory.mktemp("bad_inputs")
     case = write_case(root / "good", "holdout", "case000000")
     torch.save(small_net().state_dict(), root / "weights.pt")
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     config["network_def"].update(SMALL)
-    config.update(spatial_size=GRID, checkpoint=str(root / "weights.pt"), use_seg=False)
+    config.update(spatial_size=GRID, checkpoint=str(root / "weights.pt"), use_seg=False, roi_mask=False)
     (root / "small.json").write_text(json.dumps(config))
     return {"root": root, "config": str(root / "small.json"), **{k: str(v) for k, v in case.items()}}
 
@@ -535,6 +535,7 @@ def test_tampered_listed_weights_are_refused_before_loading(tmp_path):
     with pytest.raises(InputError, match=message):
         load_weights(small_net(), weights, bundle_root=tmp_path)
 
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # the bundle root's configs (its pair stage)
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser["network_def"].update(SMALL)

@@ -17,11 +17,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _registrar import register_pair
 from monai.bundle import ConfigParser
 from test_training import ROOT
 
-from scripts.inference.pipeline import OUTPUTS, load_weights, register_pair
+from scripts.inference.registrar import OUTPUTS
 from scripts.networks.baselines import BaselineNet
+from scripts.weights.trained_model import load_weights
 
 GRID = (20, 24, 18)  # not a multiple of the networks' pooling
 

@@ -167,13 +167,13 @@ def _check_index_in_chromium(out, tmp_path):
 
 
 def _small_network_config(tmp_path) -> Path:
-    """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter: ``small.json``."""
+    """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter, whole images (roi_mask off): ``small.json``."""
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     config["network_def"].update(SMALL)
     config["spatial_size"] = [16, 16, 16]
     torch.manual_seed(0)
     torch.save(RegistrationNet(**SMALL, spatial_size=(16, 16, 16)).state_dict(), tmp_path / "weights.pt")
-    config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False)
+    config.update(checkpoint=str(tmp_path / "weights.pt"), use_seg=False, roi_mask=False)
     (tmp_path / "small.json").write_text(json.dumps(config))
     return tmp_path / "small.json"
 

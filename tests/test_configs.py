@@ -1,6 +1,7 @@
 """The configs that must agree: the shipped weights are trained by these configs and run by inference.json."""
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,11 +32,51 @@ def test_inference_configs_describe_the_shipped_recipe_and_weights():
     seg = _settings(["seg_inference.json"], SEGMENTATION)
     assert seg == _settings(SHIPPED_SEG_TRAINING, SEGMENTATION)
     train, inference = (json.loads((CONFIGS / n).read_text()) for n in ("train.json", "inference.json"))
-    for key in ("use_rigid", "rigid_args", "direction"):
+    for key in ("use_rigid", "direction", "pair_overrides", "pair"):  # "pair": the one configs/pair.json loader
         assert inference[key] == train[key], key
     for weights, expected in (("models/model.pt", infer), ("models/seg_model.pt", seg)):
         stored = stored_settings(torch.load(CONFIGS.parent / weights, map_location="cpu", weights_only=True))
         assert stored == expected, weights
+
+
+def _pair_stages(bundle_root, recipe=SHIPPED_TRAINING):
+    """The pair stage that ``recipe`` trains with (inside ``train#preprocessing``'s PairToBoxd) and the one
+    ``inference.json`` runs with, both parsed from the configs of ``bundle_root``."""
+    stages = []
+    for names, where in ((recipe, "train#preprocessing"), (("inference.json",), "pair")):
+        parser = ConfigParser()
+        parser.read_config([str(Path(bundle_root) / "configs" / n) for n in names])
+        parser["bundle_root"] = str(bundle_root)
+        found = parser.get_parsed_content(where)
+        stages.append(found if where == "pair" else found.transforms[0].pair)
+    return stages
+
+
+def _pair_settings(stage) -> dict:
+    return {**vars(stage), "intensity": (type(stage.intensity), vars(stage.intensity))}
+
+
+def test_training_and_inference_run_the_same_pair_stage():
+    """The shipped recipe trains on the geometry inference.json runs: the same PairStage settings, box, rigid,
+    intensities and ROI switch, from the one configs/pair.json."""
+    trained, inferred = _pair_stages(CONFIGS.parent)
+    assert type(trained) is type(inferred) and _pair_settings(trained) == _pair_settings(inferred)
+    assert (
+        trained.rigid_args["iterations"] == json.loads((CONFIGS / "pair.json").read_text())["rigid_args"]["iterations"]
+    )
+
+
+def test_an_edit_of_the_shared_pair_block_reaches_training_and_inference(tmp_path):
+    """Changing rigid_args (and the depth crop) in configs/pair.json changes both stages: there is no second copy."""
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    pair = json.loads((tmp_path / "configs" / "pair.json").read_text())
+    pair["rigid_args"]["iterations"] = [37, 11]
+    pair["depth_crop"] = 3
+    (tmp_path / "configs" / "pair.json").write_text(json.dumps(pair))
+    for stage in _pair_stages(tmp_path):
+        assert stage.rigid_args["iterations"] == [37, 11] and stage.depth_crop == 3
+    before = _pair_stages(CONFIGS.parent)[0]
+    assert before.rigid_args["iterations"] != [37, 11] and before.depth_crop != 3
 
 
 def _imported_modules(config: dict) -> set[str]:
@@ -55,7 +96,11 @@ def test_every_scripts_module_an_expression_uses_is_imported():
         if "imports" not in config and "+imports" not in config:
             continue
         imported = _imported_modules(config) | (_imported_modules(train) if "+imports" in config else set())
-        used = set(re.findall(r"\bscripts\.[a-z_]+", " ".join(s for s in _strings(config) if s.startswith("$"))))
+        names = re.findall(
+            r"\bscripts(?:\.[A-Za-z_]+)+",
+            " ".join(s for s in _strings(config) if s.startswith("$") and not s.startswith("$import ")),
+        )
+        used = {name.rsplit(".", 1)[0] for name in names}  # scripts.<package>.<module>.<attribute> -> the module
         assert used <= imported, f"{path.name}: expressions use {sorted(used - imported)} without importing them"
 
 
@@ -100,7 +145,7 @@ def test_settings_of_a_config_holding_python_objects():
 def test_the_shipped_torchscript_is_the_shipped_weights_of_this_version():
     """``models/model.ts`` (scripted by ``python -m scripts export``) gives ``models/model.pt``'s field through the
     inference config and carries this version's metadata: re-export it when the weights or the version change."""
-    from scripts.inference.pipeline import load_weights
+    from scripts.weights.trained_model import load_weights
 
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(CONFIGS.parent / "models" / "model.ts"), _extra_files=extra)

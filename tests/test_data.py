@@ -172,9 +172,10 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
 
     from scripts.data.datalist import case_cache_key, settings_cache_key
     from scripts.data.transforms import PairToBoxd
+    from scripts.inference.pair import PairStage
 
     def chain(size, crop=4):
-        return [PairToBoxd(size, depth_crop=crop), EnsureTyped(keys=["image"], dtype=torch.float32)]
+        return [PairToBoxd(PairStage(size, depth_crop=crop)), EnsureTyped(keys=["image"], dtype=torch.float32)]
 
     # equal settings in fresh objects give one key (no memory addresses in it); any setting change a new one
     assert settings_cache_key(chain([48, 48, 40])) == settings_cache_key(chain([48, 48, 40]))
@@ -203,7 +204,7 @@ def test_prestage_cache_keys_follow_settings_and_file_contents(tmp_path):
     finally:
         scripts.data.datalist.PRESTAGE_VERSION = version
     with pytest.raises(InputError, match=r"rigid_args: unknown setting\(s\) \['iteration'\]"):
-        PairToBoxd([48, 48, 40], rigid_args={"iteration": [10]})
+        PairStage([48, 48, 40], rigid_args={"iteration": [10]})
 
     image = tmp_path / "mr.nii.gz"
     image.write_bytes(b"first")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import SMALL, write_case
 
-from scripts.inference.pipeline import OUTPUTS
+from scripts.inference.registrar import OUTPUTS
 from scripts.networks.registration import RegistrationNet
 
 ROOT = Path(__file__).resolve().parents[1]

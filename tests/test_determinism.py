@@ -13,7 +13,7 @@ import torch
 from test_resume_kill import tensors
 from test_training import NO_RIGID, ROOT, load, make_dataset, run_bundle
 
-from scripts.inference.pipeline import OUTPUTS
+from scripts.inference.registrar import OUTPUTS
 
 
 def test_two_trainings_with_the_same_seed_give_identical_checkpoints(tmp_path):
@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, "tests")
 from conftest import SMALL
 from scripts.networks.registration import RegistrationNet
-from scripts.inference.pipeline import register_pair
+from _registrar import register_pair
 d, out = Path(sys.argv[1]) / "holdout", Path(sys.argv[2])
 for name in ("first", "second"):
     torch.manual_seed(0)

@@ -14,9 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _registrar import register_pair
 from test_pipeline import CROP, SIZE, ContentNet, case  # noqa: F401  (case: the oblique phantom fixture)
 
-from scripts.inference.pipeline import OUTPUTS, register_pair
+from scripts.inference.registrar import OUTPUTS
 from scripts.spatial.points import transform_points
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"

@@ -17,10 +17,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _registrar import register_pair
 from monai.networks.nets import UNet
 
 from scripts.data.nifti import InputError
-from scripts.inference.pipeline import OUTPUTS, register_pair
+from scripts.inference.registrar import OUTPUTS
 from scripts.networks.onnx_runtime import OnnxRegistrationNet
 from scripts.networks.registration import RegistrationNet
 from scripts.tools.export import adaptive_avg_pool3d_as_matmul, export
@@ -243,8 +244,8 @@ def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_
         str(tmp_path / "runner"),
         "--spatial_size",
         str(list(GRID)),
-        "--depth_crop",
-        "0",
+        "--pair_overrides",
+        '{"depth_crop": 0}',
         "--use_rigid",
         "False",
         "--roi_mask",
@@ -268,8 +269,8 @@ def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_
 
 
 def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_path):
-    """scripts.tools.cli.load_registration (CLI, MONAI Label, Deploy) honours configs/inference_onnx.json."""
-    from scripts.tools.cli import load_registration
+    """scripts.inference.registrar.load_registrar (CLI, MONAI Label, Deploy) honours configs/inference_onnx.json."""
+    from scripts.inference.registrar import load_registrar
 
     result, reg, *_ = exported
     root = Path(__file__).resolve().parents[1]
@@ -285,13 +286,14 @@ def test_cli_loader_gives_the_onnx_network_of_inference_onnx_json(exported, tmp_
         )
     )
     files = [str(root / "configs/inference.json"), str(root / "configs/inference_onnx.json"), str(override)]
-    network, settings = load_registration(files)
-    assert isinstance(network, OnnxRegistrationNet) and settings["spatial_size"] == list(GRID)
+    registrar = load_registrar(files)
+    network = registrar.network
+    assert isinstance(network, OnnxRegistrationNet) and registrar.pair.spatial_size == GRID
     x = synthetic_pair(seed=5)
     with torch.no_grad():
         assert (network(x) - reg(x)).abs().max() <= TOL
     with pytest.raises(InputError, match="does not load PyTorch checkpoints"):
-        load_registration(files, checkpoint=str(tmp_path / "model.pt"))
+        load_registrar(files, {"checkpoint": str(tmp_path / "model.pt")})
 
 
 def test_monais_own_onnx_export_gives_the_eager_field(exported, tmp_path):

@@ -112,6 +112,12 @@ def test_layout_and_manifest(source, packaged):
     assert not (packaged / "models" / "model.onnx").exists()  # 3 MB > max_file_mb=2: listed, not copied
     assert not (packaged / "scripts" / "__pycache__").exists()
     assert not (packaged / "tests").exists()
+    assert (packaged / "scripts" / "inference" / "registrar.py").is_file()
+    assert not (packaged / "scripts" / "tools").exists()  # the CLI, demo, packager and exporter stay in the repo
+    tool = subprocess.run(
+        [sys.executable, "-m", "scripts", "register", "--help"], cwd=packaged, capture_output=True, text=True
+    )
+    assert tool.returncode == 1 and "repository tool, not shipped in the packaged bundle" in tool.stderr
     entries = {e["path"]: e for e in ConfigParser.load_config_file(str(packaged / "large_files.yml"))["large_files"]}
     assert set(entries) == {"models/model.pt", "models/model.onnx"}
     for rel, entry in entries.items():
@@ -266,8 +272,8 @@ def test_package_refuses_a_wrapped_checkpoint(source, tmp_path):
 def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
     """export and package check large_files.yml before reading the weights (package used to hash the replaced
     file into the new manifest), and so does load_weights for a checkpoint inside another bundle."""
-    from scripts.inference.pipeline import load_weights
     from scripts.tools.export import export
+    from scripts.weights.trained_model import load_weights
 
     copy = tmp_path / "bundle"
     shutil.copytree(source, copy)
@@ -291,8 +297,7 @@ def test_every_consumer_refuses_a_replaced_listed_weight_file(source, tmp_path):
 def test_make_model_into_a_bundle_updates_only_its_own_manifest_entry(source, tmp_path):
     """make-model writing models/model.pt of a bundle sets that file's entry to the new hash (so the new weights
     load); the other entries are kept as they were, so a file replaced behind the manifest stays refused."""
-    from scripts.inference.pipeline import load_weights
-    from scripts.weights.trained_model import make_model
+    from scripts.weights.trained_model import load_weights, make_model
 
     copy = tmp_path / "bundle"
     shutil.copytree(source, copy)

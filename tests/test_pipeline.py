@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _oblique import dice
+from _registrar import register_pair
 from monai.networks.blocks import DVF2DDF
 
-from scripts.inference.pipeline import OUTPUTS, field_as_network, register_pair
+from scripts.inference.registrar import OUTPUTS
 from scripts.phantom.synth import generate_case, write_case
+from scripts.spatial.composed import FieldNetwork
 from scripts.spatial.geometry import network_box, sample
 
 SIZE, CROP = (32, 40, 24), 2
@@ -74,7 +76,7 @@ def test_ground_truth_field_through_pipeline_matches_fixed_labels_and_ants_itk_a
         case["us_image"],
         out,
         case["mr_label"],
-        network=field_as_network(case["ddf"], box),
+        network=FieldNetwork(case["ddf"], box),
         spatial_size=SIZE,
         depth_crop=CROP,
         use_rigid=False,
@@ -288,14 +290,20 @@ def test_inference_config_runs_on_a_phantom_folder(case, tmp_path):
 
 
 class AutocastProbe(torch.nn.Module):
-    """Records whether it ran under bfloat16 autocast; returns a constant one-voxel shift along the first axis."""
+    """Records whether it ran under bfloat16 autocast; returns a constant one-voxel shift along the first axis
+    (a direct-DDF network of the contract: no velocity, no integrator)."""
 
-    def forward(self, image):
+    integrate = None
+
+    def forward_train(self, image):
         self.autocast = torch.is_autocast_enabled(image.device.type)
         self.dtype = torch.get_autocast_dtype(image.device.type)
         ddf = torch.zeros(image.shape[0], 3, *image.shape[2:], device=image.device)
         ddf[:, 0] = 1.0
-        return ddf
+        return {"ddf": ddf, "velocity": None}
+
+    def forward(self, image):
+        return self.forward_train(image)["ddf"]
 
 
 @pytest.mark.parametrize("amp", [False, "true"])

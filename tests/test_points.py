@@ -12,12 +12,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _registrar import register_pair
 from monai.bundle import ConfigParser
 
 from scripts.data.nifti import InputError
-from scripts.inference.pipeline import field_as_network, register_pair
 from scripts.phantom.synth import generate_case, write_case
-from scripts.spatial.composed import write_field_nifti
+from scripts.spatial.composed import FieldNetwork, write_field_nifti
 from scripts.spatial.geometry import network_box
 from scripts.spatial.points import MARKUPS_SCHEMA, map_files, read_points_csv
 
@@ -345,7 +345,7 @@ def ground_truth_case(tmp_path_factory):
         d / "mr_images" / f"{name}.nii.gz",
         d / "us_images" / f"{name}.nii.gz",
         out,
-        network=field_as_network(d / "ddf_mr2us" / f"{name}.nii.gz", box),
+        network=FieldNetwork(d / "ddf_mr2us" / f"{name}.nii.gz", box),
         spatial_size=size,
         depth_crop=0,
         use_rigid=False,

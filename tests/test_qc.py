@@ -8,13 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _registrar import register_pair
 from conftest import write_case as write_small_case
 
 from scripts.evaluation.pictures import write_index
 from scripts.evaluation.qc import QC_FILE, deformable_part, gland_shift, quality_check
-from scripts.inference.pipeline import field_as_network, lost_channels, register_pair
+from scripts.inference.registrar import lost_channels
 from scripts.phantom.synth import generate_case, write_case
-from scripts.spatial.composed import write_field_nifti
+from scripts.spatial.composed import FieldNetwork, write_field_nifti
 from scripts.spatial.geometry import network_box
 
 SIZE = (32, 40, 24)
@@ -93,7 +94,7 @@ def test_ground_truth_registration_passes_with_the_dice_of_the_files(phantom, tm
         fixed,
         tmp_path,
         moving_label,
-        network=field_as_network(phantom / "ddf_mr2us" / "case000002.nii.gz", box),
+        network=FieldNetwork(phantom / "ddf_mr2us" / "case000002.nii.gz", box),
         spatial_size=SIZE,
         depth_crop=0,
         use_rigid=False,
@@ -199,7 +200,7 @@ def test_predicted_masks_of_both_images_are_used(pair, tmp_path):
     # a stand-in segmenter "predicts" the two spheres; no labels anywhere, QC gets no gland argument
     masks = {str(pair["moving"]): pair["arrays"]["moving_label"], str(pair["fixed"]): pair["arrays"]["fixed_label"]}
     out = _translated(
-        pair, tmp_path / "case", (20.0, 0.0, 0.0), labels=None, seg_network=lambda path: (masks[str(path)], GRID)
+        pair, tmp_path / "case", (20.0, 0.0, 0.0), labels=None, segmenter=lambda path: (masks[str(path)], GRID)
     )
     qc = quality_check(out)
     assert qc["verdict"] == "fail" and qc["reasons"][0].startswith("gland_dice_drop")

@@ -16,10 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _registrar import register_pair
 from monai.networks.nets import UNet
 
 from scripts.data.nifti import InputError
-from scripts.inference.pipeline import MASK_OUTPUTS, OUTPUTS, register_pair
+from scripts.inference.registrar import MASK_OUTPUTS, OUTPUTS
 from scripts.inference.segmentation import check_new_output, gland_items, load_segmenter
 from scripts.phantom.synth import generate_case, write_case
 from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
@@ -151,11 +152,17 @@ def test_seg_inference_writes_masks_on_each_input_grid_with_gland_dice_above_tri
 
 
 class RecordingNet(torch.nn.Module):
-    """A registration stand-in: zero displacement, and it keeps the (1, 2, H, W, D) input it was given."""
+    """A registration stand-in: zero displacement, and it keeps the (1, 2, H, W, D) input it was given
+    (a direct-DDF network of the contract: no velocity, no integrator)."""
+
+    integrate = None
+
+    def forward_train(self, image):
+        self.seen = image.detach().clone()
+        return {"ddf": torch.zeros((1, 3) + tuple(image.shape[2:])), "velocity": None}
 
     def forward(self, image):
-        self.seen = image.detach().clone()
-        return torch.zeros((1, 3) + tuple(image.shape[2:]))
+        return self.forward_train(image)["ddf"]
 
 
 def _centre_lps(path):
@@ -177,7 +184,7 @@ def test_pipeline_predicts_masks_for_the_rigid_and_the_roi_images(trained, segme
         network=net,
         spatial_size=size,
         depth_crop=0,
-        seg_network=segmenter,
+        segmenter=segmenter,
         roi_mask=True,
         rigid_args={"iterations": (50, 25)},
     )
@@ -227,7 +234,7 @@ def test_inference_config_builds_the_same_segmenter_when_use_seg_is_on(trained, 
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser["use_seg"], parser["device"] = True, "cpu"
     parser["seg_checkpoint"], parser["seg_overrides"] = str(trained["ckpt"]), TINY
-    from_config = parser.get_parsed_content("seg_network")
+    from_config = parser.get_parsed_content("segmenter")
     image = trained["data"] / "val" / "us_images" / f"{VAL}.nii.gz"
     mask, affine = from_config(image)
     expected, _ = segmenter(image)

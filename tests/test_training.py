@@ -23,6 +23,7 @@ from monai.bundle import ConfigParser
 
 from scripts.data.nifti import InputError
 from scripts.data.transforms import LandmarkErrord, PairToBoxd, TrueFieldToBoxd, Warpd
+from scripts.inference.pair import PairStage
 from scripts.networks.registration import decode_settings
 from scripts.training.run_folder import (
     AtomicCheckpointSaver,
@@ -100,7 +101,7 @@ SMALL_NET = [
 
 # the sphere data tests the network alone: a rigid step on the masks would already remove the whole shift,
 # and the box keeps the whole (small) field of view
-NO_RIGID = ["--use_rigid", "False", "--roi_mask", "False", "--depth_crop", "0"]
+NO_RIGID = ["--use_rigid", "False", "--roi_mask", "False", "--pair_overrides", '{"depth_crop": 0}']
 
 
 def run_bundle(run_id, dataset, run_dir, *extra, grid="[24,24,24]"):
@@ -389,7 +390,8 @@ def test_landmark_error_measures_centroid_shifts_in_mm_on_the_box(tmp_path):
     fixed[0, 2:6, 2:6, 1:3] = moving[0, 2:6, 2:6, 1:3] = 1  # gland: left out when landmarks exist
     fixed[1, 3, 3, 0], moving[1, 4, 3, 2] = 1, 1
     fixed[2, 5, 5, 1] = 1  # absent from the moving label: left out
-    transform = LandmarkErrord("moving", fixed_key="fixed", output_keys="error", spatial_size=(8, 8, 4), depth_crop=2)
+    pair = PairStage((8, 8, 4), depth_crop=2)
+    transform = LandmarkErrord("moving", fixed_key="fixed", output_keys="error", pair=pair)
     error = transform({"moving": moving, "fixed": fixed, "fixed_image": str(fixed_image)})["error"]
     assert error.item() == pytest.approx(np.hypot(2.0, 3.0))
     moving[1] = 0  # no landmark left in both: NaN, not a made-up number
@@ -405,14 +407,15 @@ def test_true_field_target_warps_the_moving_labels_onto_the_fixed_ones(tmp_path)
 
     synth(str(tmp_path / "data"), cases=2, seed=0, size="small", splits="1,0,0", preview=False)
     item = load_split(tmp_path / "data", "train", "mr2us")[1]
-    boxed = PairToBoxd((32, 32, 24), depth_crop=2, use_rigid=True)(item)
-    out = Warpd("moving_label", ddf_key="true_ddf", output_keys="warped")(TrueFieldToBoxd((32, 32, 24), 2)(boxed))
+    pair = PairStage((32, 32, 24), depth_crop=2, use_rigid=True)
+    boxed = PairToBoxd(pair)(item)
+    out = Warpd("moving_label", ddf_key="true_ddf", output_keys="warped")(TrueFieldToBoxd(pair)(boxed))
     fixed = out["fixed_label"][0].numpy() > 0.5
     rigid_only = soft_dice(out["moving_label"][0].numpy() > 0.5, fixed)
     assert soft_dice(out["warped"][0].numpy() > 0.5, fixed) >= max(0.9, rigid_only + 0.03)
     missing = dict(item, fixed_image=str(tmp_path / "elsewhere" / "us_images" / "x.nii.gz"))
     with pytest.raises(InputError, match="ddf_mr2us"):
-        TrueFieldToBoxd((32, 32, 24), 2)(dict(boxed, fixed_image=missing["fixed_image"]))
+        TrueFieldToBoxd(pair)(dict(boxed, fixed_image=missing["fixed_image"]))
 
 
 def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cache(tmp_path):
@@ -437,7 +440,7 @@ def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cac
 def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
     """``make-model`` writes the run's best weights with its grid and network; the CLI loader runs them with
     those settings and stops, naming the difference, when the config gives another grid or width."""
-    from scripts.tools.cli import load_registration
+    from scripts.inference.registrar import load_registrar
     from scripts.weights.trained_model import make_model
 
     data, run, _, _ = trained
@@ -453,7 +456,7 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     # the config the run was trained with, written as inference overrides: loads, weights equal
     overrides = {
         "spatial_size": [24, 24, 24],
-        "depth_crop": 0,
+        "pair_overrides": {"depth_crop": 0},
         "roi_mask": False,
         "device": "cpu",
         "seg_checkpoint": str(tmp_path / "none.pt"),
@@ -462,12 +465,12 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
     overrides["network_def#msfa_mode"] = "paper"  # train.json's default (inference.json has the shipped model's)
     (tmp_path / "same.json").write_text(json.dumps(overrides))
     config = [str(ROOT / "configs" / "inference.json"), str(tmp_path / "same.json")]
-    network, _ = load_registration(config, str(out))
+    network = load_registrar(config, {"checkpoint": str(out)}).network
     assert all(torch.equal(network.state_dict()[k], best[k]) for k in best if k != EXTRA_STATE)
     assert network.trained_settings == settings
     (tmp_path / "other.json").write_text(json.dumps({**overrides, "spatial_size": [32, 32, 32]}))
     with pytest.raises(InputError, match=r"spatial_size: trained with \[24, 24, 24\], configured \[32, 32, 32\]"):
-        load_registration([config[0], str(tmp_path / "other.json")], str(out))
+        load_registrar([config[0], str(tmp_path / "other.json")], {"checkpoint": str(out)})
     with pytest.raises(FileExistsError):  # never replaced silently
         make_model(str(run), out=str(out))
     # fine-tuning: a fresh run starts from these weights (learning rate 0: they come out unchanged) ...

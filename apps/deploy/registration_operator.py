@@ -1,8 +1,8 @@
 """The MONAI Deploy operator that registers one moving/fixed NIfTI pair with the bundle's pipeline.
 
-It builds nothing of its own: the network, its weights and every ``register_pair`` setting come from
-``configs/inference.json`` through :func:`scripts.tools.cli.load_registration` (the CLI's loader), and the
-registration is :func:`scripts.inference.pipeline.register_pair`, the function ``configs/inference.json`` runs.
+It builds nothing of its own: the registration is the ``registrar`` that ``configs/inference.json`` declares and runs
+(network, weights, pair stage, segmenter, post-processing), obtained with
+:func:`scripts.inference.registrar.load_registrar` as every front-end does.
 Inputs, outputs and settings are described in ``docs/deploy.md``.
 """
 
@@ -11,16 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from monai.bundle import ConfigParser
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from scripts.data.nifti import InputError
-from scripts.inference.pipeline import register_pair
-from scripts.tools.cli import CONFIG, load_registration
+from scripts.inference.registrar import CONFIG, load_registrar
 
 __all__ = ["INPUTS", "OVERRIDES", "RegistrationOperator", "find_inputs", "find_model"]
 
-# register_pair argument -> file stem in the input folder (".nii.gz" or ".nii"); the first two are required
+# Registrar.register argument -> file stem in the input folder (".nii.gz" or ".nii"); the first two are required
 INPUTS = {
     "moving_image": "moving",
     "fixed_image": "fixed",
@@ -31,12 +29,10 @@ INPUTS = {
 # config file merged after configs/inference.json when it lies beside the weights (e.g. a smaller network_def)
 OVERRIDES = "inference_overrides.json"
 WEIGHTS = "model.pt"
-# settings of configs/inference.json that its `register` expression passes beside load_registration's
-APP_KEYS = ("direction", "use_rigid", "roi_mask", "use_seg", "overwrite")
 
 
 def find_inputs(folder) -> dict:
-    """``register_pair`` path arguments found in ``folder`` (see :data:`INPUTS`); moving and fixed are required."""
+    """``Registrar.register`` path arguments found in ``folder`` (see :data:`INPUTS`); moving and fixed are required."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(
@@ -109,31 +105,8 @@ class RegistrationOperator(Operator):
         checkpoint, overrides = find_model(self.model_path)
         configs = [str(self.config_file)] + ([overrides] if overrides else [])
         self._logger.info("configs %s, checkpoint %s, inputs %s", configs, checkpoint or "(the config's)", inputs)
-        network, settings = load_registration(configs, checkpoint)
-        parser = ConfigParser()
-        parser.read_config(configs)
-        app = {k: parser.get_parsed_content(k) for k in APP_KEYS}
-        if not app["use_seg"]:  # as in the config: no segmenter unless use_seg
-            settings.pop("seg_network", None)
-            settings.pop("roi_mask", None)
-        have_masks = "moving_mask" in inputs and "fixed_mask" in inputs
-        if "seg_network" not in settings:
-            roi = bool(app["roi_mask"]) and have_masks
-            if app["roi_mask"] and not have_masks and network is not None:
-                self._logger.warning(
-                    "roi_mask is set but there are no moving_mask/fixed_mask inputs and no gland "
-                    "segmenter weights: the network sees the whole images (roi_mask off)"
-                )
-            settings["roi_mask"] = roi
+        registrar = load_registrar(configs, {"checkpoint": checkpoint} if checkpoint else None)
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        result = register_pair(
-            out_dir=self.output_folder,
-            network=network,
-            direction=app["direction"],
-            use_rigid=app["use_rigid"],
-            overwrite=app["overwrite"],
-            **inputs,
-            **settings,
-        )
+        result = registrar.register(out_dir=self.output_folder, **inputs)
         self._logger.info("wrote %d files in %s", len(result["files"]) + 1, self.output_folder)
         return result

@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "InputError",
+    "user_error",
     "flag",
     "read_nifti",
     "check_header",
@@ -42,6 +43,20 @@ os.umask(_UMASK)
 
 class InputError(ValueError):
     """A user-supplied file or setting is unusable. The message names the file and the problem."""
+
+
+EXPECTED = (InputError, FileExistsError)  # user errors: one line, no traceback, at every front-end
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The first expected user error in ``err``'s chain of causes (``__cause__``, else ``__context__``), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, EXPECTED):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def flag(value: bool | int | str, name: str = "flag") -> bool:

@@ -23,7 +23,8 @@ from monai.utils import ensure_tuple_rep
 
 from scripts.data.datalist import DIRECTIONS
 from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
-from scripts.data.nifti import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
+from scripts.data.nifti import InputError, load_array, read_nifti
+from scripts.inference.pair import Volume
 from scripts.evaluation.metrics import centroid
 from scripts.spatial.composed import ants_image
 
@@ -103,85 +104,57 @@ class Warpd(MapTransform):
 class PairToBoxd(Transform):
     """A case dict of file paths -> the network's inputs on the fixed image's network box, as inference builds them.
 
-    The same steps as :func:`scripts.inference.pipeline.register_pair` up to the network, so a model is trained on
-    exactly the geometry it is later run on: rigid pre-alignment on the gland masks (ANTs,
-    :func:`scripts.spatial.rigid.rigid_prealign`), the network box on the fixed image (:func:`scripts.spatial.geometry.network_box`),
-    the moving image and labels sampled through the rigid and the fixed ones directly (linear), intensities
-    scaled to [0, 1], and with ``roi_mask`` the images multiplied by their gland masks.
+    The ``pair`` stage (:class:`scripts.inference.pair.PairStage`, ``configs/pair.json``) is the one inference runs:
+    the same reading and checks, rigid pre-alignment on the gland masks, network box and network inputs; this
+    transform adds the labels, sampled on the box (moving through the rigid, linear).
 
     Masks: channel 0 of each label (ground truth) or, with ``mask_dir``, the gland masks that
     ``configs/seg_inference.json`` predicted (``<mask_dir>/{mr,us}_glands/<case>.nii.gz``).
 
     Input keys: ``case``, ``direction``, ``moving_image``, ``fixed_image``, ``moving_label``, ``fixed_label`` (paths).
     Output: ``image`` (2, H, W, D) = [moving, fixed]; ``moving_label`` and ``fixed_label`` (C, H, W, D), soft, on
-    the box; ``rigid`` (4, 4) LPS fixed -> moving; float32 tensors. (H, W, D) = ``spatial_size``.
+    the box; ``rigid`` (4, 4) LPS fixed -> moving; float32 tensors. (H, W, D) = ``pair.spatial_size``.
     """
 
-    def __init__(
-        self,
-        spatial_size,
-        depth_crop: int = 4,
-        axcodes: str = "RAS",
-        use_rigid: bool = True,
-        roi_mask: bool = False,
-        mask_dir: str | None = None,
-        rigid_args: dict | None = None,
-    ):
-        self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
-        from scripts.spatial.rigid import rigid_settings  # here: the rigid module imports ANTs
+    def __init__(self, pair, mask_dir: str | None = None):
+        self.pair, self.mask_dir = pair, mask_dir
 
-        self.use_rigid, self.roi_mask, self.mask_dir = use_rigid, roi_mask, mask_dir
-        self.rigid_args = rigid_settings(rigid_args)  # every setting, defaults included: part of the cache key
-
-    def _masks(self, data, labels):
+    def _masks(self, data, labels) -> list:
         if self.mask_dir is None:
-            return [(label[..., 0], affine) for label, affine in labels]
+            return [Volume(label.data[..., 0], label.affine) for label in labels]
         moving, fixed = DIRECTIONS[data["direction"]]
         paths = [Path(self.mask_dir) / f"{mod}_glands" / f"{data['case']}.nii.gz" for mod in (moving, fixed)]
-        return [
-            (load_array(read_nifti(p, ndim=3, what="gland mask"), p, "gland mask"), read_nifti(p).affine) for p in paths
-        ]
+        return [self.pair.read_mask(p, "gland mask") for p in paths]
 
     def __call__(self, data: Mapping) -> dict:
-        from scripts.inference.pipeline import (
-            box_inputs,
-            check_contrast,
-            check_overlap,
-        )  # here: the pipeline imports ANTs, ITK
-        from scripts.spatial.rigid import rigid_prealign
-
-        images, labels = [], []
+        images = [self.pair.read(data[f"{role}_image"], f"{role} image") for role in ("moving", "fixed")]
+        labels = []
         for role in ("moving", "fixed"):
-            img = read_nifti(data[f"{role}_image"], ndim=3, what=f"{role} image", min_size=MIN_VOXELS_PER_AXIS)
-            images.append((load_array(img, data[f"{role}_image"], f"{role} image"), img.affine))
-            check_contrast(images[-1][0], data[f"{role}_image"], f"{role} image")
             lab = read_nifti(data[f"{role}_label"], ndim=(3, 4), what=f"{role} label")
             array = load_array(lab, data[f"{role}_label"], f"{role} label")
-            labels.append((array if array.ndim == 4 else array[..., None], lab.affine))
+            labels.append(Volume(array if array.ndim == 4 else array[..., None], lab.affine))
         masks = self._masks(data, labels)
-        rigid = np.eye(4)
-        if self.use_rigid:
-            fixed_mask, moving_mask = (ants_image(m, a) for m, a in (masks[1], masks[0]))
-            fixed_img, moving_img = (ants_image(i, a) for i, a in (images[1], images[0]))
-            rigid, _ = rigid_prealign(fixed_img, moving_img, fixed_mask, moving_mask, **self.rigid_args)
-        fixed, fixed_affine = images[1]
-        box = network_box(fixed_affine, fixed.shape, self.spatial_size, self.depth_crop, self.axcodes)
-        check_overlap(images[0][1], images[0][0].shape, rigid, box, data["moving_image"], data["fixed_image"])
+        (moving, fixed), (moving_mask, fixed_mask) = images, masks
+        ants = [ants_image(v.data, v.affine) for v in (fixed, moving, fixed_mask, moving_mask)]
+        rigid, _ = self.pair.rigid(*ants)
+        box = self.pair.box(moving, fixed, rigid, data["moving_image"], data["fixed_image"])
         out = dict(data)
-        out["image"] = box_inputs(images[0], images[1], rigid, box, masks=masks if self.roi_mask else None)
+        out["image"] = self.pair.inputs(moving, fixed, rigid, box, masks)
         fixed_points = grid_points(box.affine, box.shape)
-        for (label, affine), points, key in zip(
+        for label, points, key in zip(
             labels, (apply_affine(rigid, fixed_points), fixed_points), ("moving_label", "fixed_label")
         ):
-            out[key] = torch.as_tensor(np.moveaxis(sample(label, affine, points), -1, 0), dtype=torch.float32)
+            out[key] = torch.as_tensor(
+                np.moveaxis(sample(label.data, label.affine, points), -1, 0), dtype=torch.float32
+            )
         out["rigid"] = torch.as_tensor(rigid, dtype=torch.float32)
         return out
 
 
-def _box_of(fixed_image, spatial_size, depth_crop: int, axcodes: str):
+def _box_of(fixed_image, pair):
     """The network box of a case, rebuilt from its fixed image's header (no voxel data read)."""
     header = read_nifti(fixed_image, ndim=3, what="fixed image")
-    return network_box(header.affine, header.shape[:3], spatial_size, depth_crop, axcodes)
+    return network_box(header.affine, header.shape[:3], pair.spatial_size, pair.depth_crop, pair.axcodes)
 
 
 class LandmarkErrord(MapTransform):
@@ -199,21 +172,13 @@ class LandmarkErrord(MapTransform):
         keys: the moving-side labels, e.g. ``("warped_label", "moving_label")``.
         fixed_key: the fixed label, same grid.
         output_keys: where each (0-d tensor) error goes, one per key.
-        spatial_size, depth_crop, axcodes: the box settings of :class:`PairToBoxd`.
+        pair: the pair stage whose box the labels are on (:class:`scripts.inference.pair.PairStage`).
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        fixed_key: str,
-        output_keys: KeysCollection,
-        spatial_size,
-        depth_crop: int = 4,
-        axcodes: str = "RAS",
-    ):
+    def __init__(self, keys: KeysCollection, fixed_key: str, output_keys: KeysCollection, pair):
         super().__init__(keys)
         self.fixed_key, self.output_keys = fixed_key, ensure_tuple_rep(output_keys, len(self.keys))
-        self.spatial_size, self.depth_crop, self.axcodes = tuple(spatial_size), depth_crop, axcodes
+        self.pair = pair
 
     @staticmethod
     def _centroids(label: torch.Tensor) -> list:
@@ -224,7 +189,7 @@ class LandmarkErrord(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        box = _box_of(d["fixed_image"], self.spatial_size, self.depth_crop, self.axcodes)
+        box = _box_of(d["fixed_image"], self.pair)
         fixed = self._centroids(d[self.fixed_key])
         channels = range(1, len(fixed)) if len(fixed) > 1 else range(1)
         for key, out in self.key_iterator(d, self.output_keys):
@@ -251,17 +216,12 @@ class TrueFieldToBoxd:
     pre-stage cache of the runs without it is reused as it is.
 
     Args:
-        spatial_size, depth_crop, axcodes: the box settings of :class:`PairToBoxd`.
+        pair: the pair stage whose box the network works on (:class:`scripts.inference.pair.PairStage`).
         field_dir: folder of the true fields; default ``<fixed image folder>/../ddf_<direction>``.
     """
 
-    def __init__(self, spatial_size, depth_crop: int = 4, axcodes: str = "RAS", field_dir: str | None = None):
-        self.spatial_size, self.depth_crop, self.axcodes, self.field_dir = (
-            tuple(spatial_size),
-            depth_crop,
-            axcodes,
-            field_dir,
-        )
+    def __init__(self, pair, field_dir: str | None = None):
+        self.pair, self.field_dir = pair, field_dir
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -273,8 +233,8 @@ class TrueFieldToBoxd:
                 f"{path}: missing; loss#field_weight > 0 trains on each case's true field "
                 "(the phantom writes <split>/ddf_<direction>/<case>.nii.gz)"
             )
-        from scripts.inference.pipeline import field_to_box_ddf  # here: the pipeline imports ANTs, ITK
+        from scripts.spatial.composed import field_to_box_ddf  # here: it imports ANTs, ITK
 
-        box = _box_of(fixed, self.spatial_size, self.depth_crop, self.axcodes)
+        box = _box_of(fixed, self.pair)
         d["true_ddf"] = torch.as_tensor(field_to_box_ddf(path, box, d["rigid"]), dtype=torch.float32)
         return d

@@ -18,8 +18,7 @@ from monai.bundle import ConfigParser
 
 from scripts.data.datalist import case_name, load_split
 from scripts.data.nifti import InputError, flag, read_nifti, write_nifti
-from scripts.inference.pipeline import load_weights
-from scripts.weights.trained_model import SEGMENTATION, settings_of
+from scripts.weights.trained_model import SEGMENTATION, load_weights, settings_of
 
 __all__ = [
     "MODALITIES",
@@ -87,11 +86,28 @@ class GlandSegmenter:
         return (mask > 0.5).astype(np.uint8), source.affine
 
 
+class MissingSegmenter:
+    """The declared gland segmenter whose weights file is missing: asked for a mask, it raises :class:`InputError`
+    naming the file and what to pass instead (the registrar's masks rule, :mod:`scripts.inference.registrar`)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = str(checkpoint)
+
+    def __call__(self, image):
+        raise InputError(
+            f"{self.checkpoint}: no gland segmenter weights, and {image} comes without its gland mask: pass "
+            "moving_mask and fixed_mask, train the segmenter (configs/seg_train.json), or set use_seg false "
+            "(with roi_mask false: the network then sees whole images, which it was not trained on)"
+        )
+
+
 def load_segmenter(config_file, checkpoint=None, device="cpu", overrides: dict | None = None) -> GlandSegmenter:
     """Build the ``segmenter`` of ``configs/seg_inference.json`` (network, transforms) and load its weights.
 
     Used by ``configs/inference.json`` so that the registration pipeline segments exactly as the
     segmentation bundle does. ``overrides``: config ids -> values (e.g. ``{"seg_spatial_size": [96, 96, 96]}``).
+    A missing weights file gives a :class:`MissingSegmenter`: the registrar needs it only for a pair without
+    both gland masks, and then stops with an error that says what to pass.
     """
     parser = ConfigParser()
     parser.read_config(str(config_file))
@@ -99,6 +115,8 @@ def load_segmenter(config_file, checkpoint=None, device="cpu", overrides: dict |
         parser[key] = value
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
+    if not Path(parser.get_parsed_content("checkpoint")).exists():
+        return MissingSegmenter(parser.get_parsed_content("checkpoint"))
     segmenter = parser.get_parsed_content("segmenter")
     load_weights(
         segmenter.network,

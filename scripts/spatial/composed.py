@@ -22,11 +22,22 @@ import platform
 import ants
 import h5py
 import numpy as np
+import torch
 
 from scripts.data.nifti import InputError, atomic_write, load_array, read_nifti, write_nifti
-from scripts.spatial.geometry import NetworkBox, apply_affine, grid_points, lps_affine, sample, sample_box_field
+from scripts.spatial.geometry import (
+    NetworkBox,
+    apply_affine,
+    grid_points,
+    lps_affine,
+    mm_to_box_ddf,
+    sample,
+    sample_box_field,
+)
 
 __all__ = [
+    "FieldNetwork",
+    "field_to_box_ddf",
     "ants_image",
     "compose_field",
     "inverse_composed_field",
@@ -208,3 +219,33 @@ def read_ants_rigid(path) -> np.ndarray:
     if not os.path.isfile(path):
         raise InputError(f"{path}: transform file does not exist")
     return rigid_from_ants(ants.read_transform(str(path)))
+
+
+class FieldNetwork:
+    """A stand-in registration network returning a given fixed-grid displacement field (ITK convention) as a box
+    DDF, to push a ground-truth field through exactly the registrar's post-stage. Follows the network contract
+    (:mod:`scripts.networks.contract`): ``forward_train(image (1, 2, H, W, D))`` -> ``{"ddf": (1, 3, H, W, D) box
+    voxels, "velocity": None}``; no integrator (the registrar inverts the field numerically)."""
+
+    integrate = None
+
+    def __init__(self, field_path, box):
+        self.ddf = torch.as_tensor(field_to_box_ddf(field_path, box)[None], dtype=torch.float32)
+
+    def forward_train(self, image):
+        return {"ddf": self.ddf.to(image.device), "velocity": None}
+
+    def __call__(self, image):
+        return self.forward_train(image)["ddf"]
+
+
+def field_to_box_ddf(field_path, box, rigid=None) -> np.ndarray:
+    """A fixed-grid displacement field file (ITK convention, LPS mm) as the network's box field (3, H, W, D),
+    box voxels, after the LPS fixed -> moving ``rigid`` (None: identity): u(p) = R^-1(p + d(p)) - p at the box
+    points, so that R(p + u(p)) is the field's map, as :func:`scripts.spatial.composed.compose_field` composes."""
+    field, affine = read_field_nifti(field_path)
+    points = grid_points(box.affine, box.shape)
+    moved = points + sample(field, affine, points)
+    if rigid is not None:
+        moved = apply_affine(np.linalg.inv(np.asarray(rigid, np.float64)), moved)
+    return mm_to_box_ddf(moved - points, box)

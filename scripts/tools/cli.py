@@ -2,8 +2,9 @@
 
 Each registered case gets the pipeline's files (``docs/pipeline.md``), ``qc.json`` (:mod:`scripts.evaluation.qc`),
 three PNGs (:mod:`scripts.evaluation.pictures`) and, when points are given, the points mapped into fixed space
-(:mod:`scripts.spatial.points`). The network, its box and pre/post-processing come from ``configs/inference.json``,
-so the CLI registers exactly as the bundle config does. ``docs/biopsy.md`` is the user guide.
+(:mod:`scripts.spatial.points`). The registrar (network, pair stage, segmenter, post-processing) is the
+``registrar`` of ``configs/inference.json``, so the CLI registers exactly as the bundle config does.
+``docs/biopsy.md`` is the user guide.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import inspect
 import sys
 from pathlib import Path
 
-from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from scripts.data.case_folder import case_transaction
@@ -21,102 +21,31 @@ from scripts.data.datalist import check_direction, load_split
 from scripts.data.nifti import InputError, flag, read_nifti, same_grid, write_json
 from scripts.evaluation.pictures import case_pictures, write_index
 from scripts.evaluation.qc import quality_check
-from scripts.inference.pipeline import load_weights, refuse_taken_case_folders, register_pair
+from scripts.inference.registrar import Registrar, load_registrar, refuse_taken_case_folders
+from scripts.inference.segmentation import MissingSegmenter
 from scripts.inference.timing import StageTimer, summary
 from scripts.spatial.points import check_point_files, map_files
-from scripts.weights.trained_model import settings_of
 
-__all__ = ["register", "register_folder", "map_points", "load_registration"]
+__all__ = ["register", "register_folder", "map_points", "cli_registrar"]
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
-CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
-# register_pair settings read from the inference config
-CONFIG_KEYS = (
-    "spatial_size",
-    "depth_crop",
-    "axcodes",
-    "rigid_args",
-    "int_steps",
-    "label_threshold",
-    "preprocessing",
-    "inferer",
-    "postprocessing",
-    "device",
-    "amp",
-)
 GLAND_SOURCES = ("auto", "predicted", "label", "none")
 
 
-def load_registration(config_file=None, checkpoint=None, use_network: bool = True) -> tuple[object, dict]:
-    """The network (``network_def`` of the inference config, weights loaded) and the other ``register_pair`` settings.
+def cli_registrar(config_file=None, checkpoint=None, use_network: bool = True, use_rigid: bool = True) -> Registrar:
+    """The inference config's ``registrar`` (:func:`scripts.inference.registrar.load_registrar`) with the CLI's
+    switches as config overrides: ``checkpoint`` (must exist), ``use_network`` false (``network`` None: the rigid
+    step alone), ``use_rigid`` false."""
+    overrides = {} if use_rigid else {"use_rigid": False}
+    if checkpoint is not None:  # load_registrar names a missing one
+        overrides["checkpoint"] = str(Path(checkpoint).absolute())
+    if not use_network:
+        overrides["network"] = None
+    return load_registrar(config_file, overrides)
 
-    Without a ``checkpoint`` argument the config's (``models/model.pt``) is used; if that file does not
-    exist, a warning is printed and the network is ``None`` (rigid-only registration). A ``checkpoint``
-    given explicitly must exist. When the config's ``use_seg`` is on and its gland segmenter weights
-    (``seg_checkpoint``, ``models/seg_model.pt``) exist, ``settings["seg_network"]`` is that segmenter, so the pipeline predicts
-    both glands (used by the rigid step, ``roi_mask`` and the QC). A config whose ``network`` is an object
-    of its own (``configs/inference_onnx.json``: the ONNX file on ONNX Runtime) gives that network instead.
-    ``use_network=False``: no network (``None``: the rigid step only, for comparison), the rest as above.
-    """
-    files = (
-        [CONFIG] if config_file is None else config_file if isinstance(config_file, (list, tuple)) else [config_file]
-    )
-    for path in files:
-        if not Path(path).is_file():
-            raise InputError(
-                f"{path}: config {'is a folder, not a file' if Path(path).is_dir() else 'file does not exist'}"
-            )
-    parser = ConfigParser()
-    for path in files:  # one by one, so that a file that does not parse is named
-        try:
-            parser.load_config_file(str(path))
-        except Exception as err:  # json and yaml raise their own types
-            raise InputError(f"{path}: cannot read the config ({type(err).__name__}: {err})") from None
-    parser.read_config([str(f) for f in files])  # later files override earlier ones, as with the bundle runner
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    settings = {k: parser.get_parsed_content(k) for k in CONFIG_KEYS}
-    seg_weights = parser.get("seg_checkpoint") and Path(parser.get_parsed_content("seg_checkpoint"))
-    roi_mask = flag(parser.get_parsed_content("roi_mask"), "roi_mask")
-    if flag(parser.get_parsed_content("use_seg"), "use_seg") and seg_weights and seg_weights.is_file():
-        parser["use_seg"] = True
-        settings.update(seg_network=parser.get_parsed_content("seg_network"), roi_mask=roi_mask)
-    elif roi_mask:
-        cause = (
-            f"no gland segmenter weights at {seg_weights}"
-            if flag(parser.get_parsed_content("use_seg"), "use_seg")
-            else "the gland segmenter is switched off (use_seg false)"
-        )
-        print(
-            f"WARNING: {cause}: the network gets whole images, not the ROI images it was trained on (roi_mask); "
-            "give moving and fixed gland masks, or use the segmenter (configs/seg_train.json trains one).",
-            file=sys.stderr,
-        )
-    if not flag(use_network, "use_network"):
-        return None, settings
-    if isinstance(parser.get("network"), dict):  # the config builds its own network (configs/inference_onnx.json)
-        if checkpoint is not None:
-            raise InputError(
-                f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) "
-                "does not load PyTorch checkpoints; leave --checkpoint out"
-            )
-        return parser.get_parsed_content("network"), settings
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        problem = (
-            "is a folder, not a checkpoint file" if Path(checkpoint).is_dir() else "checkpoint file does not exist"
-        )
-        raise InputError(f"{checkpoint}: {problem}")
-    weights = Path(checkpoint if checkpoint is not None else parser.get_parsed_content("checkpoint"))
-    if not weights.is_file():
-        print(
-            f"WARNING: no trained weights at {weights}: registering with the RIGID step only (no deformable "
-            "part). Train the network (configs/train.json) or pass --checkpoint.",
-            file=sys.stderr,
-        )
-        return None, settings
-    network = load_weights(
-        parser.get_parsed_content("network_def"), str(weights), settings["device"], settings=settings_of(parser)
-    )
-    return network, settings
+
+def _predicts_masks(registrar: Registrar) -> bool:
+    """Whether the registrar's segmenter can predict gland masks (declared, with its weights)."""
+    return registrar.segmenter is not None and not isinstance(registrar.segmenter, MissingSegmenter)
 
 
 QC_FAIL_STATUS = 3  # exit status of a run whose outputs are written but whose QC says "fail"
@@ -157,18 +86,14 @@ def _check_case_inputs(fixed, fixed_gland, points, frame) -> None:
 
 
 def _register_case(
-    network,
-    settings,
-    moving,
-    fixed,
+    registrar: Registrar,
+    pair: dict,
     out,
-    moving_labels,
     direction,
     fixed_gland,
     gland_source,
     points,
     frame,
-    use_rigid,
     pictures,
     qc,
     overwrite,
@@ -177,7 +102,9 @@ def _register_case(
 ) -> dict:
     """Register one pair, then QC, pictures and point mapping; returns what was written, the QC and the seconds.
 
-    ``fixed_gland`` (a path) is the QC's fixed gland; with ``gland_source == "predicted"`` it is taken from
+    ``pair``: the :meth:`scripts.inference.registrar.Registrar.register` paths (``moving_image``, ``fixed_image``,
+    ``moving_labels``, ``moving_mask``, ``fixed_mask``). ``fixed_gland`` (a path) is the QC's fixed gland; with
+    ``gland_source == "predicted"`` it is taken from
     the pipeline's own prediction (``result.json``'s ``masks``) instead. ``result.json``'s ``seconds`` gains the
     qc, pictures and points stages, and its total becomes the whole case's wall time (since ``timer`` started,
     when one is given: e.g. with the network's loading). ``settings_files`` (the config files and checkpoint the
@@ -185,20 +112,11 @@ def _register_case(
     """
     timer, out = timer or StageTimer(), Path(out)
     points = points.split(",") if isinstance(points, str) else points  # a file or a comma-separated list
-    _check_case_inputs(fixed, fixed_gland, points, frame)
-    inputs = (moving, fixed, moving_labels, fixed_gland, *(points or []), *settings_files)
+    moving_labels = pair.get("moving_labels")
+    _check_case_inputs(pair["fixed_image"], fixed_gland, points, frame)
+    inputs = (*(v for v in pair.values() if v is not None), fixed_gland, *(points or []), *settings_files)
     with case_transaction(out, overwrite, inputs) as stage:  # every file below, published together
-        result = register_pair(
-            moving,
-            fixed,
-            stage,
-            moving_labels,
-            network=network,
-            direction=direction,
-            use_rigid=use_rigid,
-            publish=False,
-            **settings,
-        )
+        result = registrar.register(out_dir=stage, direction=direction, publish=False, **pair)
         timer.stages.update({k: v for k, v in result["seconds"].items() if k != "total"})
         if gland_source == "predicted":
             fixed_gland = stage / result["masks"]["fixed"]
@@ -255,6 +173,8 @@ def register(
     direction: str = "mr2us",
     frame: str | None = None,
     fixed_gland=None,
+    moving_mask=None,
+    fixed_mask=None,
     config_file=None,
     checkpoint=None,
     use_rigid: bool = True,
@@ -275,6 +195,8 @@ def register(
             column or a '# frame: ...' first line); a CSV stating another frame is refused. Markups carry their own.
         fixed_gland: gland mask on the fixed grid for the QC Dice (QC only); default: the gland the pipeline
             predicts when the segmenter's weights (models/seg_model.pt) exist, else no Dice.
+        moving_mask, fixed_mask: gland masks on each image's grid for the rigid step and the network's ROI
+            inputs; without them the config's segmenter predicts them (docs/pipeline.md, the masks rule).
         config_file: inference config (default configs/inference.json), or a list of config files merged in
             order (e.g. the inference config and an override file); checkpoint: weights (default its own).
         use_rigid: run the ANTs rigid step. use_network: run the trained network after it (false: the rigid
@@ -286,27 +208,32 @@ def register(
     use_rigid, use_network, pictures, overwrite = _flags(
         use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
     )
-    moving, fixed, out, moving_labels, fixed_gland, checkpoint, points = _paths(
-        moving, fixed, out, moving_labels, fixed_gland, checkpoint, points
+    moving, fixed, out, moving_labels, fixed_gland, moving_mask, fixed_mask, checkpoint, points = _paths(
+        moving, fixed, out, moving_labels, fixed_gland, moving_mask, fixed_mask, checkpoint, points
     )
     check_direction(direction)
     qc = check_qc_settings(qc)
     with timer("load"):
-        network, settings = load_registration(config_file, checkpoint, use_network)
-    source = "given" if fixed_gland is not None else ("predicted" if "seg_network" in settings else None)
+        registrar = cli_registrar(config_file, checkpoint, use_network, use_rigid)
+    source = "given" if fixed_gland is not None else ("predicted" if _predicts_masks(registrar) else None)
+    if source == "predicted" and fixed_mask is not None:  # the given mask is the pipeline's fixed gland
+        fixed_gland, source = fixed_mask, "given"
+    pair = {
+        "moving_image": moving,
+        "fixed_image": fixed,
+        "moving_labels": moving_labels,
+        "moving_mask": moving_mask,
+        "fixed_mask": fixed_mask,
+    }
     case = _register_case(
-        network,
-        settings,
-        moving,
-        fixed,
+        registrar,
+        pair,
         out,
-        moving_labels,
         direction,
         fixed_gland,
         source,
         points,
         frame,
-        use_rigid,
         pictures,
         qc,
         overwrite,
@@ -352,27 +279,24 @@ def register_folder(
         raise InputError(f"gland must be one of {GLAND_SOURCES}, got {gland!r}")
     cases, settings_files = load_split(dataset_dir, split, direction), _settings_files(config_file, checkpoint)
     refuse_taken_case_folders(out, cases, overwrite, extra=[Path(out) / "index.html"], inputs=settings_files)
-    network, settings = load_registration(config_file, checkpoint, use_network)
-    predicted = "seg_network" in settings
+    registrar = cli_registrar(config_file, checkpoint, use_network, use_rigid)
+    predicted = _predicts_masks(registrar)
     if gland == "predicted" and not predicted:
         raise InputError("gland='predicted' needs the gland segmenter's weights (models/seg_model.pt)")
     source = {"auto": "predicted" if predicted else "label", "none": None}.get(gland, gland)
     done = []
     for case in tqdm(cases, desc="register", unit="case"):
         fixed_gland = case["fixed_label"] if source == "label" else None
+        pair = {"moving_image": case["moving_image"], "fixed_image": case["fixed_image"]}
         result = _register_case(
-            network,
-            settings,
-            case["moving_image"],
-            case["fixed_image"],
+            registrar,
+            {**pair, "moving_labels": case["moving_label"]},
             Path(out) / case["case"],
-            case["moving_label"],
             direction,
             fixed_gland,
             source,
             None,
             None,
-            use_rigid,
             pictures,
             qc,
             overwrite,

@@ -26,10 +26,9 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from scripts.data.nifti import InputError, atomic_write
-from scripts.inference.pipeline import load_weights
 from scripts.networks.blocks import adaptive_avg_pool3d_as_matmul
 from scripts.weights.manifest import read_checkpoint, verify_checkpoint
-from scripts.weights.trained_model import settings_of
+from scripts.weights.trained_model import load_weights, settings_of
 
 __all__ = ["NETWORKS", "FORMATS", "export", "write_onnx", "adaptive_avg_pool3d_as_matmul"]
 

@@ -24,12 +24,13 @@ from scripts.weights.manifest import (
     write_manifest,
 )
 
-__all__ = ["BUNDLE_NAME", "CONTENT", "ZOO_MAX_FILE_MB", "package"]
+__all__ = ["BUNDLE_NAME", "CONTENT", "NOT_SHIPPED", "ZOO_MAX_FILE_MB", "package"]
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_NAME = "prostate_mri_trus_registration"
 CONTENT = ("configs", "scripts", "docs", "LICENSE")  # copied as they are; models/ is handled file by file
+NOT_SHIPPED = ("scripts/tools",)  # repository tools (CLI, demo, packager, exporter): the configs import none of them
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md")
 ZOO_MAX_FILE_MB = 25.0  # the model zoo keeps larger files out of its repository (listed in large_files.yml)
 UNTRAINED_NOTE = (
@@ -94,7 +95,12 @@ def package(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
     try:
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+        patterns = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+
+        def ignore(folder, names):
+            left_out = {n for n in names if (Path(folder) / n).relative_to(root).as_posix() in NOT_SHIPPED}
+            return set(patterns(folder, names)) | left_out
+
         for item in CONTENT:
             src = root / item
             if src.is_dir():

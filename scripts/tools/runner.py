@@ -12,23 +12,10 @@ from __future__ import annotations
 
 from monai.bundle import run as bundle_run
 
-from scripts.data.nifti import InputError, flag
+from scripts.data.nifti import InputError, flag, user_error
 from scripts.overrides import bool_ids, config_files
 
-__all__ = ["run", "user_error"]
-
-EXPECTED = (InputError, FileExistsError)
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The first expected user error in ``err``'s chain of causes (``__cause__``, else ``__context__``), or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, EXPECTED):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+__all__ = ["run"]
 
 
 def run(*args, **kwargs) -> None:

@@ -16,6 +16,8 @@ differences, so that a model is never silently run on a grid or architecture it 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +27,10 @@ from scripts.data.nifti import InputError, atomic_write
 from scripts.networks.registration import NOT_SETTINGS, decode_settings, encode_settings
 from scripts.weights.manifest import MANIFEST, is_state_dict, read_checkpoint, record_weights
 
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]  # holds large_files.yml
+
 __all__ = [
+    "load_weights",
     "REGISTRATION",
     "SEGMENTATION",
     "EXTRA_STATE",
@@ -53,6 +58,8 @@ def settings_of(config, kind: dict = REGISTRATION) -> dict:
     if "bundle_root" not in parser:
         parser["bundle_root"] = "."
     out = {k: parser.get_parsed_content(k) for k in kind["keys"] if k in parser}
+    if "depth_crop" in kind["keys"] and "pair" in parser:  # the pair stage (configs/pair.json) owns the crop
+        out["depth_crop"] = parser.get_parsed_content("pair").depth_crop
     net = kind["network"]
     if net in parser:
         out[net] = {
@@ -177,3 +184,56 @@ def make_model(
         root = path.resolve().parent.parent
         if path.resolve().parent.name == "models" and (root / MANIFEST).is_file():
             print(f"updated {record_weights(root, [path])} for {path.name}")
+
+
+def load_weights(
+    network: torch.nn.Module,
+    path,
+    device="cpu",
+    required: bool = False,
+    bundle_root=BUNDLE_ROOT,
+    settings: dict | None = None,
+) -> torch.nn.Module:
+    """Load a checkpoint (a state dict, or a training checkpoint with a ``"model"`` entry) if ``path`` exists.
+
+    A file listed in ``bundle_root/large_files.yml``, or in the manifest of the bundle holding it, must match its
+    SHA-256 before a byte is read (:func:`scripts.weights.manifest.read_checkpoint`; unlisted files, e.g. locally trained
+    weights, are not checked).
+    A weights file written by ``python -m scripts make-model`` stores the settings it was trained with (in the
+    state dict's ``_extra_state``, or a ``"settings"`` entry);
+    ``settings`` (of the running config, :func:`scripts.weights.trained_model.settings_of`) must equal them.
+    Weights holding NaN/Inf are refused.
+    Loads with ``weights_only=True``. A missing file is an :class:`InputError` when ``required``, else a warning
+    (the network keeps its initial weights: for the registration network, a near-identity field).
+    """
+    if path and (required or os.path.exists(path)):  # read_checkpoint names a missing file or a folder
+        state = read_checkpoint(path, bundle_root, device)
+        weights, stored = tensors_of(state), stored_settings(state)
+        _check_fits(network, weights, path)
+        check_settings(path, stored, settings)
+        check_finite_weights(path, weights)
+        if EXTRA_STATE in network.state_dict():  # a network that keeps its settings (RegistrationNet)
+            weights = {**weights, EXTRA_STATE: encode_settings(stored or {})}
+        network.load_state_dict(weights)
+    elif required:
+        raise InputError("no checkpoint given (train the network first, or pass one)")
+    else:
+        logging.getLogger(__name__).warning("%s: no checkpoint, the network keeps its initial weights", path)
+    return network.to(device).eval()
+
+
+def _check_fits(network: torch.nn.Module, weights, path) -> None:
+    """Raise :class:`InputError` (one line) unless ``weights`` has exactly the tensor names and shapes of ``network``."""
+    name = type(network).__name__
+    if not is_state_dict(weights):
+        raise InputError(f"{path}: holds no state dict of tensors for {name}")
+    expected = {k: v for k, v in network.state_dict().items() if k != EXTRA_STATE}
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        example = (missing or unexpected or shapes)[0]
+        raise InputError(
+            f"{path}: weights do not fit this {name} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(shapes)} wrong-shape tensors, e.g. {example!r}); a checkpoint of another architecture "
+            "or network_def?"
+        )

@@ -8,8 +8,8 @@ Naming rule of the datastore (``--studies`` folder; ``docs/monailabel.md``)::
                                             or 3-D (gland only)
 
 MONAI Label lists only the NIfTI files at the top of the datastore, so the MR files in sub-folders are never
-offered as images. The registration is the bundle's own :func:`scripts.inference.pipeline.register_pair` (mr2us: moving MR,
-fixed TRUS) with the settings of :func:`scripts.tools.cli.load_registration`; this module only finds the files and turns
+offered as images. The registration is the ``registrar`` of the bundle's ``configs/inference.json`` (mr2us: moving MR, fixed TRUS),
+obtained with :func:`scripts.inference.registrar.load_registrar`; this module only finds the files and turns
 the warped channel-last labels into one label map on the TRUS grid.
 """
 
@@ -27,8 +27,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from scripts.data.nifti import InputError, write_nifti
-from scripts.inference.pipeline import OUTPUTS, register_pair
-from scripts.tools.cli import load_registration
+from scripts.inference.registrar import OUTPUTS, load_registrar
 
 __all__ = [
     "MR_IMAGES",
@@ -106,7 +105,7 @@ class MRLabelsOnTRUS(InferTask):
             config={"result_extension": ".nii.gz"},
         )
         self.datastore = Path(datastore)
-        self.network, self.settings = load_registration(config_files, checkpoint)
+        self.registrar = load_registrar(config_files, {"checkpoint": str(checkpoint)} if checkpoint else None)
 
     def is_valid(self) -> bool:
         return True
@@ -140,9 +139,7 @@ class MRLabelsOnTRUS(InferTask):
         moving, moving_labels = paired_files(self.datastore, case)
         work = Path(tempfile.mkdtemp(prefix=f"mrtrus_{case}_"))
         try:
-            result = register_pair(
-                moving, fixed, work, moving_labels, network=self.network, direction="mr2us", **self.settings
-            )
+            result = self.registrar.register(moving, fixed, work, moving_labels, direction="mr2us")
             warped = nib.load(work / OUTPUTS["warped_label"])
             labels = np.asarray(warped.dataobj)
             channels = 1 if labels.ndim == 3 else labels.shape[-1]
