@@ -325,3 +325,40 @@ def test_amp_runs_the_network_under_bf16_autocast(case, tmp_path, amp):
         assert probe.dtype == torch.bfloat16
     # the network's shift reaches the written field (one box voxel = the box spacing, > 1 mm)
     assert np.abs(_load(tmp_path / "amp" / OUTPUTS["forward_field"])).max() > 1.0
+
+
+def test_registrar_stages_work_alone(case, tmp_path):
+    """Each stage of Registrar.register on its own: the pair stage's inputs, the network's field and its inverse
+    (exp(-v) undoes exp(v) at the box points), the masks rule with given masks, the label binarisation."""
+    from scripts.inference.pair import PairStage
+    from scripts.inference.registrar import Registrar
+    from scipy.ndimage import map_coordinates
+
+    from scripts.inference.timing import StageTimer
+
+    pair = PairStage(SIZE, depth_crop=CROP, use_rigid=False)
+    moving, fixed = pair.read(case["mr_image"], "moving image"), pair.read(case["us_image"], "fixed image")
+    rigid, info = pair.rigid(case["us_image"], case["mr_image"])
+    assert np.array_equal(rigid, np.eye(4)) and info == {"method": "none"}
+    box = pair.box(moving, fixed, rigid)
+    inputs = pair.inputs(moving, fixed, rigid, box)
+    assert inputs.shape == (2, *SIZE) and inputs.min() == 0 and inputs.max() == 1  # percentiles 1–99, clipped
+
+    registrar = Registrar(ContentNet(), pair)
+    ddf, inverse = registrar._predict(inputs[None])
+    assert ddf.shape == inverse.shape == (3, *SIZE) and np.abs(ddf).max() > 0.5  # voxels: it deforms
+    index = np.stack(np.meshgrid(*[np.arange(s) for s in SIZE], indexing="ij"), -1).reshape(-1, 3)
+    there = index + ddf.reshape(3, -1).T  # p + u(p), box voxels
+    inside = np.all((there >= 1) & (there <= np.asarray(SIZE) - 2), axis=1)
+    w = np.stack([map_coordinates(inverse[c], there[inside].T, order=1) for c in range(3)], -1)  # w(p + u(p))
+    assert np.percentile(np.linalg.norm(there[inside] + w - index[inside], axis=1), 95) < 0.1  # voxels
+
+    called = []
+    registrar.segmenter = lambda image: called.append(image)
+    masks, sources = registrar._masks(
+        tmp_path, "m.nii.gz", "f.nii.gz", case["mr_label"], case["us_label"], StageTimer()
+    )
+    assert called == [] and sources == {"moving": "given", "fixed": "given"} and masks["moving"] == case["mr_label"]
+    soft = np.zeros((2, 2, 2, 2))
+    soft[0, 0, 0] = [0.5, 0.49]
+    assert registrar._binarise(soft)[0, 0, 0].tolist() == [True, False]

@@ -159,18 +159,27 @@ class Registrar:
         with timer("writing"):
             hard = self._binarise(warped[..., 1:]) if labels is not None else None
             files = self._write(stage, moving, fixed, warped[..., 0], hard, forward, backward, u_box, w_box, box, rigid)
-        result = {
+        result = self._result(moving_image, fixed_image, direction, files, sources, masks, rigid, rigid_info, box)
+        result.update(
+            inverse=inverse,
+            label_channels_lost=[] if hard is None else lost_channels(labels, hard, self.label_threshold),
+            seconds=timer.seconds,
+        )
+        write_json(result, stage / OUTPUTS["result"])
+        return result
+
+    def _result(self, moving_image, fixed_image, direction, files, sources, masks, rigid, rigid_info, box) -> dict:
+        """``result.json``'s record of the inputs, files, rigid, masks, box and the ANTs transform lists."""
+        predicted = {f"{k}_mask": MASK_OUTPUTS[f"{k}_mask"] for k, s in sources.items() if s == "predicted"}
+        return {
             "direction": direction,
             "moving_image": str(moving_image),
             "fixed_image": str(fixed_image),
-            "files": {
-                **files,
-                **{f"{k}_mask": MASK_OUTPUTS[f"{k}_mask"] for k, s in sources.items() if s == "predicted"},
-            },
+            "files": {**files, **predicted},
             "rigid": {"matrix_lps_fixed_to_moving": rigid.tolist(), **rigid_info},
             "deformable": "none (rigid only)" if self.network is None else "network",
             "masks": self._mask_record(masks, sources),
-            "inverse": inverse,
+            "inverse": None,  # set by the caller
             "network_box": box.to_dict(),
             "ants_forward": [OUTPUTS["ants_warp"], OUTPUTS["ants_rigid"]],
             # ANTs' convention (its invtransforms): the forward .mat inverted, then the inverse warp; antspyx's
@@ -178,11 +187,8 @@ class Registrar:
             "ants_inverse": [OUTPUTS["ants_rigid"], OUTPUTS["ants_inverse_warp"]],
             "ants_inverse_whichtoinvert": [True, False],
             # moving label channels with voxels that have none after warping (QC warns; scripts.evaluation.qc)
-            "label_channels_lost": [] if hard is None else lost_channels(labels, hard, self.label_threshold),
-            "seconds": timer.seconds,
+            "label_channels_lost": [],
         }
-        write_json(result, stage / OUTPUTS["result"])
-        return result
 
     def _read_labels(self, path, moving: Volume, moving_image):
         """Moving labels (X, Y, Z, C) on the moving grid, gland in channel 0 (not empty), or None."""
@@ -353,6 +359,24 @@ def load_registrar(config_files=None, overrides: dict | None = None, rigid_witho
         if config_files is None
         else list(config_files) if isinstance(config_files, (list, tuple)) else [config_files]
     )
+    parser = _read_configs(files)
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    _check_checkpoint(parser, (overrides or {}).get("checkpoint"))
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    if rigid_without_weights:
+        _rigid_only_without_weights(parser)
+    try:
+        return parser.get_parsed_content("registrar")
+    except Exception as err:  # MONAI wraps errors raised in config expressions: surface the user's own
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _read_configs(files) -> ConfigParser:
+    """A parser holding ``files`` merged in order; a missing or unreadable file is an :class:`InputError` naming it."""
     parser = ConfigParser()
     for path in files:  # one by one, so that a file that does not parse is named
         if not Path(path).is_file():
@@ -364,8 +388,11 @@ def load_registrar(config_files=None, overrides: dict | None = None, rigid_witho
         except Exception as err:  # json and yaml raise their own types
             raise InputError(f"{path}: cannot read the config ({type(err).__name__}: {err})") from None
     parser.read_config([str(f) for f in files])  # later files override earlier ones, as with the bundle runner
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    checkpoint = (overrides or {}).get("checkpoint")
+    return parser
+
+
+def _check_checkpoint(parser: ConfigParser, checkpoint) -> None:
+    """A checkpoint a user names must exist and fit the config's kind of network (an ONNX network loads none)."""
     if checkpoint is not None and isinstance(parser.get("network"), dict):  # e.g. configs/inference_onnx.json
         raise InputError(
             f"{checkpoint}: the config's network ({parser.get('network').get('_target_')}) does not load "
@@ -376,9 +403,11 @@ def load_registrar(config_files=None, overrides: dict | None = None, rigid_witho
             "is a folder, not a checkpoint file" if Path(checkpoint).is_dir() else "checkpoint file does not exist"
         )
         raise InputError(f"{checkpoint}: {problem}")
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    if rigid_without_weights and not isinstance(parser.get("network"), dict) and parser.get("network") is not None:
+
+
+def _rigid_only_without_weights(parser: ConfigParser) -> None:
+    """Without the config's registration weights file: a warning, and ``network`` None (the rigid step only)."""
+    if not isinstance(parser.get("network"), dict) and parser.get("network") is not None:
         weights = Path(parser.get_parsed_content("checkpoint"))
         if not weights.is_file():
             logging.getLogger(__name__).warning(
@@ -387,10 +416,3 @@ def load_registrar(config_files=None, overrides: dict | None = None, rigid_witho
                 weights,
             )
             parser["network"] = None
-    try:
-        return parser.get_parsed_content("registrar")
-    except Exception as err:  # MONAI wraps errors raised in config expressions: surface the user's own
-        cause = user_error(err)
-        if cause is None:
-            raise
-        raise cause from None
