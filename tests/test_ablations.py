@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SMALL_NET
 from monai.bundle import ConfigParser
-from test_training import ROOT, SMALL_NET
 from torch import nn
 
 from scripts.networks.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner, TaskMaskNet
@@ -88,6 +88,7 @@ def phantom(tmp_path_factory):
     return root
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_ablation_trains_one_epoch(name, phantom, tmp_path):
     configs = f"['configs/train.json','configs/ablations/{name}.json']"

@@ -6,8 +6,6 @@ prove the exit status and the absence of a traceback: the CLI, and ``python -m s
 runner wrapper) with ``configs/train.json`` and ``configs/inference.json``.
 """
 
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import MR_AFFINE, SMALL, US_AFFINE, write_case
+from conftest import ENV, GRID, MR_AFFINE, ROOT, SMALL, US_AFFINE, register, small_net, write_case
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
@@ -28,53 +26,12 @@ from scripts.networks.registration import RegistrationNet
 from scripts.weights.manifest import write_manifest
 from scripts.weights.trained_model import load_weights
 
-ROOT = Path(__file__).resolve().parent.parent
-GRID = [16, 16, 16]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
-
-
-def small_net():
-    torch.manual_seed(0)
-    return RegistrationNet(**SMALL, spatial_size=tuple(GRID))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A good case, tiny weights and an inference config using them (no segmenter, whole images)."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    case = write_case(root / "good", "holdout", "case000000")
-    torch.save(small_net().state_dict(), root / "weights.pt")
-    config = json.loads((ROOT / "configs" / "inference.json").read_text())
-    config["network_def"].update(SMALL)
-    config.update(spatial_size=GRID, checkpoint=str(root / "weights.pt"), use_seg=False, roi_mask=False)
-    (root / "small.json").write_text(json.dumps(config))
-    return {"root": root, "config": str(root / "small.json"), **{k: str(v) for k, v in case.items()}}
-
 
 def save(data, affine, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return str(path)
-
-
-def register(b, out, moving=None, fixed=None, labels=None, *extra):
-    argv = [
-        "register",
-        "--moving",
-        moving or b["mr_image"],
-        "--fixed",
-        fixed or b["us_image"],
-        "--out",
-        str(out),
-        "--config-file",
-        b["config"],
-        "--use-rigid",
-        "False",
-        "--pictures",
-        "False",
-    ]
-    return argv + (["--moving-labels", labels] if labels else []) + list(extra)
 
 
 def folder(t, change, split="holdout"):
@@ -424,6 +381,7 @@ def _run(args, timeout=300):
     return proc.returncode, proc.stderr
 
 
+@pytest.mark.full
 def test_cli_subprocess_exits_2_without_traceback(base, tmp_path):
     rc, err = _run(register(base, tmp_path / "out", moving=str(tmp_path / "nope.nii.gz")))
     assert rc == 2 and "Traceback" not in err, err
@@ -431,6 +389,7 @@ def test_cli_subprocess_exits_2_without_traceback(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.full
 def test_run_without_a_config_says_how_to_call_it():
     rc, err = _run(["run"])
     assert rc == 2 and err.strip() == (
@@ -443,6 +402,7 @@ def test_run_without_a_config_says_how_to_call_it():
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m scripts run [RUN_ID] --config_file")
 
 
+@pytest.mark.full
 def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
     """``python -m scripts run training --config_file configs/train.json``: the data are checked before the run
     folder is created (first in ``run``), so a bad case leaves nothing behind."""
@@ -465,6 +425,7 @@ def test_training_config_bad_data_exits_2_and_writes_no_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.full
 def test_training_without_a_val_split_stops_before_any_preprocessing(tmp_path):
     """Both splits are listed before the pre-stage cache is filled: a missing ``val/`` costs seconds, not the
     whole train split's pre-processing, and leaves no run folder and nothing cached."""
@@ -487,6 +448,7 @@ def test_training_without_a_val_split_stops_before_any_preprocessing(tmp_path):
     assert not any((tmp_path / "runs" / "prestage_cache").iterdir())  # PersistentDataset made it; nothing cached
 
 
+@pytest.mark.full
 def test_inference_config_nan_image_exits_2_without_traceback(base, tmp_path):
     data, affine = image(base["mr_image"])
     data = data.copy()

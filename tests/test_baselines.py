@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from _registrar import register_pair
+from conftest import ROOT
 from monai.bundle import ConfigParser
-from test_training import ROOT
 
 from scripts.inference.registrar import OUTPUTS
 from scripts.networks.baselines import BaselineNet
@@ -87,6 +87,7 @@ def phantom(tmp_path_factory):
     return root
 
 
+@pytest.mark.full
 def test_localnet_native_trains_and_registers(phantom, tmp_path):
     configs = (
         "['configs/train.json','configs/baselines/localnet.json','configs/baselines/training.json',"

@@ -16,8 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_case
-from test_bad_inputs import ENV, ROOT, base, register  # noqa: F401  (base: the module's fixture)
+from conftest import ENV, ROOT, register, write_case
 
 import scripts.data.case_folder as case_folder
 from scripts.data.case_folder import case_transaction
@@ -95,7 +94,7 @@ def test_a_second_publisher_finds_the_folder_taken(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def patients(base, tmp_path_factory):  # noqa: F811
+def patients(base, tmp_path_factory):
     """Two different patients, and each one's reference warped image and labels from a run of its own."""
     root = tmp_path_factory.mktemp("patients")
     cases = {"A": base, "B": {**base, **{k: str(v) for k, v in write_case(root, "holdout", "b", seed=7).items()}}}
@@ -131,6 +130,7 @@ def _one_patient(out: Path, patients) -> str:
     return name
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "both-overwrite"])
 def test_two_patients_into_one_folder_at_once_never_mix(patients, tmp_path, overwrite):
     out = tmp_path / "out"
@@ -147,6 +147,7 @@ def test_two_patients_into_one_folder_at_once_never_mix(patients, tmp_path, over
         assert err.strip().splitlines()[-1].startswith(f"error: {out}: already exists")
 
 
+@pytest.mark.full
 def test_a_run_killed_while_writing_leaves_the_previous_folder(patients, tmp_path):
     out = tmp_path / "out"
     from scripts.__main__ import main
@@ -167,7 +168,7 @@ def test_a_run_killed_while_writing_leaves_the_previous_folder(patients, tmp_pat
     assert _one_patient(out, patients) == "A"
 
 
-def test_overwrite_keeps_a_checkpoint_or_config_stored_in_the_case_folder(base, tmp_path, capsys):  # noqa: F811
+def test_overwrite_keeps_a_checkpoint_or_config_stored_in_the_case_folder(base, tmp_path, capsys):
     """The config and checkpoint a user names are inputs too: a folder holding them is not replaced."""
     from scripts.__main__ import main
 
@@ -202,7 +203,7 @@ def test_the_current_folder_is_refused_and_the_case_folder_gets_the_usual_permis
     assert (tmp_path / "case").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
 
 
-def test_an_output_name_that_looks_like_a_number_stays_a_folder_name(base, tmp_path, monkeypatch):  # noqa: F811
+def test_an_output_name_that_looks_like_a_number_stays_a_folder_name(base, tmp_path, monkeypatch):
     from scripts.__main__ import main
 
     monkeypatch.chdir(tmp_path)

@@ -44,6 +44,7 @@ def _case(d, name):
     return {k: str(d / f"{k}s" / f"{name}.nii.gz") for k in ("mr_image", "us_image", "mr_label", "us_label")}
 
 
+@pytest.mark.full
 def test_register_command_writes_outputs_qc_and_mapped_points(dataset, tmp_path):
     case = _case(dataset["train"], "case000000")
     targets = tmp_path / "targets.csv"
@@ -167,7 +168,8 @@ def _check_index_in_chromium(out, tmp_path):
 
 
 def _small_network_config(tmp_path) -> Path:
-    """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter, whole images (roi_mask off): ``small.json``."""
+    """inference.json with a tiny seeded network on a 16^3 grid, its weights saved, no segmenter, whole images
+    (roi_mask off): ``small.json``."""
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     config["network_def"].update(SMALL)
     config["spatial_size"] = [16, 16, 16]

@@ -7,7 +7,7 @@ two-sided Wilcoxon signed-rank p-value is 2 / 2**n.
 import importlib.util
 
 import pytest
-from test_training import ROOT
+from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("comparison", ROOT / "benchmarks" / "comparison.py")
 comparison = importlib.util.module_from_spec(spec)

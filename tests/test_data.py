@@ -104,6 +104,7 @@ def test_empty_gland_and_unreadable_file_are_named(tmp_path):
         load_split(tmp_path, "train")
 
 
+@pytest.mark.full
 def test_datalist_round_trip_and_cli(tiny_dataset, tmp_path):
     root = tiny_dataset(n_cases=2)
     out = tmp_path / "lists" / "datalist.json"
@@ -124,6 +125,7 @@ def test_datalist_round_trip_and_cli(tiny_dataset, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.full
 def test_metadata_passes_schema_offline():
     schema = ROOT / "tests" / "data" / "meta_schema_20240725.json"
     result = subprocess.run(

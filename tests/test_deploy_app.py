@@ -20,6 +20,8 @@ from conftest import SMALL, write_case
 from scripts.inference.registrar import OUTPUTS
 from scripts.networks.registration import RegistrationNet
 
+pytestmark = pytest.mark.full  # the Deploy app in its own environment
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
 GRID = [16, 16, 16]

@@ -9,11 +9,13 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
-from test_resume_kill import tensors
-from test_training import NO_RIGID, ROOT, load, make_dataset, run_bundle
+from conftest import NO_RIGID, ROOT, load, make_dataset, run_bundle, tensors
 
 from scripts.inference.registrar import OUTPUTS
+
+pytestmark = pytest.mark.full  # trainings through the bundle runner, the pipeline in a process
 
 
 def test_two_trainings_with_the_same_seed_give_identical_checkpoints(tmp_path):

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _registrar import register_pair
-from test_pipeline import CROP, SIZE, ContentNet, case  # noqa: F401  (case: the oblique phantom fixture)
+from conftest import CROP, SIZE, ContentNet
 
 from scripts.inference.registrar import OUTPUTS
 from scripts.spatial.points import transform_points
@@ -30,7 +30,7 @@ def recipe_blocks() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def recipes(case, tmp_path_factory):  # noqa: F811
+def recipes(case, tmp_path_factory):
     """Run every block in one namespace inside a registered case folder; return the namespace and the folder."""
     out = tmp_path_factory.mktemp("recipes") / "case"
     rigid = np.eye(4)

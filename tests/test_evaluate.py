@@ -163,6 +163,7 @@ def test_missing_or_misplaced_warped_label(dataset, tmp_path):
         evaluate(dataset, warped_dir=str(warped), out=str(tmp_path / "b"))
 
 
+@pytest.mark.full
 def test_config_runs_through_the_monai_bundle_runner(dataset, tmp_path):
     warped = _copy_fixed_labels(dataset, tmp_path / "warped", "mr2us")
     out = tmp_path / "bundle_eval"
@@ -175,6 +176,7 @@ def test_config_runs_through_the_monai_bundle_runner(dataset, tmp_path):
     assert (summary["mode"], summary["direction"], summary["metrics"]["DSC"]) == ("float", "mr2us", 1.0)
 
 
+@pytest.mark.full
 def test_override_of_the_inference_config_registers_then_scores(tmp_path):
     """evaluate.json merged on inference.json: ``evaluating_model`` registers the split, then scores the outputs.
 

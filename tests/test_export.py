@@ -218,6 +218,7 @@ def _pair_files(root: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+@pytest.mark.full
 def test_pipeline_and_bundle_runner_on_onnx_runtime_match_pytorch(exported, tmp_path):
     """register_pair with the eager network vs. the ONNX file (Python API, then configs/inference_onnx.json
     through ``python -m monai.bundle run``): the same fields, the inverse integrated from the velocity."""

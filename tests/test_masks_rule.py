@@ -17,6 +17,8 @@ from conftest import SMALL, write_case
 
 from scripts.networks.registration import RegistrationNet
 
+pytestmark = pytest.mark.full  # the bundle runner, the CLI, Deploy and MONAI Label in processes
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [16, 16, 16]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -31,6 +31,8 @@ from nibabel.processing import resample_from_to
 
 from scripts.phantom.synth import synth
 
+pytestmark = pytest.mark.full  # the MONAI Label server in its own environment
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-monailabel"
 TASK = "mr_labels_on_trus"

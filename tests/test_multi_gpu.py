@@ -1,7 +1,7 @@
 """configs/multi_gpu_train.json and scripts/training/distributed.py: DDP training under torchrun, on the CPU with gloo.
 
 * End to end: ``torchrun --nproc_per_node 2`` runs the bundle on the tiny sphere data set of
-  ``test_training.py``; both ranks must end with identical weights (every parameter, task-mask subnet
+  ``conftest.make_dataset``; both ranks must end with identical weights (every parameter, task-mask subnet
   included), and only rank 0 may write the run folder (one checkpoint of each kind, one TensorBoard
   event file, epoch logs on rank 0's console only).
 * Gradients: two gloo processes give one training iteration different data; after it, each rank's
@@ -17,14 +17,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_training import NO_RIGID, ROOT, SMALL_NET, make_dataset
+from conftest import NO_RIGID, ROOT, SMALL_NET, make_dataset
 
 from scripts.networks.registration import RegistrationNet
 from scripts.training.iteration import RegistrationIteration
 from scripts.training.losses import RegistrationLoss
+
+pytestmark = pytest.mark.full  # DDP processes: torchrun and mp.spawn
 
 TINY_NET = dict(
     encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4),

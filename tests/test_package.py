@@ -96,6 +96,7 @@ def packaged(source, tmp_path_factory):
     return Path(package(out=str(out), bundle_root=str(source), name="reg_bundle", url_base=URL, max_file_mb=2))
 
 
+@pytest.mark.full
 def test_layout_and_manifest(source, packaged):
     assert packaged.name == "reg_bundle"
     for rel in (
@@ -170,6 +171,7 @@ print(json.dumps({"scripts": scripts.__file__, "weights_loaded": all(torch.equal
 """
 
 
+@pytest.mark.full
 def test_packaged_bundle_runs_elsewhere(packaged, tmp_path):
     copy = tmp_path / "copied_bundle"
     shutil.copytree(packaged, copy)
@@ -222,6 +224,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.full
 def test_monai_load_and_ckpt_export_work_on_the_packaged_bundle(packaged, tmp_path):
     """The zoo's format: ``models/model.pt`` is a plain state dict, so ``monai.bundle.load`` (no ``key_in_ckpt``,
     run from another folder, no data anywhere) returns the trained network with its stored settings; the train
@@ -247,6 +250,7 @@ print(json.dumps({"shape": list(ddf.shape), "max": float(ddf.abs().max()), "vers
 """
 
 
+@pytest.mark.full
 def test_monai_load_of_the_exported_torchscript_needs_no_bundle_code(packaged, tmp_path):
     """With ``models/model.ts`` (``python -m scripts export``), ``monai.bundle.load(..., load_ts_module=True)``
     gives the compiled network with none of the bundle's code on ``sys.path``; scripted, it takes any grid."""

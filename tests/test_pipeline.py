@@ -10,53 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from _oblique import dice
 from _registrar import register_pair
-from monai.networks.blocks import DVF2DDF
+from conftest import CASE, CROP, SIZE, ContentNet
 
 from scripts.inference.registrar import OUTPUTS
-from scripts.phantom.synth import generate_case, write_case
 from scripts.spatial.composed import FieldNetwork
 from scripts.spatial.geometry import network_box, sample
-
-SIZE, CROP = (32, 40, 24), 2
-CASE = "case000002"  # index % 3 == 2: the phantom's oblique TRUS grid
-
-
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    data = generate_case(0, 2, "small")
-    write_case(data, root, "train", CASE, preview=False)
-    d = root / "train"
-    paths = {k: d / f"{k}s" / f"{CASE}.nii.gz" for k in ("mr_image", "us_image", "mr_label", "us_label")}
-    paths["ddf"] = d / "ddf_mr2us" / f"{CASE}.nii.gz"
-    paths["root"] = root
-    return paths
-
-
-class ContentNet(torch.nn.Module):
-    """A deterministic stand-in network whose smooth velocity depends on the box images' content.
-
-    Channel c of v is ``scale[c] * blur(fixed - moving)`` (box voxels); ``forward_train`` and ``integrate``
-    mirror RegistrationNet, so the pipeline takes the exact inverse exp(-v).
-    """
-
-    def __init__(self, scale=(3.0, -2.0, 1.5), steps=7):
-        super().__init__()
-        self.scale = torch.tensor(scale).view(1, 3, 1, 1, 1)
-        self.integrate = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
-
-    def forward_train(self, image):
-        diff = image[:, 1:2] - image[:, 0:1]
-        for _ in range(3):
-            diff = F.avg_pool3d(diff, 5, stride=1, padding=2, count_include_pad=False)
-        v = self.scale * diff
-        return {"ddf": self.integrate(v), "velocity": v, "task_mask": None}
-
-    def forward(self, image):
-        return self.forward_train(image)["ddf"]
 
 
 def _load(path):
@@ -242,6 +202,7 @@ def test_rigid_only_and_no_silent_overwrite(case, tmp_path):
     np.testing.assert_allclose(_load(out / OUTPUTS["forward_field"]), 0.0, atol=1e-6)
 
 
+@pytest.mark.full
 def test_inference_config_runs_on_a_phantom_folder(case, tmp_path):
     import json
     import subprocess
@@ -330,10 +291,10 @@ def test_amp_runs_the_network_under_bf16_autocast(case, tmp_path, amp):
 def test_registrar_stages_work_alone(case, tmp_path):
     """Each stage of Registrar.register on its own: the pair stage's inputs, the network's field and its inverse
     (exp(-v) undoes exp(v) at the box points), the masks rule with given masks, the label binarisation."""
-    from scripts.inference.pair import PairStage
-    from scripts.inference.registrar import Registrar
     from scipy.ndimage import map_coordinates
 
+    from scripts.inference.pair import PairStage
+    from scripts.inference.registrar import Registrar
     from scripts.inference.timing import StageTimer
 
     pair = PairStage(SIZE, depth_crop=CROP, use_rigid=False)

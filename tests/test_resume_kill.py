@@ -1,7 +1,7 @@
 """A training killed with SIGKILL in the middle of an epoch and restarted with the same command ends with
 exactly the weights of an uninterrupted run (CPU, ``num_workers=0``, same seed).
 
-The training is ``configs/train.json`` with a tiny network on the sphere data of ``test_training.py``
+The training is ``configs/train.json`` with a tiny network on the sphere data of ``conftest.make_dataset``
 (4 training cases, 4 epochs). Iteration logging is switched on so the test can see the second epoch
 start: it kills the process after the first iteration of epoch 2, when ``last.pt`` holds epoch 1.
 """
@@ -11,8 +11,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
-from test_training import NO_RIGID, ROOT, SMALL_NET, make_dataset
+from conftest import NO_RIGID, ROOT, SMALL_NET, load, make_dataset, tensors
+
+pytestmark = pytest.mark.full  # trainings through the bundle runner
 
 EPOCHS, CASES = 4, 4
 MARK = f"Epoch: 2/{EPOCHS}, Iter: 1/{CASES}"  # StatsHandler's line after the first iteration of epoch 2
@@ -54,20 +57,6 @@ def run_and_kill(data, run_dir):
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
     return "".join(lines)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def tensors(tree, prefix=""):
-    """{dotted key: tensor} of every tensor in a nested checkpoint (dicts and lists)."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
-    out = {}
-    for key, value in items:
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update({name: value} if isinstance(value, torch.Tensor) else tensors(value, name))
-    return out
 
 
 def test_sigkill_mid_epoch_then_same_command_matches_an_uninterrupted_run(tmp_path):

@@ -87,6 +87,7 @@ def segmenter(trained):
     return load_segmenter(ROOT / "configs" / "seg_inference.json", trained["ckpt"], "cpu", TINY)
 
 
+@pytest.mark.full
 def test_seg_train_runs_through_the_bundle_runner_and_writes_weights(trained):
     done = trained["done"]
     assert done.returncode == 0, done.stderr[-3000:]
@@ -110,6 +111,7 @@ def test_seg_train_runs_through_the_bundle_runner_and_writes_weights(trained):
     assert check_new_output(trained["ckpt"], resume_from=str(trained["run"] / "last.pt")) == str(trained["ckpt"])
 
 
+@pytest.mark.full
 def test_gland_items_one_per_image_labelled_by_its_own_gland(trained):
     items = gland_items(trained["data"], "train")
     assert [(i["case"], i["modality"]) for i in items[:2]] == [("case000000", "mr"), ("case000000", "us")]
@@ -118,6 +120,7 @@ def test_gland_items_one_per_image_labelled_by_its_own_gland(trained):
     assert all(Path(i["image"]).parent.name == f"{i['modality']}_images" for i in items)
 
 
+@pytest.mark.full
 def test_seg_inference_writes_masks_on_each_input_grid_with_gland_dice_above_trivial(trained, tmp_path):
     from monai.bundle import run
 
@@ -172,6 +175,7 @@ def _centre_lps(path):
     return ras * [-1, -1, 1]
 
 
+@pytest.mark.full
 def test_pipeline_predicts_masks_for_the_rigid_and_the_roi_images(trained, segmenter, tmp_path):
     d = trained["data"] / "val"
     moving, fixed = d / "mr_images" / f"{VAL}.nii.gz", d / "us_images" / f"{VAL}.nii.gz"
@@ -214,6 +218,7 @@ def test_pipeline_predicts_masks_for_the_rigid_and_the_roi_images(trained, segme
         assert np.all(seen[~inside] == 0) and np.mean(seen[inside] > 0) > 0.5
 
 
+@pytest.mark.full
 def test_roi_mask_without_masks_or_segmenter_is_refused(trained, tmp_path):
     d = trained["data"] / "val"
     with pytest.raises(InputError, match="roi_mask"):
@@ -227,6 +232,7 @@ def test_roi_mask_without_masks_or_segmenter_is_refused(trained, tmp_path):
         )
 
 
+@pytest.mark.full
 def test_inference_config_builds_the_same_segmenter_when_use_seg_is_on(trained, segmenter):
     from monai.bundle import ConfigParser
 

@@ -1,23 +1,21 @@
 """configs/train.json and scripts/training/run_folder.py: run folders, checkpoints, resume, and a short training that learns.
 
 The end-to-end tests run ``python -m monai.bundle`` in a subprocess on a tiny synthetic data set
-written here: a spherical gland whose TRUS copy is the MR copy shifted by a fixed 9.5 mm, on
+(``conftest.make_dataset``): a spherical gland whose TRUS copy is the MR copy shifted by a fixed 9.5 mm, on
 differently oriented MR and TRUS grids. Without registration its Dice follows from the
 two-sphere overlap formula; a few seeded CPU epochs of a small network must do clearly better.
 """
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import NO_RIGID, ROOT, SMALL_NET, SPHERE_SHIFT_MM, load, make_dataset, run_bundle
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
@@ -35,49 +33,7 @@ from scripts.training.run_folder import (
 )
 from scripts.weights.trained_model import EXTRA_STATE
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# ---------------------------------------------------------------- tiny synthetic data set
-
-MR_AFFINE = np.array([[2.0, 0, 0, -28.0], [0, 2.0, 0, -28.0], [0, 0, 2.0, -28.0], [0, 0, 0, 1]])
-# TRUS grid: axes permuted and two of them flipped, 2.5 mm voxels, about the same field of view
-US_AFFINE = np.array([[0, -2.5, 0, 30.0], [2.5, 0, 0, -30.0], [0, 0, -2.5, 30.0], [0, 0, 0, 1]])
-SHIFT_MM = np.array([7.0, -5.0, 4.0])  # TRUS gland centre = MR gland centre + SHIFT_MM
-LANDMARKS_MM = np.array([[3, 0, 0], [-3, 0, 0], [0, 3, 0], [0, -3, 0], [0, 0, 3]], float)
-
-
-def _world(affine, shape):
-    idx = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
-
-
-def _render(points, centre, radius, inside, outside, rng):
-    """Image and (X, Y, Z, 6) label: channel 0 a ball (the gland), 1-5 small balls inside it."""
-    gland = (np.linalg.norm(points - centre, axis=-1) <= radius).astype(np.float32)
-    image = np.where(gland > 0, inside, outside) + 0.05 * rng.standard_normal(gland.shape)
-    marks = [(np.linalg.norm(points - centre - m, axis=-1) <= 2.5).astype(np.float32) for m in LANDMARKS_MM]
-    return image.astype(np.float32), np.stack([gland] + marks, -1)
-
-
-def make_dataset(root, counts=(("train", 4), ("val", 2)), seed=0):
-    """Write the data set in the μ-RegPro layout; return {case: gland radius in mm}."""
-    rng = np.random.default_rng(seed)
-    radii, index = {}, 0
-    for split, n in counts:
-        for _ in range(n):
-            centre, radius = rng.uniform(-3, 3, 3), rng.uniform(11, 13)
-            for mod, affine, shape, c, values in (
-                ("mr", MR_AFFINE, (28, 28, 28), centre, (0.8, 0.3)),
-                ("us", US_AFFINE, (24, 24, 24), centre + SHIFT_MM, (0.25, 0.7)),
-            ):
-                image, label = _render(_world(affine, shape), c, radius, *values, rng)
-                for kind, data in (("images", image), ("labels", label)):
-                    path = Path(root) / split / f"{mod}_{kind}" / f"case{index:06d}.nii.gz"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    nib.save(nib.Nifti1Image(data, affine), str(path))
-            radii[f"case{index:06d}"] = radius
-            index += 1
-    return radii
+# ---------------------------------------------------------------- tiny synthetic data set (conftest.make_dataset)
 
 
 def sphere_dice(radius, distance):
@@ -88,32 +44,6 @@ def sphere_dice(radius, distance):
 
 # ---------------------------------------------------------------- running the bundle
 
-SMALL_NET = [
-    "--network_def#encoder_channels", "[4,8,8,8]",
-    "--network_def#decoder_channels", "[8,8,8,4]",
-    "--network_def#head_channels", "[8,4,4]",
-    "--network_def#compact_code", "[4,4,2]",
-    "--network_def#lstm_hidden", "8",
-    "--network_def#task_hidden", "8",
-    "--network_def#chunks", "4",
-]  # fmt: skip
-
-
-# the sphere data tests the network alone: a rigid step on the masks would already remove the whole shift,
-# and the box keeps the whole (small) field of view
-NO_RIGID = ["--use_rigid", "False", "--roi_mask", "False", "--pair_overrides", '{"depth_crop": 0}']
-
-
-def run_bundle(run_id, dataset, run_dir, *extra, grid="[24,24,24]"):
-    """``python -m monai.bundle run [run_id] --config_file configs/train.json ...`` from the bundle root."""
-    command = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else [])]
-    command += ["--config_file", "configs/train.json", "--dataset_dir", str(dataset), "--run_dir", str(run_dir)]
-    command += ["--spatial_size", grid, "--learning_rate", "0.005", "--progress_bar", "False", *SMALL_NET]
-    command += list(extra)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout + proc.stderr
-
 
 def scalars(run_dir, tag):
     """{step: value} of one TensorBoard scalar written by the run."""
@@ -122,10 +52,6 @@ def scalars(run_dir, tag):
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +64,7 @@ def trained(tmp_path_factory):
     return base / "data", base / "run", log, radii
 
 
+@pytest.mark.full
 def test_training_writes_checkpoints_that_load_weights_only(trained):
     _, run, log, _ = trained
     assert "starting a new training" in log
@@ -156,18 +83,20 @@ def test_training_writes_checkpoints_that_load_weights_only(trained):
     assert json.loads((run / "run_config.json").read_text())["config"]["learning_rate"] == 0.005
 
 
+@pytest.mark.full
 def test_short_training_lowers_loss_and_beats_no_registration(trained):
     _, run, _, radii = trained
     loss = scalars(run, "train_loss")
     assert sorted(loss) == [1, 2, 3]
     assert loss[3] < loss[1]
     unregistered = scalars(run, "val_gland_dice_rigid_only")  # no rigid step in this run: no registration
-    expected = np.mean([sphere_dice(radii[c], np.linalg.norm(SHIFT_MM)) for c in ("case000004", "case000005")])
+    expected = np.mean([sphere_dice(radii[c], np.linalg.norm(SPHERE_SHIFT_MM)) for c in ("case000004", "case000005")])
     assert unregistered[1] == pytest.approx(expected, abs=0.04)  # the validation sees the unwarped labels as they are
     registered = scalars(run, "val_gland_dice")
     assert max(registered.values()) >= unregistered[1] + 0.05
 
 
+@pytest.mark.full
 def test_same_command_resumes_and_changed_config_needs_overwrite(trained, tmp_path):
     data, run, _, _ = trained
     copy = tmp_path / "run"
@@ -192,6 +121,7 @@ def test_same_command_resumes_and_changed_config_needs_overwrite(trained, tmp_pa
     assert sorted(scalars(copy, "train_loss")) == [1]  # the old TensorBoard logs were removed
 
 
+@pytest.mark.full
 def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
     """The default pipeline (ANTs rigid on the gland masks, ROI images) on small phantom data, 10 seeded epochs."""
     from scripts.evaluation.evaluate import identity_warp, read_label
@@ -437,6 +367,7 @@ def test_field_term_switch_adds_the_true_field_without_touching_the_prestage_cac
     assert datasets[0.0].transform_hash == datasets[0.01].transform_hash
 
 
+@pytest.mark.full
 def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(trained, tmp_path):
     """``make-model`` writes the run's best weights with its grid and network; the CLI loader runs them with
     those settings and stops, naming the difference, when the config gives another grid or width."""

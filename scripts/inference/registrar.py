@@ -354,11 +354,10 @@ def load_registrar(config_files=None, overrides: dict | None = None, rigid_witho
     ``rigid_without_weights``, a missing registration weights file (the config's ``checkpoint``) gives a warning
     and a rigid-only registrar (``network`` None), as the front-ends always did; the bundle run stops instead.
     """
-    files = (
-        [CONFIG]
-        if config_files is None
-        else list(config_files) if isinstance(config_files, (list, tuple)) else [config_files]
-    )
+    if config_files is None:
+        files = [CONFIG]
+    else:
+        files = list(config_files) if isinstance(config_files, (list, tuple)) else [config_files]
     parser = _read_configs(files)
     parser["bundle_root"] = str(BUNDLE_ROOT)
     _check_checkpoint(parser, (overrides or {}).get("checkpoint"))
