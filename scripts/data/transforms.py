@@ -22,11 +22,11 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import ensure_tuple_rep
 
 from scripts.data.datalist import DIRECTIONS
-from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
 from scripts.data.nifti import InputError, load_array, read_nifti
-from scripts.inference.pair import Volume
 from scripts.evaluation.metrics import centroid
+from scripts.inference.pair import Volume
 from scripts.spatial.composed import ants_image
+from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
 
 __all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd", "ThresholdKeepingStructures"]
 
