@@ -550,12 +550,10 @@ def main(
         overwrite: replace an existing ``out`` (the work folder always resumes).
         report_only: write the table from the results already in ``work``.
     """
-    from scripts.data.nifti import flag
+    from scripts.data.nifti import refuse_existing
 
     work, out = Path(work).resolve(), Path(out)
-    overwrite = flag(overwrite, "overwrite")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    overwrite = refuse_existing([out], overwrite, advice="pass --overwrite to replace it")
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, (int, str)) else seeds)]
     grid = [int(g) for g in grid]
     directions = [directions] if isinstance(directions, str) else list(directions)

@@ -47,17 +47,14 @@ sys.path.insert(0, str(ROOT))  # the bundle root, for `scripts`
 
 from benchmarks.comparison import _cases, _float  # noqa: E402
 from scripts.data.datalist import DIRECTIONS  # noqa: E402
-from scripts.data.nifti import flag, write_nifti, write_text  # noqa: E402
+from scripts.data.nifti import flag, read_gland_mask, write_nifti, write_text  # noqa: E402
 
 
 def _gland_mask(label_path: Path, out: Path) -> Path:
     """Channel 0 of a label file as a binary NIfTI mask (written once)."""
-    import nibabel as nib
-
     if not out.is_file():
-        img = nib.load(str(label_path))
-        data = np.asarray(img.dataobj)
-        write_nifti(((data if data.ndim == 3 else data[..., 0]) > 0.5).astype(np.uint8), img.affine, out)
+        data, img = read_gland_mask(label_path, "label")
+        write_nifti((data > 0.5).astype(np.uint8), img.affine, out)
     return out
 
 

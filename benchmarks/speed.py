@@ -53,6 +53,7 @@ from scripts.data.nifti import read_json, write_text  # noqa: E402
 from scripts.networks.blocks import GridCachedWarp  # noqa: E402
 from scripts.networks.onnx_runtime import OnnxRegistrationNet  # noqa: E402
 from scripts.networks.registration import RegistrationNet  # noqa: E402
+from scripts.networks.task_mask import TaskMaskNet  # noqa: E402
 from scripts.tools.export import write_onnx  # noqa: E402
 from scripts.training.iteration import RegistrationIteration  # noqa: E402
 from scripts.training.losses import RegistrationLoss  # noqa: E402
@@ -250,17 +251,19 @@ def coarse_inference_fn(net, warp, image, dtype, net_grid):
 def training_fn(variant: str, grid, device, batch: dict, dtype, channels_last: bool, grid_cache: bool):
     """A callable doing one SupervisedTrainer iteration (RegistrationIteration with the task-mask step)."""
     net = make_net(variant, grid, device, channels_last, grid_cache)
+    task_mask = TaskMaskNet(net.flow.in_channels, device=device)  # reads the head features
     loss = RegistrationLoss(grid_cache=grid_cache)
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=1,
         train_data_loader=[batch],
         network=net,
-        optimizer=torch.optim.Adam(net.registration_parameters(), lr=1e-4),
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-4),
         loss_function=loss,
         iteration_update=RegistrationIteration(
             loss,
-            mask_optimizer=torch.optim.Adam(net.task_mask_parameters(), lr=1e-4),
+            task_mask=task_mask,
+            mask_optimizer=torch.optim.Adam(task_mask.parameters(), lr=1e-4),
             amp="bfloat16" if dtype is torch.bfloat16 else False,
         ),
         decollate=False,
@@ -509,7 +512,7 @@ def main(
         for mode, variant in nets.items():
             net = make_net(variant, grid, "cpu", False).eval()
             with tempfile.TemporaryDirectory() as folder:
-                write_onnx(net, image.cpu(), Path(folder) / "model.onnx")
+                write_onnx(net, image.cpu(), Path(folder) / "model.onnx", integrate=net.integrate)
                 ort_net = OnnxRegistrationNet(Path(folder) / "model.onnx", threads=threads)
             moving = image[:, :1].float()
 

@@ -65,7 +65,6 @@ SMALL = dict(
     lstm_hidden=8,
     lstm_layers=1,
     compact_code=[4, 4, 2],
-    task_hidden=8,
     msfa_mode="paper",
 )
 
@@ -164,7 +163,7 @@ SMALL_NET = [
     "--network_def#head_channels", "[8,4,4]",
     "--network_def#compact_code", "[4,4,2]",
     "--network_def#lstm_hidden", "8",
-    "--network_def#task_hidden", "8",
+    "--task_mask#hidden", "8",
     "--network_def#chunks", "4",
 ]  # fmt: skip
 
@@ -271,7 +270,7 @@ class ContentNet(torch.nn.Module):
     """A deterministic stand-in network whose smooth velocity depends on the box images' content.
 
     Channel c of v is ``scale[c] * blur(fixed - moving)`` (box voxels); ``forward_train`` and ``integrate``
-    mirror RegistrationNet, so the pipeline takes the exact inverse exp(-v).
+    follow :class:`scripts.networks.contract.RegistrationNetwork`, so the pipeline takes the exact inverse exp(-v).
     """
 
     def __init__(self, scale=(3.0, -2.0, 1.5), steps=7):
@@ -284,7 +283,7 @@ class ContentNet(torch.nn.Module):
         for _ in range(3):
             diff = F.avg_pool3d(diff, 5, stride=1, padding=2, count_include_pad=False)
         v = self.scale * diff
-        return {"ddf": self.integrate(v), "velocity": v, "task_mask": None}
+        return {"ddf": self.integrate(v), "velocity": v, "features": None}
 
     def forward(self, image):
         return self.forward_train(image)["ddf"]

@@ -19,7 +19,8 @@ from conftest import ROOT, SMALL_NET
 from monai.bundle import ConfigParser
 from torch import nn
 
-from scripts.networks.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner, TaskMaskNet
+from scripts.networks.blocks import DCA, MSFA, CrossModalGate, FuseConv, PaperLSTMRefiner
+from scripts.networks.task_mask import TaskMaskNet
 
 ABLATIONS = {  # config name -> module types its network must not contain
     "cmca": (MSFA, DCA),
@@ -28,8 +29,9 @@ ABLATIONS = {  # config name -> module types its network must not contain
     "plain_unet": (MSFA, DCA, CrossModalGate, nn.LSTM, TaskMaskNet),
 }
 MODULES = (MSFA, DCA, CrossModalGate, nn.LSTM, TaskMaskNet)
-# checkpoint key fragments of each module type (state_dict names in scripts/networks/registration.py and scripts/networks/blocks.py)
-KEYS = {MSFA: ".msfa.", DCA: ".dca.", CrossModalGate: ".gates.", nn.LSTM: "refiner.lstm.", TaskMaskNet: "task_mask."}
+# checkpoint key fragments of the network's module types (state_dict names in scripts/networks/registration.py and
+# scripts/networks/blocks.py); the task-mask subnet is a component of its own, checkpointed as "task_mask"
+KEYS = {MSFA: ".msfa.", DCA: ".dca.", CrossModalGate: ".gates.", nn.LSTM: "refiner.lstm."}
 
 
 def parser_for(*overrides, meta=None):
@@ -41,24 +43,29 @@ def parser_for(*overrides, meta=None):
     return parser
 
 
-def types_in(network):
-    return {t for t in MODULES if any(isinstance(m, t) for m in network.modules())}
+def types_in(parser):
+    """Module types of the config's network and task-mask component (None when disabled)."""
+    modules = list(parser.get_parsed_content("network_def").modules())
+    task_mask = parser.get_parsed_content("task_mask")
+    modules += [] if task_mask is None else list(task_mask.modules())
+    return {t for t in MODULES if any(isinstance(m, t) for m in modules)}
 
 
 def test_full_config_has_every_module():
-    assert types_in(parser_for().get_parsed_content("network_def")) == set(MODULES)
+    assert types_in(parser_for()) == set(MODULES)
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_ablation_network_lacks_the_removed_modules(name):
     overrides = json.loads((ROOT / "configs" / "ablations" / f"{name}.json").read_text())
-    assert overrides and all(k.startswith("network_def#") for k in overrides)  # an override, not a copy
+    # an override, not a copy: network switches, and the task-mask component disabled
+    assert overrides and all(k.startswith("network_def#") or k == "task_mask#_disabled_" for k in overrides)
     parser = parser_for(f"ablations/{name}.json")
     network = parser.get_parsed_content("network_def")
-    assert types_in(network) == set(MODULES) - set(ABLATIONS[name])
+    assert types_in(parser) == set(MODULES) - set(ABLATIONS[name])
     assert any(isinstance(m, FuseConv) for m in network.modules())  # the dual-encoder U-Net itself stays
     if TaskMaskNet in ABLATIONS[name]:  # fixed weights: no subnet, no mask optimiser
-        assert network.task_mask is None and parser.get_parsed_content("mask_optimizer") is None
+        assert parser.get_parsed_content("task_mask") is None and parser.get_parsed_content("mask_optimizer") is None
 
 
 def test_paper_lstm_config_exact_sizes_on_meta_device():
@@ -103,8 +110,8 @@ def test_ablation_trains_one_epoch(name, phantom, tmp_path):
     n_train = len(list((phantom / "train" / "mr_images").iterdir()))
     assert last["trainer"]["iteration"] == n_train  # one epoch, batch size 1
     keys = list(last["model"])
-    for module in MODULES:
+    for module in KEYS:
         present = any(KEYS[module] in k for k in keys)
         assert present == (module not in ABLATIONS[name]), (module.__name__, present)
-    assert ("mask_optimizer" in last) == (TaskMaskNet not in ABLATIONS[name])
+    assert ("task_mask" in last) == ("mask_optimizer" in last) == (TaskMaskNet not in ABLATIONS[name])
     assert all(torch.isfinite(v).all() for v in last["model"].values())

@@ -37,7 +37,6 @@ REG = dict(
     head_channels=[8, 4, 4],
     compact_code=[4, 4, 1],
     lstm_hidden=8,
-    task_hidden=16,
     int_steps=5,
     int_padding="zeros",
     msfa_mode="paper",

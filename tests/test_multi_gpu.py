@@ -1,13 +1,13 @@
-"""configs/multi_gpu_train.json and scripts/training/distributed.py: DDP training under torchrun, on the CPU with gloo.
+"""configs/multi_gpu_train.json: stock DDP training under torchrun, on the CPU with gloo.
 
 * End to end: ``torchrun --nproc_per_node 2`` runs the bundle on the tiny sphere data set of
-  ``conftest.make_dataset``; both ranks must end with identical weights (every parameter, task-mask subnet
-  included), and only rank 0 may write the run folder (one checkpoint of each kind, one TensorBoard
+  ``conftest.make_dataset``; both ranks must end with identical weights (every parameter of the network and
+  of the task-mask subnet), and only rank 0 may write the run folder (one checkpoint of each kind, one TensorBoard
   event file, epoch logs on rank 0's console only).
-* Gradients: two gloo processes give one training iteration different data; after it, each rank's
-  gradients must equal the mean of the gradients that a plain (non-DDP) copy of the network computes
-  for the two batches, for the registration parameters (first backward) and for the task-mask subnet
-  (its own, second backward).
+* Gradients: two gloo processes give one training iteration different data, the network and the task-mask
+  subnet each in a stock ``DistributedDataParallel``; after it, each rank's gradients must equal the mean of
+  the gradients that plain (non-DDP) copies compute for the two batches, for the network (first backward)
+  and for the task-mask subnet (its own, second backward).
 """
 
 import json
@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import NO_RIGID, ROOT, SMALL_NET, make_dataset
+from torch.nn.parallel import DistributedDataParallel
 
 from scripts.networks.registration import RegistrationNet
+from scripts.networks.task_mask import TaskMaskNet
 from scripts.training.iteration import RegistrationIteration
 from scripts.training.losses import RegistrationLoss
 
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.full  # DDP processes: torchrun and mp.spawn
 
 TINY_NET = dict(
     encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4),
-    compact_code=(4, 4, 2), lstm_hidden=8, task_hidden=8, chunks=4,
+    compact_code=(4, 4, 2), lstm_hidden=8, chunks=4,
     flow_init_std=0.01,  # larger than the default 1e-5, so that gradients reach the encoders at a testable size
 )  # fmt: skip
 
@@ -60,9 +62,10 @@ def test_torchrun_two_ranks_identical_weights_and_one_writer(tmp_path):
     dump.mkdir()
     # a third override file, merged like any other: after finalize, each rank saves its weights
     extra = tmp_path / "dump_weights.json"
-    extra.write_text(json.dumps(
-        {"+finalize": [f"$torch.save(@network_def.state_dict(), '{dump}/rank' + os.environ['RANK'] + '.pt')"]}
-    ))  # fmt: skip
+    extra.write_text(json.dumps({"+finalize": [
+        f"$torch.save(@network_def.state_dict(), '{dump}/rank' + os.environ['RANK'] + '.pt')",
+        f"$torch.save(@task_mask.state_dict(), '{dump}/mask' + os.environ['RANK'] + '.pt')",
+    ]}))  # fmt: skip
     configs = f"['configs/train.json','configs/multi_gpu_train.json','{extra}']"
     run = tmp_path / "run"
     rc, out = _torchrun(
@@ -75,14 +78,18 @@ def test_torchrun_two_ranks_identical_weights_and_one_writer(tmp_path):
     rank0 = torch.load(dump / "rank0.pt", weights_only=True)
     rank1 = torch.load(dump / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
-    assert any(k.startswith("task_mask.") for k in rank0) and any(".lstm." in k for k in rank0)
+    assert any(".lstm." in k for k in rank0)
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert different == []
+    mask0 = torch.load(dump / "mask0.pt", weights_only=True)
+    mask1 = torch.load(dump / "mask1.pt", weights_only=True)
+    assert mask0.keys() == mask1.keys() and all(torch.equal(mask0[k], mask1[k]) for k in mask0)
     # the subnet was trained (its output layers start at zero) and the weights are the checkpointed ones
-    assert rank0["task_mask.branches.0.2.weight"].abs().sum() > 0
+    assert mask0["branches.0.2.weight"].abs().sum() > 0
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["model"].keys() == rank0.keys()  # plain network keys, no "module." prefix
     assert all(torch.equal(last["model"][k], rank0[k]) for k in rank0)
+    assert last["task_mask"].keys() == mask0.keys() and all(torch.equal(last["task_mask"][k], mask0[k]) for k in mask0)
     # 2 epochs of 2 iterations per rank: the sampler split the 4 training cases
     assert last["trainer"]["iteration"] == 2 * 2
 
@@ -108,28 +115,31 @@ def _batch(rank):
     return {"image": image, "moving_label": moving[None, None], "fixed_label": fixed[None, None]}
 
 
-def _iterate(network, batch):
-    """One real RegistrationIteration (SGD with lr 0: parameters stay, gradients remain); grads by name."""
-    optimizer = torch.optim.SGD(network.registration_parameters(), lr=0.0)
-    mask_optimizer = torch.optim.SGD(network.task_mask_parameters(), lr=0.0)
+def _iterate(batch, wrap=None):
+    """One real RegistrationIteration of a seeded network and task mask, each wrapped by ``wrap`` (e.g. DDP) if
+    given (SGD with lr 0: parameters stay, gradients remain); grads by name, the subnet's as "task_mask.*"."""
+    torch.manual_seed(0)
+    network = RegistrationNet(**TINY_NET)
+    task_mask = TaskMaskNet(network.flow.in_channels, TINY_NET["chunks"], hidden=8)
     engine = SimpleNamespace(
-        state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=network,
-        optimizer=optimizer, fire_event=lambda event: None,
+        state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False,
+        network=network if wrap is None else wrap(network),
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.0), fire_event=lambda event: None,
     )  # fmt: skip
-    RegistrationIteration(RegistrationLoss(chunks=TINY_NET["chunks"]), mask_optimizer=mask_optimizer)(engine, batch)
-    named = network.module.network if hasattr(network, "module") else network
-    return {name: p.grad.clone() for name, p in named.named_parameters()}
+    RegistrationIteration(
+        RegistrationLoss(chunks=TINY_NET["chunks"]),
+        task_mask=task_mask if wrap is None else wrap(task_mask),
+        mask_optimizer=torch.optim.SGD(task_mask.parameters(), lr=0.0),
+    )(engine, batch)
+    named = [*network.named_parameters(), *task_mask.named_parameters(prefix="task_mask")]
+    return {name: p.grad.clone() for name, p in named}
 
 
 def _grad_worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        from scripts.training.distributed import RegistrationDDP
-
-        torch.manual_seed(0)
-        ddp = RegistrationDDP(RegistrationNet(**TINY_NET))
-        torch.save(_iterate(ddp, _batch(rank)), Path(out_dir) / f"ddp{rank}.pt")
+        torch.save(_iterate(_batch(rank), DistributedDataParallel), Path(out_dir) / f"ddp{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -139,8 +149,7 @@ def test_ddp_gradients_are_the_mean_over_ranks(tmp_path):
     # independent reference: the plain network, one batch at a time, in this process
     local = []
     for rank in (0, 1):
-        torch.manual_seed(0)
-        local.append(_iterate(RegistrationNet(**TINY_NET), _batch(rank)))
+        local.append(_iterate(_batch(rank)))
     expected = {k: (local[0][k] + local[1][k]) / 2 for k in local[0]}
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"ddp{rank}.pt", weights_only=True)

@@ -14,20 +14,27 @@ from monai.engines import SupervisedTrainer
 from monai.networks.blocks import Warp
 from scipy.ndimage import gaussian_filter
 
+from scripts.evaluation.metrics import jacobian_determinant
 from scripts.networks.blocks import MSFA, CrossModalGate, chunk_bounds
 from scripts.networks.registration import RegistrationNet
+from scripts.networks.task_mask import TaskMaskNet
 from scripts.training.iteration import RegistrationIteration
 from scripts.training.losses import RegistrationLoss
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TINY = dict(encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4), task_hidden=16)
+TINY = dict(encoder_channels=(4, 8, 8, 8), decoder_channels=(8, 8, 8, 4), head_channels=(8, 4, 4))
 
 
 def tiny_net(**kwargs) -> RegistrationNet:
     torch.manual_seed(0)
     return RegistrationNet(**{**TINY, "compact_code": (4, 4, 1), **kwargs})
+
+
+def tiny_mask(net: RegistrationNet, chunks: int = 10) -> TaskMaskNet:
+    """The task-mask subnet for ``net``'s features (head[-1] = 4 channels), hidden width 16."""
+    return TaskMaskNet(net.flow.in_channels, chunks, hidden=16)
 
 
 def ellipsoid(shape, centre, radii) -> torch.Tensor:
@@ -54,20 +61,26 @@ def phantom_pair(shape, seed=0) -> dict:
     }
 
 
-def train(net, steps, shape, mask_objective="difficulty", mask_lr=1e-3, record=None):
-    """Run ``steps`` iterations of SupervisedTrainer + RegistrationIteration on phantom pairs."""
+def train(net, steps, shape, mask_objective="difficulty", mask_lr=1e-3, record=None, task_mask=None):
+    """Run ``steps`` iterations of SupervisedTrainer + RegistrationIteration (with ``task_mask``, default a new
+    :func:`tiny_mask`) on phantom pairs."""
     data = [phantom_pair(shape, seed) for seed in range(steps)]
     loader = torch.utils.data.DataLoader(data, batch_size=1)
     loss = RegistrationLoss()
-    mask_optimizer = torch.optim.Adam(net.task_mask_parameters(), lr=mask_lr) if net.task_mask is not None else None
+    task_mask = tiny_mask(net) if task_mask is None else task_mask
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
         train_data_loader=loader,
         network=net,
-        optimizer=torch.optim.Adam(net.registration_parameters(), lr=1e-3),
+        optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
         loss_function=loss,
-        iteration_update=RegistrationIteration(loss, mask_optimizer, mask_objective=mask_objective),
+        iteration_update=RegistrationIteration(
+            loss,
+            task_mask=task_mask,
+            mask_optimizer=torch.optim.Adam(task_mask.parameters(), lr=mask_lr),
+            mask_objective=mask_objective,
+        ),
     )
     if record is not None:
         from ignite.engine import Events
@@ -84,10 +97,12 @@ def test_output_shapes_any_grid(shape):
     with torch.no_grad():
         ddf = net(image)
         out = net.forward_train(image)
-    assert ddf.shape == (2, 3, *shape)
+        mask = tiny_mask(net)(out["features"])
+    assert ddf.shape == (2, 3, *shape) and torch.equal(out["ddf"], ddf)
     assert out["ddf"].shape == out["velocity"].shape == (2, 3, *shape)
-    assert out["task_mask"].shape == (2, 10, 2)
-    torch.testing.assert_close(out["task_mask"].sum(-1), torch.ones(2, 10))
+    assert out["features"].shape == (2, 4, *shape)
+    assert mask.shape == (2, 10, 2) and mask.dtype == torch.float32
+    torch.testing.assert_close(mask.sum(-1), torch.ones(2, 10))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +110,6 @@ def test_output_shapes_any_grid(shape):
     [
         dict(msfa=False, dca=False),  # CMCA
         dict(lstm="none"),
-        dict(task_mask=False),
         dict(msfa=False, dca=False, attention=False, lstm="none"),  # plain U-Net
         dict(msfa_mode="dilated"),
     ],
@@ -104,8 +118,7 @@ def test_ablations_run(switches):
     net = tiny_net(**switches)
     with torch.no_grad():
         out = net.forward_train(torch.rand(1, 2, 16, 16, 16))
-    assert out["ddf"].shape == (1, 3, 16, 16, 16)
-    assert (out["task_mask"] is None) == (switches.get("task_mask") is False)
+    assert out["ddf"].shape == (1, 3, 16, 16, 16) and sorted(out) == ["ddf", "features", "velocity"]
 
 
 def test_msfa_parameter_counts():
@@ -181,25 +194,54 @@ def test_identity_at_initialisation():
 @pytest.mark.parametrize("lstm", ["compact", "paper"])
 def test_two_steps_every_parameter_has_gradient(lstm):
     net = tiny_net(lstm=lstm, spatial_size=(16, 16, 20))
-    train(net, steps=2, shape=(16, 16, 20))
-    no_grad = [n for n, p in net.named_parameters() if p.grad is None or p.grad.norm() == 0]
+    task_mask = tiny_mask(net)
+    train(net, steps=2, shape=(16, 16, 20), task_mask=task_mask)
+    no_grad = [
+        n for n, p in [*net.named_parameters(), *task_mask.named_parameters()] if p.grad is None or p.grad.norm() == 0
+    ]
     assert no_grad == []
 
 
-def test_parameter_groups_partition_the_network():
+def test_the_task_mask_is_its_own_module_and_forward_gives_the_training_dict_on_request():
+    """The subnet is not part of the network (its 8 tensors: two branches x two Linear x (weight, bias));
+    ``forward(image, train=True)`` gives the training dict (what DDP runs), ``forward(image)`` the field."""
     net = tiny_net()
-    reg, mask = net.registration_parameters(), net.task_mask_parameters()
-    assert len(mask) == 8  # two branches x two Linear layers x (weight, bias)
-    assert {id(p) for p in reg}.isdisjoint({id(p) for p in mask})
-    assert len(reg) + len(mask) == len(list(net.parameters()))
-    assert tiny_net(task_mask=False).task_mask_parameters() == []
+    assert not any("task_mask" in name for name in net.state_dict())
+    assert len(list(tiny_mask(net).parameters())) == 8
+    image = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        out = net(image, train=True)
+        ddf = net(image)
+    assert isinstance(out, dict) and sorted(out) == ["ddf", "features", "velocity"]
+    assert torch.equal(out["ddf"], ddf)
 
 
-def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
+def test_every_network_states_the_contract():
+    """Each network class follows :class:`scripts.networks.contract.RegistrationNetwork`: ``integrate`` is stated
+    (a module for a velocity network, None for a direct DDF) and ``forward_train`` gives every key."""
+    from conftest import ContentNet
+
+    from scripts.networks.baselines import BaselineNet
+    from scripts.networks.contract import TRAIN_KEYS, RegistrationNetwork
+    from scripts.spatial.composed import FieldNetwork
+
+    image = torch.rand(1, 2, 16, 16, 16)
+    for net, velocity in [
+        (tiny_net(), True),
+        (BaselineNet("voxelmorph", channels=(4, 8, 8, 8), unet_out_channels=4, final_conv_channels=(4,)), True),
+        (BaselineNet("localnet", num_channel_initial=4), False),
+        (ContentNet(), True),
+    ]:
+        assert isinstance(net, RegistrationNetwork) and (net.integrate is not None) == velocity
+        with torch.no_grad():
+            out = net.forward_train(image)
+        assert set(TRAIN_KEYS) <= set(out) and (out["velocity"] is not None) == velocity
+    assert FieldNetwork.integrate is None and isinstance(FieldNetwork.__new__(FieldNetwork), RegistrationNetwork)
+
+
+def interior_jacobian(u: torch.Tensor) -> np.ndarray:
     """det(I + du/dx) by central differences for u (3, H, W, D) in voxels, interior voxels only."""
-    rows = [torch.stack(torch.gradient(u[i], dim=(0, 1, 2))) for i in range(3)]
-    jac = torch.stack(rows) + torch.eye(3)[:, :, None, None, None]
-    return torch.linalg.det(jac.permute(2, 3, 4, 0, 1))[1:-1, 1:-1, 1:-1]
+    return jacobian_determinant(u.numpy())[1:-1, 1:-1, 1:-1]
 
 
 def test_vecint_of_smooth_velocity_does_not_fold():
@@ -207,11 +249,11 @@ def test_vecint_of_smooth_velocity_does_not_fold():
     v = torch.tensor(np.stack([gaussian_filter(rng.standard_normal((32, 32, 32)), 3) for _ in range(3)]))
     v = v.float()
     v = v * 1.5 / max(g.abs().max() for i in range(3) for g in torch.gradient(v[i], dim=(0, 1, 2)))
-    assert jacobian_determinant(v).min() < 0  # used directly as a displacement, this field folds
+    assert interior_jacobian(v).min() < 0  # used directly as a displacement, this field folds
     with torch.no_grad():
         ddf = tiny_net().integrate(v[None])[0]
     assert ddf.abs().max() > 1.0  # a real deformation, not a vanishing one
-    assert jacobian_determinant(ddf).min() > 0
+    assert interior_jacobian(ddf).min() > 0
 
 
 def test_paper_lstm_parameter_count_on_meta_device():
@@ -263,16 +305,17 @@ def test_grad_clip_bounds_the_registration_step():
     def step_norm(grad_clip):
         torch.manual_seed(0)
         net = RegistrationNet(**TINY_NET)
-        before = [p.detach().clone() for p in net.registration_parameters()]
+        task_mask = TaskMaskNet(net.flow.in_channels, TINY_NET["chunks"], 8)
+        before = [p.detach().clone() for p in net.parameters()]
         engine = SimpleNamespace(
             state=SimpleNamespace(device=torch.device("cpu")), non_blocking=False, network=net,
-            optimizer=torch.optim.SGD(net.registration_parameters(), lr=1.0), fire_event=lambda event: None,
+            optimizer=torch.optim.SGD(net.parameters(), lr=1.0), fire_event=lambda event: None,
         )  # fmt: skip
-        mask_optimizer = torch.optim.SGD(net.task_mask_parameters(), lr=0.0)
+        mask_optimizer = torch.optim.SGD(task_mask.parameters(), lr=0.0)
         RegistrationIteration(
-            RegistrationLoss(chunks=TINY_NET["chunks"]), mask_optimizer=mask_optimizer, grad_clip=grad_clip
+            RegistrationLoss(chunks=TINY_NET["chunks"]), task_mask, mask_optimizer, grad_clip=grad_clip
         )(engine, _batch(0))
-        return torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.registration_parameters(), before)))
+        return torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(net.parameters(), before)))
 
     clip = 1e-3
     assert step_norm(None) > 10 * clip
@@ -326,12 +369,14 @@ def test_iteration_passes_the_true_field_to_the_field_term():
         state=SimpleNamespace(device=torch.device("cpu")),
         non_blocking=False,
         network=net,
-        optimizer=torch.optim.SGD(net.registration_parameters(), lr=0.0),
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
         fire_event=lambda e: None,
     )
+    task_mask = TaskMaskNet(net.flow.in_channels, TINY_NET["chunks"], 8)
     iteration = RegistrationIteration(
         RegistrationLoss(chunks=TINY_NET["chunks"], field_weight=0.5),
-        mask_optimizer=torch.optim.SGD(net.task_mask_parameters(), lr=0.0),
+        task_mask=task_mask,
+        mask_optimizer=torch.optim.SGD(task_mask.parameters(), lr=0.0),
     )
     batch = _batch(0)
     shape = (batch["image"].shape[0], 3, *batch["image"].shape[2:])
@@ -369,7 +414,7 @@ def test_state_dict_carries_the_trained_settings_and_refuses_another_network_def
         dict(msfa_mode="paper"),
         dict(msfa_mode="dilated", grid_cache=True),
         dict(lstm="paper", spatial_size=(16, 16, 20), chunks=4),
-        dict(lstm="none", msfa=False, dca=False, attention=False, task_mask=False),
+        dict(lstm="none", msfa=False, dca=False, attention=False),
     ],
 )
 def test_torchscript_compiles_the_network_and_gives_the_eager_field(variant):

@@ -29,7 +29,7 @@ def test_known_ids_and_run_arguments_pass():
             "3",
             "--loss#field_weight",
             "0.01",
-            "--network_def#task_mask=False",
+            "--network_def#msfa=False",
             "--overwrite",
             "--run_id",
             "x",
@@ -68,20 +68,18 @@ def test_a_mistyped_override_is_refused_with_the_nearest_id(argv, message):
     [
         (
             "false",
-            r"--network_def#task_mask false: python -m monai.bundle run passes 'false' on as text, which Python reads "
+            r"--network_def#msfa false: python -m monai.bundle run passes 'false' on as text, which Python reads "
             r"as yes; write True or False",
         ),
-        ("flase", r"--network_def#task_mask must be true or false \(or yes/no, 1/0\), got 'flase'"),
+        ("flase", r"--network_def#msfa must be true or false \(or yes/no, 1/0\), got 'flase'"),
     ],
 )
 def test_a_yes_no_override_that_would_be_misread_is_refused(value, message):
-    check_overrides(
-        [BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", "yes"]
-    )  # read as yes
+    check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#msfa", "yes"])  # read as yes
     with pytest.raises(InputError, match=message):
-        check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#task_mask", value])
+        check_overrides([BUNDLE, "run", "training", "--config_file", TRAIN, "--network_def#msfa", value])
     # python -m scripts run reads yes/no words itself (scripts/tools/runner.py), so only the unreadable one is refused there
-    wrapper = ["/b/scripts/__main__.py", "run", "training", "--config_file", TRAIN, "--network_def#task_mask", value]
+    wrapper = ["/b/scripts/__main__.py", "run", "training", "--config_file", TRAIN, "--network_def#msfa", value]
     if value == "flase":
         with pytest.raises(InputError, match=message):
             check_overrides(wrapper)

@@ -36,7 +36,6 @@ TINY = dict(
     head_channels=[8, 4, 4],
     compact_code=[4, 4, 1],
     lstm_hidden=8,
-    task_hidden=16,
     msfa_mode="paper",
 )
 URL = "https://example.org/weights"

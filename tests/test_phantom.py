@@ -16,11 +16,13 @@ from scipy import ndimage
 
 from scripts.__main__ import main as cli
 from scripts.data.nifti import InputError
+from scripts.evaluation.metrics import jacobian_determinant
 from scripts.phantom.synth import generate_case, split_counts, synth, write_case
 from scripts.phantom.transform import PhantomTransform
+from scripts.spatial.geometry import RAS_LPS_FLIP
 
 SMALL_SPACING = 2.4
-FLIP = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
+FLIP = RAS_LPS_FLIP
 SPLIT_OF = {0: "train", 1: "val", 2: "holdout"}  # 3 cases with the default fractions: one per split
 
 
@@ -59,12 +61,7 @@ def centroid_ras(label_img, channel):
 
 def jacobian_det(field_img):
     u = np.asarray(field_img.dataobj, dtype=np.float64)[..., 0, :] * FLIP
-    inv = np.linalg.inv(field_img.affine[:3, :3])
-    jac = np.empty(u.shape[:3] + (3, 3))
-    for c in range(3):
-        for a, g in enumerate(np.gradient(u[..., c])):
-            jac[..., c, a] = g
-    return np.linalg.det(jac @ inv + np.eye(3))
+    return jacobian_determinant(np.moveaxis(u, -1, 0), np.linalg.inv(field_img.affine[:3, :3]))
 
 
 def test_layout_shapes_affines(dataset):

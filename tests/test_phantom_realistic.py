@@ -112,8 +112,9 @@ def _load(path):
 def test_observer_labels_differ_from_the_written_truth(realistic):
     name = "case000000.nii.gz"
     for mod in ("mr", "us"):
-        obs, true = _load(realistic / "train" / f"{mod}_labels" / name), _load(
-            realistic / "train" / "truth" / f"{mod}_labels" / name
+        obs, true = (
+            _load(realistic / "train" / f"{mod}_labels" / name),
+            _load(realistic / "train" / "truth" / f"{mod}_labels" / name),
         )
         assert obs.shape == true.shape and obs.shape[-1] == 6
         a, b = obs[..., 0] > 0, true[..., 0] > 0

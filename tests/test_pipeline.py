@@ -261,7 +261,7 @@ class AutocastProbe(torch.nn.Module):
         self.dtype = torch.get_autocast_dtype(image.device.type)
         ddf = torch.zeros(image.shape[0], 3, *image.shape[2:], device=image.device)
         ddf[:, 0] = 1.0
-        return {"ddf": ddf, "velocity": None}
+        return {"ddf": ddf, "velocity": None, "features": None}
 
     def forward(self, image):
         return self.forward_train(image)["ddf"]

@@ -162,7 +162,7 @@ class RecordingNet(torch.nn.Module):
 
     def forward_train(self, image):
         self.seen = image.detach().clone()
-        return {"ddf": torch.zeros((1, 3) + tuple(image.shape[2:])), "velocity": None}
+        return {"ddf": torch.zeros((1, 3) + tuple(image.shape[2:])), "velocity": None, "features": None}
 
     def forward(self, image):
         return self.forward_train(image)["ddf"]

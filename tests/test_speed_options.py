@@ -30,8 +30,8 @@ def test_grid_cached_warp_matches_monai_warp_and_refreshes_its_grid():
 
 def test_grid_cache_switch_gives_the_default_output_and_gradients():
     torch.manual_seed(0)
-    default = RegistrationNet(lstm="none", task_mask=False, flow_init_std=2.0)
-    fast = RegistrationNet(lstm="none", task_mask=False, flow_init_std=2.0, grid_cache=True)
+    default = RegistrationNet(lstm="none", flow_init_std=2.0)
+    fast = RegistrationNet(lstm="none", flow_init_std=2.0, grid_cache=True)
     fast.load_state_dict(default.state_dict())  # the switch adds no parameters or buffers
     assert fast.integrate.warp_layer.cache and not default.integrate.warp_layer.cache  # the switch is the cache
     image = torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(7))

@@ -141,13 +141,15 @@ def test_phantom_training_beats_no_registration_and_the_rigid_step(tmp_path):
     moving, moving_img = read_label(tmp_path / "data" / "val" / "mr_labels" / val)
     fixed, fixed_img = read_label(tmp_path / "data" / "val" / "us_labels" / val)
     unregistered = soft_dice(identity_warp(moving[:1], moving_img.affine, fixed_img)[0] > 0.5, fixed[0] > 0.5)
-    registered, rigid_only = scalars(tmp_path / "run", "val_gland_dice"), scalars(
-        tmp_path / "run", "val_gland_dice_rigid_only"
+    registered, rigid_only = (
+        scalars(tmp_path / "run", "val_gland_dice"),
+        scalars(tmp_path / "run", "val_gland_dice_rigid_only"),
     )
     assert max(registered.values()) >= unregistered + 0.05
     assert registered[10] > rigid_only[10]  # the network adds to the rigid step
-    tre, tre_rigid = scalars(tmp_path / "run", "val_landmark_tre_mm"), scalars(
-        tmp_path / "run", "val_landmark_tre_mm_rigid_only"
+    tre, tre_rigid = (
+        scalars(tmp_path / "run", "val_landmark_tre_mm"),
+        scalars(tmp_path / "run", "val_landmark_tre_mm_rigid_only"),
     )
     assert sorted(tre) == sorted(tre_rigid) == list(range(1, 11)) and all(np.isfinite(list(tre.values())))
     assert len(set(tre_rigid.values())) == 1  # the rigid-only error does not depend on the network
@@ -392,7 +394,10 @@ def test_make_model_stores_the_trained_settings_and_loaders_refuse_others(traine
         "device": "cpu",
         "seg_checkpoint": str(tmp_path / "none.pt"),
     }
-    overrides.update({SMALL_NET[i][2:]: json.loads(SMALL_NET[i + 1]) for i in range(0, len(SMALL_NET), 2)})
+    small = {SMALL_NET[i][2:]: json.loads(SMALL_NET[i + 1]) for i in range(0, len(SMALL_NET), 2)}
+    overrides.update(
+        {k: v for k, v in small.items() if k.startswith("network_def#")}
+    )  # not the training-only task mask
     overrides["network_def#msfa_mode"] = "paper"  # train.json's default (inference.json has the shipped model's)
     (tmp_path / "same.json").write_text(json.dumps(overrides))
     config = [str(ROOT / "configs" / "inference.json"), str(tmp_path / "same.json")]

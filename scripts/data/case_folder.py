@@ -27,7 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.data.nifti import _UMASK, InputError, flag, make_folder
+from scripts.data.nifti import _UMASK, InputError, flag, make_folder, refuse_existing
 
 __all__ = ["case_transaction", "check_replaceable", "is_taken"]
 
@@ -109,7 +109,7 @@ def check_replaceable(dest, overwrite: bool, inputs=(), marker: str = "result.js
     if not flag(overwrite, "overwrite"):
         taken = sum(1 for p in dest.iterdir() if not _is_staging(p))
         raise FileExistsError(
-            f"{dest}: already exists ({taken} files); pass overwrite=True (CLI: --overwrite) " "to replace it"
+            f"{dest}: already exists ({taken} files); pass overwrite=True (CLI: --overwrite) to replace it"
         )
     if not (dest / marker).is_file():
         raise InputError(
@@ -155,8 +155,7 @@ def case_transaction(dest, overwrite: bool = False, inputs=()):
 def _publish_into_mount(stage: Path, dest: Path, overwrite: bool) -> None:
     """``dest`` is a mount point (cannot be renamed): clear it (with ``overwrite``) and move the staged files in."""
     if is_taken(dest):
-        if not overwrite:
-            raise FileExistsError(f"{dest}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        refuse_existing([dest], overwrite)
         for old in dest.iterdir():
             if old != stage:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -23,6 +23,7 @@ __all__ = [
     "user_error",
     "flag",
     "read_nifti",
+    "read_gland_mask",
     "check_header",
     "HEADER_TOLERANCE_MM",
     "SHEAR_TOLERANCE",
@@ -30,6 +31,7 @@ __all__ = [
     "check_finite",
     "same_grid",
     "make_folder",
+    "refuse_existing",
     "atomic_write",
     "write_nifti",
     "write_json",
@@ -59,6 +61,7 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+# not monai.utils.str2bool: it raises a plain ValueError without the setting's name, and refuses int 0/1
 def flag(value: bool | int | str, name: str = "flag") -> bool:
     """A yes/no setting from a config or the command line: a bool, 0/1, or true/false, yes/no, 1/0 in any case.
 
@@ -291,6 +294,14 @@ def load_array(img, path: str | os.PathLike, what: str = "image", dtype=np.float
     return data
 
 
+def read_gland_mask(path: str | os.PathLike, what: str = "gland mask") -> tuple[np.ndarray, Any]:
+    """A gland mask's values (X, Y, Z) float32, from a 3-D mask or channel 0 (the gland) of a 4-D channel-last label,
+    and its checked NIfTI image (:func:`read_nifti`)."""
+    img = read_nifti(path, ndim=(3, 4), what=what)
+    data = load_array(img, path, what)
+    return (data if data.ndim == 3 else data[..., 0]), img
+
+
 def check_finite(data: np.ndarray, path: str | os.PathLike, what: str = "image") -> None:
     """Raise :class:`InputError` if ``data`` holds NaN or Inf values, saying how many."""
     bad = ~np.isfinite(data)
@@ -316,15 +327,28 @@ def make_folder(folder: str | os.PathLike, output=None) -> Path:
     return folder
 
 
+REPLACE_ADVICE = "pass overwrite=True (CLI: --overwrite) to replace it"
+
+
+def refuse_existing(paths, overwrite: bool | str = False, what: str = "outputs", advice: str = REPLACE_ADVICE) -> bool:
+    """Raise ``FileExistsError`` naming the first of ``paths`` that exists (and how many ``what`` exist) unless
+    ``overwrite``; return ``overwrite`` as a bool (:func:`flag`)."""
+    overwrite = flag(overwrite, "overwrite")
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        count = f" ({len(existing)} {what})" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}: already exists{count}; {advice}")
+    return overwrite
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path``; refuse to replace a file unless ``overwrite``.
 
     The temporary file lives in the destination folder (same file system, so the rename is atomic)
     and keeps the destination's suffixes, so writers that look at the extension still work.
     """
-    path, overwrite = Path(path), flag(overwrite, "overwrite")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path = Path(path)
+    refuse_existing([path], overwrite)
     make_folder(path.parent)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)

@@ -53,7 +53,7 @@ class ThresholdKeepingStructures(Transform):
         return ((labels >= level) & (peak > 0)).to(torch.float32)
 
 
-class Warpd(MapTransform):
+class Warpd(MapTransform):  # hand-written: MONAI has the Warp block but no dictionary transform around it
     """Warp the (C, H, W, D) items under ``keys`` with the displacement field under ``ddf_key``.
 
     The field is (3, H, W, D) in VOXELS of the same grid (MONAI ``Warp`` convention:

@@ -33,16 +33,25 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 from scripts.data.datalist import load_split
-from scripts.data.nifti import InputError, atomic_write, flag, load_array, read_nifti, same_grid, write_json, write_text
+from scripts.data.nifti import (
+    InputError,
+    atomic_write,
+    load_array,
+    read_nifti,
+    refuse_existing,
+    same_grid,
+    write_json,
+    write_text,
+)
 from scripts.evaluation.metrics import MODES, aggregate, case_metrics, minmax_normalise
+from scripts.spatial.geometry import RAS_LPS_FLIP
 
 __all__ = ["evaluate", "read_label", "identity_warp", "ddf_to_voxels", "OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("warped", "identity", "model")
-OUTPUTS = ("per_case.csv", "summary.json", "boxplots.png")
-LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+OUTPUTS = ("summary.json", "per_case.csv", "boxplots.png")  # summary first: the one a refusal names
 
 
 def read_label(path, what: str = "label") -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -69,7 +78,7 @@ def identity_warp(moving_label: np.ndarray, moving_affine: np.ndarray, fixed_img
 
 def ddf_to_voxels(ddf_lps_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """On-disk field ``(X, Y, Z, [1,] 3)``, LPS mm -> ``(3, X, Y, Z)`` displacement in voxels of the grid ``affine``."""
-    ddf = np.asarray(ddf_lps_mm, dtype=np.float64).reshape(*np.shape(ddf_lps_mm)[:3], 3) * LPS_TO_RAS
+    ddf = np.asarray(ddf_lps_mm, dtype=np.float64).reshape(*np.shape(ddf_lps_mm)[:3], 3) * RAS_LPS_FLIP
     return np.moveaxis(ddf @ np.linalg.inv(np.asarray(affine)[:3, :3]).T, -1, 0)
 
 
@@ -202,10 +211,8 @@ def evaluate(
         raise InputError(f"fraction must be in (0, 1] and percentile in (0, 100], got {fraction!r} and {percentile!r}")
     if isinstance(gland_channel, bool) or not isinstance(gland_channel, int) or gland_channel < 0:
         raise InputError(f"gland_channel must be a label channel index (0, 1, ...), got {gland_channel!r}")
-    out, overwrite = Path(out), flag(overwrite, "overwrite")
-    existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)}: already exist; pass overwrite=True (CLI: --overwrite)")
+    out = Path(out)
+    overwrite = refuse_existing([out / name for name in OUTPUTS], overwrite)
 
     cases = load_split(dataset_dir, split, direction, datalist=datalist)
     per_case, rows = [], []
@@ -214,8 +221,7 @@ def evaluate(
         moving, moving_img = read_label(case["moving_label"], "moving label")
         if gland_channel >= len(fixed):
             raise InputError(
-                f"{case['fixed_label']}: has {len(fixed)} label channels, so there is no gland_channel "
-                f"{gland_channel}"
+                f"{case['fixed_label']}: has {len(fixed)} label channels, so there is no gland_channel {gland_channel}"
             )
         moving = minmax_normalise(moving)  # the official pipeline normalises the moving labels before warping
         warped, ddf = _warped(case, method, warped_dir, predictor, moving, moving_img, fixed_img)

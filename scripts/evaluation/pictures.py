@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from scripts.data.nifti import atomic_write, load_array, read_nifti, write_text  # noqa: E402
 from scripts.evaluation.metrics import jacobian_determinant  # noqa: E402
@@ -56,7 +57,7 @@ def _centre(masks, shape) -> list[int]:
     """Voxel index of the first non-empty mask's centre of mass, else of the grid centre."""
     for mask in masks:
         if mask is not None and mask.any():
-            return [int(round(c)) for c in np.argwhere(mask).mean(0)]
+            return [int(round(c)) for c in ndimage.center_of_mass(mask)]
     return [n // 2 for n in shape]
 
 

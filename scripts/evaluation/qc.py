@@ -34,7 +34,7 @@ from pathlib import Path
 import ants
 import numpy as np
 
-from scripts.data.nifti import InputError, load_array, read_nifti, write_json
+from scripts.data.nifti import InputError, read_gland_mask, write_json
 from scripts.evaluation.metrics import percent_nonpositive_jacobian, soft_dice
 from scripts.spatial.composed import read_field_nifti, rigid_to_ants
 from scripts.spatial.geometry import apply_affine, grid_points, lps_affine, sample, world_to_voxel
@@ -56,9 +56,8 @@ VERDICTS = ("pass", "warn", "fail")
 
 def gland_mask(path, what: str = "fixed gland") -> tuple[np.ndarray, np.ndarray]:
     """A gland mask (X, Y, Z) bool from a 3-D mask or a 4-D channel-last label (channel 0), and its affine."""
-    img = read_nifti(path, ndim=(3, 4), what=what)
-    data = load_array(img, path, what)
-    return (data if data.ndim == 3 else data[..., 0]) > 0.5, img.affine
+    data, img = read_gland_mask(path, what)
+    return data > 0.5, img.affine
 
 
 def deformable_part(field_mm, affine_ras, rigid) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from scripts.data.nifti import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
+from scripts.data.nifti import MIN_VOXELS_PER_AXIS, InputError, load_array, read_gland_mask, read_nifti
 from scripts.spatial.geometry import NetworkBox, apply_affine, grid_points, network_box, sample, world_to_voxel
 
 __all__ = ["Volume", "PairStage", "load_pair_stage", "check_contrast", "check_overlap"]
@@ -88,9 +88,8 @@ class PairStage:
     @staticmethod
     def read_mask(path, what: str) -> Volume:
         """A gland mask: 3-D, or channel 0 of a 4-D channel-last label."""
-        img = read_nifti(path, ndim=(3, 4), what=what)
-        data = load_array(img, path, what)
-        return Volume(data if data.ndim == 3 else data[..., 0], img.affine)
+        data, img = read_gland_mask(path, what)
+        return Volume(data, img.affine)
 
     def rigid(self, fixed, moving, fixed_mask=None, moving_mask=None) -> tuple[np.ndarray, dict]:
         """The 4x4 LPS fixed -> moving matrix and how it was found (paths or ANTs images, masks optional)."""

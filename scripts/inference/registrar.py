@@ -29,7 +29,7 @@ from monai.bundle import ConfigParser
 
 from scripts.data.case_folder import case_transaction, check_replaceable, is_taken
 from scripts.data.datalist import check_direction, load_split
-from scripts.data.nifti import InputError, flag, user_error, write_json, write_nifti
+from scripts.data.nifti import InputError, flag, refuse_existing, user_error, write_json, write_nifti
 from scripts.inference.memory import keep_freed_memory
 from scripts.inference.pair import PairStage, Volume
 from scripts.inference.timing import StageTimer
@@ -339,11 +339,7 @@ def refuse_taken_case_folders(out_dir, cases, overwrite=False, extra=(), inputs=
                 folder, True, [*(v for k, v in case.items() if k != "case" and isinstance(v, str)), *inputs]
             )
         return
-    taken = [f for f in folders if is_taken(f)] + [Path(p) for p in extra if Path(p).exists()]
-    if taken:
-        raise FileExistsError(
-            f"{taken[0]}: already exists ({len(taken)} outputs in {out_dir}); pass --overwrite to replace"
-        )
+    refuse_existing([f for f in folders if is_taken(f)] + list(extra), False, f"outputs in {out_dir}")
 
 
 def load_registrar(config_files=None, overrides: dict | None = None, rigid_without_weights: bool = True) -> Registrar:

@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.data.datalist import case_name, load_split
-from scripts.data.nifti import InputError, flag, read_nifti, write_nifti
+from scripts.data.nifti import InputError, read_nifti, refuse_existing, write_nifti
 from scripts.weights.trained_model import SEGMENTATION, load_weights, settings_of
 
 __all__ = [
@@ -145,9 +145,7 @@ def segment_files(segmenter: GlandSegmenter, pairs, overwrite: bool = False) -> 
 
     Every output is checked before any work: an existing file raises ``FileExistsError`` unless ``overwrite``.
     """
-    existing, overwrite = [str(m) for _, m in pairs if Path(m).exists()], flag(overwrite, "overwrite")
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} masks); pass overwrite=True to replace")
+    overwrite = refuse_existing([m for _, m in pairs], overwrite, "masks")
     written = []
     for image, mask_path in pairs:
         mask, affine = segmenter(image)

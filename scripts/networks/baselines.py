@@ -3,8 +3,8 @@
 Input ``image`` (N, 2, H, W, D) = [moving, fixed] on the network grid; output the displacement field
 (N, 3, H, W, D) in VOXELS of that grid (MONAI ``Warp`` convention), exactly like
 :class:`scripts.networks.registration.RegistrationNet`, so that the same training iteration, loss, pipeline and
-evaluation run them. The networks themselves are MONAI's; this module only pads the grid to the
-multiple their pooling needs and exposes ``forward_train`` / ``registration_parameters``.
+evaluation run them (:class:`scripts.networks.contract.RegistrationNetwork`). The networks themselves are MONAI's;
+this module only pads the grid to the multiple their pooling needs and exposes ``forward_train`` / ``integrate``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import LocalNet, VoxelMorph, VoxelMorphUNet
 from torch import nn
+
+from scripts.networks.blocks import pad_to_multiple
 
 __all__ = ["BaselineNet"]
 
@@ -46,6 +47,7 @@ class BaselineNet(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
+        self.integrate: nn.Module | None  # the contract's integrator (velocity -> ddf), None for a direct DDF
         if kind == "voxelmorph":
             backbone = VoxelMorphUNet(
                 3, 2, unet_out_channels, channels=tuple(channels), final_conv_channels=tuple(final_conv_channels)
@@ -61,27 +63,20 @@ class BaselineNet(nn.Module):
     def _padded(self, fn, image: torch.Tensor) -> torch.Tensor:
         """Zero-pad the far end of each axis to ``self.multiple``, run ``fn``, crop back."""
         size = image.shape[2:]
-        pad = [0] * 6
-        for axis in range(3):  # F.pad lists the last axis first
-            pad[2 * (2 - axis) + 1] = (-size[axis]) % self.multiple
-        return fn(F.pad(image, pad))[:, :, : size[0], : size[1], : size[2]]
+        return fn(pad_to_multiple(image, self.multiple))[:, :, : size[0], : size[1], : size[2]]
 
     def forward_train(self, image: torch.Tensor) -> dict:
-        """{"ddf": (N, 3, H, W, D) voxels, "velocity": (N, 3, ...) for VoxelMorph else None, "task_mask": None}."""
+        """``{"ddf": (N, 3, H, W, D) voxels, "velocity": (N, 3, H, W, D) for VoxelMorph else None, "features": None}``."""
         if self.kind == "localnet":
-            return {"ddf": self._padded(self.net, image), "velocity": None, "task_mask": None}
+            return {"ddf": self._padded(self.net, image), "velocity": None, "features": None}
         velocity = self._padded(self.net.backbone, image)
         with torch.autocast(device_type=velocity.device.type, enabled=False):  # sampling grids in fp32
             ddf = self.integrate(velocity.float())
-        return {"ddf": ddf, "velocity": velocity, "task_mask": None}
+        return {"ddf": ddf, "velocity": velocity, "features": None}
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image (N, 2, H, W, D) = [moving, fixed] -> ddf (N, 3, H, W, D) in voxels of this grid."""
+    def forward(self, image: torch.Tensor, train: bool = False):
+        """image (N, 2, H, W, D) = [moving, fixed] -> ddf (N, 3, H, W, D) in voxels of this grid; ``train=True``
+        (not compiled): the :meth:`forward_train` dict (the network contract's training forward, for stock DDP)."""
+        if train and not torch.jit.is_scripting():
+            return self.forward_train(image)
         return self.forward_train(image)["ddf"]
-
-    def task_mask_parameters(self) -> list[nn.Parameter]:
-        """No task-mask subnet."""
-        return []
-
-    def registration_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())

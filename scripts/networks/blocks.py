@@ -17,6 +17,7 @@ __all__ = [
     "adaptive_avg_pool3d_as_matmul",
     "conv_block",
     "chunk_bounds",
+    "pad_to_multiple",
     "chunk_matrix",
     "MSFA",
     "DCA",
@@ -25,7 +26,6 @@ __all__ = [
     "FuseConv",
     "PaperLSTMRefiner",
     "CompactLSTMRefiner",
-    "TaskMaskNet",
     "GridCachedWarp",
 ]
 
@@ -40,6 +40,15 @@ def conv_block(in_channels: int, out_channels: int, kernel_size: int = 3, negati
         act=("leakyrelu", {"negative_slope": negative_slope}),
         norm=None,
     )
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the far end of each spatial axis of an (N, C, H, W, D) tensor up to a multiple of ``multiple``."""
+    size = image.shape[2:]
+    pad = [0, 0, 0, 0, 0, 0]
+    for axis in range(3):  # F.pad lists the last axis first
+        pad[2 * (2 - axis) + 1] = (-size[axis]) % multiple
+    return F.pad(image, pad)
 
 
 def chunk_bounds(depth: int, chunks: int) -> list[tuple[int, int]]:
@@ -301,32 +310,7 @@ class CompactLSTMRefiner(nn.Module):
         return v + F.interpolate(code, size=v.shape[2:], mode="trilinear", align_corners=False)
 
 
-class TaskMaskNet(nn.Module):
-    """Task-mask subnet ("WeightStitching"): features (N, C, H, W, D) -> mask (N, T, 2), softmax over 2.
-
-    Per depth chunk global average pooling gives (N, T, C); two parallel branches (registration,
-    smoothness), each Linear(C, hidden) -> ReLU -> Linear(hidden, 1), give two logits per chunk; softmax.
-    The last layers start at zero, so the mask starts at 0.5 / 0.5. Computed in fp32.
-    """
-
-    def __init__(self, in_channels: int, chunks: int = 10, hidden: int = 256):
-        super().__init__()
-        self.chunks = chunks
-        self.branches = nn.ModuleList(
-            [nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, 1)) for _ in range(2)]
-        )
-        for branch in self.branches:
-            nn.init.zeros_(branch[2].weight)
-            nn.init.zeros_(branch[2].bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = features.float()
-        per_slice = features.mean(dim=(2, 3))  # (N, C, D)
-        pooled = (per_slice @ chunk_matrix(features.shape[-1], self.chunks, features.device)).transpose(1, 2)
-        logits = torch.cat([branch(pooled) for branch in self.branches], dim=-1)  # (N, T, 2)
-        return torch.softmax(logits, dim=-1)
-
-
+# hand-written: Warp fails jit.script; its grid cache misses: https://github.com/Project-MONAI/MONAI/pull/9082
 class GridCachedWarp(Warp):
     """MONAI ``Warp`` (its native ``grid_sample`` path) that TorchScript can compile, optionally keeping its grid.
 

@@ -24,7 +24,8 @@ __all__ = ["OnnxRegistrationNet"]
 
 
 class OnnxRegistrationNet:
-    """An ONNX registration network on ONNX Runtime's CPU execution provider.
+    """An ONNX registration network on ONNX Runtime's CPU execution provider (inference only; follows
+    :class:`scripts.networks.contract.RegistrationNetwork`: ``__call__``, ``forward_train``, ``integrate``).
 
     Args:
         path: the ``.onnx`` file (input ``image``; outputs ``pred`` = DDF and, optionally, ``velocity``).
@@ -64,7 +65,7 @@ class OnnxRegistrationNet:
             )
         self.input_name, self.input_shape = inputs[0].name, list(inputs[0].shape)
         self.path = path
-        self.integrate = None
+        self.integrate: DVF2DDF | None = None  # the contract's integrator: only with a velocity output
         if "velocity" in self.outputs:
             stored = self.session.get_modelmeta().custom_metadata_map
             if None in (int_steps, int_padding) and not {"int_steps", "int_padding"} <= stored.keys():
@@ -92,9 +93,10 @@ class OnnxRegistrationNet:
         return self._run(image)["pred"]
 
     def forward_train(self, image: torch.Tensor) -> dict:
-        """``{"ddf", "velocity"}`` like ``RegistrationNet.forward_train`` (velocity None if the file lacks it)."""
+        """``{"ddf", "velocity", "features": None}`` (:class:`scripts.networks.contract.TrainOutput`; velocity None if
+        the file lacks it)."""
         out = self._run(image)
-        return {"ddf": out["pred"], "velocity": out.get("velocity")}
+        return {"ddf": out["pred"], "velocity": out.get("velocity"), "features": None}
 
     def __repr__(self) -> str:
         return f"OnnxRegistrationNet({os.fspath(self.path)!r}, input {self.input_shape}, outputs {self.outputs})"

@@ -1,8 +1,9 @@
 """The registration network: dual encoder with E-CMCA, FuseConv U-Net, LSTM-refined velocity, VecInt.
 
 Input ``image`` (N, 2, H, W, D) = [moving, fixed] on the network grid; output the displacement field
-(N, 3, H, W, D) in VOXELS of that grid (MONAI ``Warp`` convention: warped(p) = moving(p + ddf(p))).
-Depth is the last spatial axis. Every paper number is a constructor argument with the paper default.
+(N, 3, H, W, D) in VOXELS of that grid (MONAI ``Warp`` convention: warped(p) = moving(p + ddf(p))); the
+interface is :class:`scripts.networks.contract.RegistrationNetwork`. Depth is the last spatial axis. Every
+paper number is a constructor argument with the paper default.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, UpSample
 from torch import nn
 
@@ -21,8 +21,8 @@ from scripts.networks.blocks import (
     FuseConv,
     GridCachedWarp,
     PaperLSTMRefiner,
-    TaskMaskNet,
     conv_block,
+    pad_to_multiple,
 )
 
 __all__ = ["RegistrationNet", "encode_settings", "decode_settings"]
@@ -61,8 +61,8 @@ class RegistrationNet(nn.Module):
             the grid is padded internally to a multiple of pool_size**(levels-1) (8 for the paper) and cropped back.
         decoder_channels: one ConvBlock per decoder level (as many as encoder levels); trilinear upsampling
             by ``pool_size`` and concatenation of the FuseConv skip between them.
-        head_channels: ConvBlocks at full resolution after the decoder; their output feeds the flow conv
-            and (detached) the task-mask subnet.
+        head_channels: ConvBlocks at full resolution after the decoder; their output (``features``) feeds the
+            flow conv and, detached, the task-mask subnet (:mod:`scripts.networks.task_mask`, a component of its own).
         msfa, msfa_kernels, msfa_mode: multi-scale feature aggregation ("paper": k^3 kernels, "dilated": 3^3
             kernels with dilation (k-1)/2).
         dca, dca_kernel: dynamic channel attention and the width of its 1-D channel conv.
@@ -75,7 +75,6 @@ class RegistrationNet(nn.Module):
         int_steps: scaling-and-squaring steps of VecInt (MONAI ``DVF2DDF``).
         int_padding: how VecInt samples the field beyond the grid. "border" (the edge value) rather than
             MONAI's default "zeros", whose jump to zero at the edge folds the field there.
-        task_mask, task_hidden: build the task-mask subnet and its hidden width.
         flow_init_std: std of the flow conv's initial weights (bias zero), so training starts near identity.
         negative_slope: LeakyReLU slope of all ConvBlocks and FuseConvs.
         kernel_size: kernel of every ConvBlock and of the flow conv (3 -> 3x3x3).
@@ -111,8 +110,6 @@ class RegistrationNet(nn.Module):
         spatial_size: Optional[Sequence[int]] = None,
         int_steps: int = 7,
         int_padding: str = "border",
-        task_mask: bool = True,
-        task_hidden: int = 256,
         flow_init_std: float = 1e-5,
         negative_slope: float = 0.2,
         kernel_size: int = 3,
@@ -172,10 +169,9 @@ class RegistrationNet(nn.Module):
             self.refiner = CompactLSTMRefiner(chunks, compact_code, lstm_hidden, lstm_layers)
         else:
             self.refiner = nn.Identity()
-        self.integrate = DVF2DDF(num_steps=int_steps, padding_mode=int_padding)
+        self.integrate = DVF2DDF(num_steps=int_steps, padding_mode=int_padding)  # the contract's integrator
         # MONAI's Warp, as TorchScript can compile it (same output); grid_cache keeps its identity grid
         self.integrate.warp_layer = GridCachedWarp(mode="bilinear", padding_mode=int_padding, cache=grid_cache)
-        self.task_mask = TaskMaskNet(head[-1], chunks, task_hidden) if task_mask else None
 
     def _features(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 2*in_channels, H, W, D), H, W, D multiples of ``self.multiple`` -> (N, head[-1], H, W, D)."""
@@ -201,10 +197,7 @@ class RegistrationNet(nn.Module):
         Returns the refined velocity (N, 3, H, W, D) and the head features (N, head[-1], H, W, D).
         """
         size = image.shape[2:]
-        pad = [0, 0, 0, 0, 0, 0]
-        for axis in range(3):  # F.pad lists the last axis first
-            pad[2 * (2 - axis) + 1] = (-size[axis]) % self.multiple
-        features = self._features(F.pad(image, pad))[:, :, : size[0], : size[1], : size[2]]
+        features = self._features(pad_to_multiple(image, self.multiple))[:, :, : size[0], : size[1], : size[2]]
         return self.refiner(self.flow(features)), features
 
     def _integrate(self, velocity: torch.Tensor) -> torch.Tensor:
@@ -230,28 +223,18 @@ class RegistrationNet(nn.Module):
             raise ValueError("these weights were trained with another network_def: " + "; ".join(diffs))
         self.trained_settings = state
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image (N, 2, H, W, D) = [moving, fixed] -> ddf (N, 3, H, W, D) in voxels of this grid."""
+    def forward(self, image: torch.Tensor, train: bool = False):
+        """image (N, 2, H, W, D) = [moving, fixed] -> ddf (N, 3, H, W, D) in voxels of this grid.
+
+        ``train=True`` (not compiled): the :meth:`forward_train` dict instead, so that a stock
+        ``DistributedDataParallel`` runs the training forward (:class:`scripts.networks.contract.RegistrationNetwork`).
+        """
+        if train and not torch.jit.is_scripting():
+            return self.forward_train(image)
         velocity, _ = self._velocity(image)
         return self._integrate(velocity)
 
     def forward_train(self, image: torch.Tensor) -> dict:
-        """Like :meth:`forward`, also returning ``velocity`` and ``task_mask`` (N, T, 2) or None.
-
-        The task-mask subnet sees the head features DETACHED: only its own objective trains it.
-        """
+        """``{"ddf", "velocity"}`` (N, 3, H, W, D) voxels and ``"features"`` (N, head[-1], H, W, D), in either mode."""
         velocity, features = self._velocity(image)
-        mask = None
-        if self.task_mask is not None:
-            with torch.autocast(device_type=features.device.type, enabled=False):
-                mask = self.task_mask(features.detach().float())
-        return {"ddf": self._integrate(velocity), "velocity": velocity, "task_mask": mask}
-
-    def task_mask_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the task-mask subnet only (empty without it)."""
-        return [] if self.task_mask is None else list(self.task_mask.parameters())
-
-    def registration_parameters(self) -> list[nn.Parameter]:
-        """Every parameter except the task-mask subnet's."""
-        excluded = {id(p) for p in self.task_mask_parameters()}
-        return [p for p in self.parameters() if id(p) not in excluded]
+        return {"ddf": self._integrate(velocity), "velocity": velocity, "features": features}

@@ -23,25 +23,15 @@ import numpy as np
 from scipy import ndimage
 
 from scripts.data.nifti import InputError, atomic_write, write_json, write_nifti
+from scripts.evaluation.metrics import jacobian_determinant
 from scripts.phantom.anatomy import N_CHANNELS, Anatomy, AnatomyParams
 from scripts.phantom.appearance import MRParams, USParams, render_mr, render_us
 from scripts.phantom.transform import PhantomTransform, TransformParams, rotation_matrix
+from scripts.spatial.geometry import RAS_LPS_FLIP
 
-__all__ = [
-    "synth",
-    "generate_case",
-    "SIZES",
-    "PRESETS",
-    "Preset",
-    "ObserverParams",
-    "Geometry",
-    "RAS_TO_LPS",
-    "ddf_to_nifti_array",
-    "jacobian_determinant",
-]
+__all__ = ["synth", "generate_case", "SIZES", "PRESETS", "Preset", "ObserverParams", "Geometry", "ddf_to_nifti_array"]
 
 SPLITS = ("train", "val", "holdout")
-RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # x_LPS = diag(-1, -1, 1) x_RAS (same for displacement vectors)
 
 
 @dataclass(frozen=True)
@@ -164,19 +154,13 @@ def voxel_to_world(affine: np.ndarray, shape) -> np.ndarray:
 
 def ddf_to_nifti_array(ddf_ras: np.ndarray, shape) -> np.ndarray:
     """(N, 3) RAS mm displacements -> (X, Y, Z, 1, 3) float32 LPS mm (ITK displacement-field layout)."""
-    return (ddf_ras * RAS_TO_LPS).reshape(*shape, 1, 3).astype(np.float32)
+    return (ddf_ras * RAS_LPS_FLIP).reshape(*shape, 1, 3).astype(np.float32)
 
 
-def jacobian_determinant(ddf_lps: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def _field_jacobian(ddf_lps: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Jacobian determinant (X, Y, Z) of x -> x + u(x) for a stored (X, Y, Z, 1, 3) LPS-mm field on ``affine``'s grid."""
-    u = ddf_lps[..., 0, :] * RAS_TO_LPS.astype(np.float32)  # back to RAS mm
-    grad_vox = np.stack([np.stack(np.gradient(u[..., c]), -1) for c in range(3)], -2)  # (X, Y, Z, 3 comp, 3 axis)
-    j = grad_vox @ np.linalg.inv(affine[:3, :3]).astype(np.float32) + np.eye(3, dtype=np.float32)
-    return (
-        j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
-        - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
-        + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0])
-    )
+    u = ddf_lps[..., 0, :] * RAS_LPS_FLIP.astype(np.float32)  # back to RAS mm
+    return jacobian_determinant(np.moveaxis(u, -1, 0), np.linalg.inv(affine[:3, :3]), np.float32)
 
 
 def _sample_field(ddf_lps: np.ndarray, affine: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,13 +169,13 @@ def _sample_field(ddf_lps: np.ndarray, affine: np.ndarray, points: np.ndarray) -
     shape = np.array(ddf_lps.shape[:3])
     inside = np.all((vox >= 0) & (vox <= shape - 1), axis=1)
     u = np.stack([ndimage.map_coordinates(ddf_lps[..., 0, c], vox.T, order=1, mode="nearest") for c in range(3)], 1)
-    return u * RAS_TO_LPS, inside
+    return u * RAS_LPS_FLIP, inside
 
 
 def inverse_consistency(field_a, affine_a, mask_a, field_b, affine_b) -> dict:
     """|p + a(p) + b(p + a(p)) - p| (mm) over the voxels of ``mask_a`` on grid a; max and mean, and how many left grid b."""
     pts = voxel_to_world(affine_a, mask_a.shape)[mask_a.reshape(-1)]
-    mid = pts + field_a[..., 0, :].reshape(-1, 3)[mask_a.reshape(-1)] * RAS_TO_LPS
+    mid = pts + field_a[..., 0, :].reshape(-1, 3)[mask_a.reshape(-1)] * RAS_LPS_FLIP
     back, inside = _sample_field(field_b, affine_b, mid)
     err = np.linalg.norm(mid + back - pts, axis=1)[inside]
     return {
@@ -337,8 +321,8 @@ def generate_case(
     ddf_mr2us = ddf_to_nifti_array(p - q, geom.us_shape)
 
     jac = {
-        "mr2us": float(jacobian_determinant(ddf_mr2us, us_affine).min()),
-        "us2mr": float(jacobian_determinant(ddf_us2mr, mr_affine).min()),
+        "mr2us": float(_field_jacobian(ddf_mr2us, us_affine).min()),
+        "us2mr": float(_field_jacobian(ddf_us2mr, mr_affine).min()),
     }
     landmarks = []
     for i, lm in enumerate(anat.landmarks):
@@ -448,9 +432,7 @@ def _add_realistic_truth(case, preset, observer, anat, s_mr, x_mr, s_us, p, q, g
     )
     truth["median_lobe"] = round(anat.median_lobe, 4)
     truth["appearance_only"] = {name: len(v) for name, v in anat.ellipsoids.items()}
-    jac = jacobian_determinant(case["ddf_us2mr"], case["mr_affine"])[
-        case.get("mr_true_label", case["mr_label"])[..., 0] > 0
-    ]
+    jac = _field_jacobian(case["ddf_us2mr"], case["mr_affine"])[case.get("mr_true_label", case["mr_label"])[..., 0] > 0]
     truth["jacobian_determinant_in_mr_gland"] = {
         "mean": round(float(jac.mean()), 4),
         "p5": round(float(np.percentile(jac, 5)), 4),

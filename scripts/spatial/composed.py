@@ -225,7 +225,7 @@ class FieldNetwork:
     """A stand-in registration network returning a given fixed-grid displacement field (ITK convention) as a box
     DDF, to push a ground-truth field through exactly the registrar's post-stage. Follows the network contract
     (:mod:`scripts.networks.contract`): ``forward_train(image (1, 2, H, W, D))`` -> ``{"ddf": (1, 3, H, W, D) box
-    voxels, "velocity": None}``; no integrator (the registrar inverts the field numerically)."""
+    voxels, "velocity": None, "features": None}``; no integrator (the registrar inverts the field numerically)."""
 
     integrate = None
 
@@ -233,7 +233,7 @@ class FieldNetwork:
         self.ddf = torch.as_tensor(field_to_box_ddf(field_path, box)[None], dtype=torch.float32)
 
     def forward_train(self, image):
-        return {"ddf": self.ddf.to(image.device), "velocity": None}
+        return {"ddf": self.ddf.to(image.device), "velocity": None, "features": None}
 
     def __call__(self, image):
         return self.forward_train(image)["ddf"]

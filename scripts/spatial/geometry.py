@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 __all__ = [
     "RAS2LPS",
+    "RAS_LPS_FLIP",
     "NetworkBox",
     "network_box",
     "reoriented_grid",
@@ -36,18 +35,22 @@ __all__ = [
     "sample_box_field",
 ]
 
+# torch and MONAI are imported where used: the torch-free phantom generator imports this module for the frames
 RAS2LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+RAS_LPS_FLIP = RAS2LPS.diagonal()[:3]  # x_LPS = x_RAS * RAS_LPS_FLIP and back, for points and displacements (read-only)
 
 
 def lps_affine(affine_ras: np.ndarray) -> np.ndarray:
     """Voxel -> LPS mm affine (4x4) from nibabel's voxel -> RAS mm affine."""
-    return RAS2LPS @ np.asarray(affine_ras, dtype=np.float64)
+    from monai.data.utils import orientation_ras_lps
+
+    return orientation_ras_lps(np.asarray(affine_ras, dtype=np.float64))
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 homogeneous ``matrix`` to points (..., 3)."""
+    # not nibabel.affines.apply_affine: its ``points @ A.T`` sums in another order (last-digit changes in every output)
     points = np.asarray(points, dtype=np.float64)
-    # column by column: on a whole grid (X, Y, Z, 3), ``points @ A.T`` runs X*Y*Z tiny matrix products
     out = points[..., 0:1] * matrix[:3, 0] + matrix[:3, 3]
     out += points[..., 1:2] * matrix[:3, 1]
     out += points[..., 2:3] * matrix[:3, 2]
@@ -145,6 +148,9 @@ def _interpolate(data: np.ndarray, index: np.ndarray, order: int, single: bool =
     out as an output image, not a list of points); its 3-D CPU kernel runs one thread per batch item, so the
     points are split into as many batch items as torch has threads (4x faster than scipy on 2 cores).
     """
+    import torch
+    import torch.nn.functional as F
+
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     dtype = torch.float32 if single else torch.float64

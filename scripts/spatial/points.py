@@ -40,12 +40,13 @@ from scripts.data.nifti import (
     load_array,
     read_json,
     read_nifti,
+    refuse_existing,
     same_grid,
     write_json,
     write_text,
 )
 from scripts.spatial.composed import read_field_nifti, warp
-from scripts.spatial.geometry import RAS2LPS, sample, world_to_voxel
+from scripts.spatial.geometry import RAS_LPS_FLIP, sample, world_to_voxel
 
 __all__ = [
     "FRAMES",
@@ -93,7 +94,7 @@ def _frame(frame, where: str = "frame") -> str:
 def to_lps(points, frame: str) -> np.ndarray:
     """(N, 3) points in ``frame`` ("LPS"/"RAS") mm -> LPS mm (RAS flips the first two axes)."""
     points = np.asarray(points, np.float64).reshape(-1, 3)
-    return points if _frame(frame) == "LPS" else points * RAS2LPS[:3, :3].diagonal()
+    return points if _frame(frame) == "LPS" else points * RAS_LPS_FLIP
 
 
 def from_lps(points_lps, frame: str) -> np.ndarray:
@@ -121,7 +122,7 @@ def _read_csv(path, frame=None) -> tuple[list[str], np.ndarray, str]:
             stated[f"line {skip + 1}, {text!r}"] = _frame(match.group(1), f"{path}: line {skip + 1}: the frame")
         elif "frame" in text.lower():
             raise InputError(
-                f"{path}: line {skip + 1}: cannot read a frame from {text!r}; write '# frame: LPS' or " "'# frame: RAS'"
+                f"{path}: line {skip + 1}: cannot read a frame from {text!r}; write '# frame: LPS' or '# frame: RAS'"
             )
     else:
         skip = len(lines)
@@ -360,9 +361,7 @@ def _mapped_label(path, field_path, threshold: float = 0.5, grid=None):
     if values is not None:  # which label value each channel holds, in the file itself (80 characters at most)
         text = f"channels = label values {','.join(map(str, values))}"
         img.header["descrip"] = (
-            text
-            if len(text) <= 80
-            else f"channels = label values {values[0]}..{values[-1]}" f" ascending ({len(values)})"
+            text if len(text) <= 80 else f"channels = label values {values[0]}..{values[-1]} ascending ({len(values)})"
         ).encode()
     return lambda out_path, overwrite: atomic_write(out_path, lambda tmp: nib.save(img, tmp), overwrite)
 
@@ -443,8 +442,7 @@ def map_files(
                 raise InputError(f"{needed}: transform file does not exist (is {folder} a registration output folder?)")
         if targets.count(target) > 1:
             raise InputError(f"{path}: two inputs would both be written to {target}; rename one")
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        refuse_existing([target], overwrite)
     writers = [_mapped_points(p, f, frame) for p, f, _ in jobs[: len(points)]]
     writers += [_mapped_label(v, f, label_threshold, source_grid) for v, f, _ in jobs[len(points) :]]
     return [str(write(target, overwrite)) for write, target in zip(writers, targets)]

@@ -18,6 +18,7 @@ import tempfile
 import ants
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from scripts.data.nifti import MIN_VOXELS_PER_AXIS, InputError, load_array, read_nifti
 from scripts.spatial.composed import ants_image, read_ants_rigid, rigid_to_ants, write_ants_rigid
@@ -72,7 +73,8 @@ def _read(x, what: str, mask: bool = False):
 
 def mask_centre(mask) -> np.ndarray:
     """Centre of mass (LPS mm) of a binary ANTs image."""
-    index = np.argwhere(mask.numpy() > 0.5).mean(0)
+    # not ants.get_center_of_mass: it weighs by intensity (no > 0.5) and differs in the last digits
+    index = np.asarray(ndimage.center_of_mass(mask.numpy() > 0.5))
     direction, spacing = np.asarray(mask.direction, np.float64), np.asarray(mask.spacing, np.float64)
     return np.asarray(mask.origin, np.float64) + direction @ (spacing * index)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser, ckpt_export
 
-from scripts.data.nifti import InputError, atomic_write
+from scripts.data.nifti import InputError, atomic_write, refuse_existing
 from scripts.networks.blocks import adaptive_avg_pool3d_as_matmul
 from scripts.weights.manifest import read_checkpoint, verify_checkpoint
 from scripts.weights.trained_model import load_weights, settings_of
@@ -49,6 +49,7 @@ class NetworkSpec:
     stem: str  # output name without suffix, in the checkpoint's folder unless out_dir is given
     grid_id: str  # config id of the (H, W, D) network grid
     channels_id: str  # config id of the number of input channels
+    registration: bool  # follows scripts.networks.contract.RegistrationNetwork (its integrate is exported too)
 
 
 NETWORKS = {
@@ -59,6 +60,7 @@ NETWORKS = {
         "model",
         "spatial_size",
         "_meta_#network_data_format#inputs#image#num_channels",
+        True,
     ),
     "segmentation": NetworkSpec(
         "configs/seg_inference.json",
@@ -67,12 +69,13 @@ NETWORKS = {
         "seg_model",
         "seg_spatial_size",
         "seg_network_def#in_channels",
+        False,
     ),
 }
 
 
 class _FieldAndVelocity(torch.nn.Module):
-    """``image -> (ddf, velocity)`` of a network whose ``forward_train`` returns both (RegistrationNet, VoxelMorph)."""
+    """``image -> (ddf, velocity)`` of a velocity network (``integrate`` not None: RegistrationNet, VoxelMorph)."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
@@ -84,12 +87,18 @@ class _FieldAndVelocity(torch.nn.Module):
 
 
 def write_onnx(
-    net: torch.nn.Module, example: torch.Tensor, path, opset: int = MIN_ONNX_OPSET, program=None
+    net: torch.nn.Module,
+    example: torch.Tensor,
+    path,
+    opset: int = MIN_ONNX_OPSET,
+    program=None,
+    integrate: torch.nn.Module | None = None,
 ) -> list[str]:
     """Write ``net`` at ``example``'s shape as ONNX to ``path``; returns the output names.
 
-    Outputs: ``pred`` (the network's output) and, for a network that integrates a velocity (it has an
-    ``integrate`` module, MONAI ``DVF2DDF``: RegistrationNet, VoxelMorph), ``velocity`` too, with that
+    ``net`` in eval mode. Outputs: ``pred`` (the network's output) and, given ``integrate`` (the ``integrate``
+    module of a :class:`scripts.networks.contract.RegistrationNetwork` that integrates a velocity, MONAI
+    ``DVF2DDF``: RegistrationNet, VoxelMorph; None for any other network), ``velocity`` too, with that
     integration's settings in the file's metadata (``int_steps``, ``int_mode``, ``int_padding``) so that
     the inverse is integrated as the network does. ``program``: ``net``'s ``torch.export`` program at
     ``example`` when already made (used when there is no velocity output).
@@ -97,16 +106,16 @@ def write_onnx(
     import onnxscript  # only the ONNX format needs onnx/onnxscript installed
 
     outputs = ["pred"]
-    if getattr(net, "integrate", None) is not None:  # a velocity network: export it too, for the exact inverse
+    if integrate is not None:  # a velocity network: export it too, for the exact inverse
         outputs.append("velocity")
         program = None
     if program is None:
         with torch.no_grad():
             program = torch.export.export(_FieldAndVelocity(net) if len(outputs) == 2 else net, (example,))
-    table = {
-        op: adaptive_avg_pool3d_as_matmul
-        for op in (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default)
-    }
+    table = dict.fromkeys(
+        (torch.ops.aten.adaptive_avg_pool3d.default, torch.ops.aten._adaptive_avg_pool3d.default),
+        adaptive_avg_pool3d_as_matmul,
+    )
     onnx_program = torch.onnx.export(
         program.run_decompositions(table),
         (example,),
@@ -119,9 +128,9 @@ def write_onnx(
     # fold only small constants: folding Warp's grid-sized index tensors would bloat the file
     onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=ONNX_FOLD_LIMIT)
     if len(outputs) == 2:
-        warp = net.integrate.warp_layer  # MONAI Warp: the grid_sample settings it resolved
+        warp = integrate.warp_layer  # MONAI Warp: the grid_sample settings it resolved
         onnx_program.model.metadata_props.update(
-            int_steps=str(net.integrate.num_steps),
+            int_steps=str(integrate.num_steps),
             int_mode=str(warp._interp_mode_native),
             int_padding=str(warp._padding_mode_native),
         )
@@ -199,7 +208,8 @@ def _export_one(root: Path, spec: NetworkSpec, ckpt: Path, out_dir: Path, format
                 program = torch.export.export(net, (example,))
             atomic_write(paths["pt2"], lambda tmp: torch.export.save(program, tmp), overwrite)
         if "onnx" in paths:
-            atomic_write(paths["onnx"], lambda tmp: write_onnx(net, example, tmp, opset, program), overwrite)
+            integrate = net.integrate if spec.registration else None
+            atomic_write(paths["onnx"], lambda tmp: write_onnx(net, example, tmp, opset, program, integrate), overwrite)
     result.update({fmt: str(p) for fmt, p in paths.items()})
     return result
 
@@ -256,11 +266,7 @@ def export(
         raise InputError(
             f"nothing to export: {'; '.join(r['skipped'] for r in results.values()) or 'no network given'}"
         )
-    existing = [str(d / f"{s.stem}.{f}") for _, s, _, d in jobs for f in formats if (d / f"{s.stem}.{f}").exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{existing[0]}: already exists ({len(existing)} exports); pass overwrite=True to replace"
-        )
+    overwrite = refuse_existing([d / f"{s.stem}.{f}" for _, s, _, d in jobs for f in formats], overwrite, "exports")
     for (
         _,
         _,

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from scripts.data.nifti import InputError, write_text
+from scripts.data.nifti import InputError, refuse_existing, write_text
 from scripts.weights.manifest import (
     MANIFEST,
     is_state_dict,
@@ -89,8 +89,7 @@ def package(
     if (root / "models" / "model.pt").is_file():
         _check_plain_state_dict(root / "models" / "model.pt", root)
     dest = Path(out).resolve() / name
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    overwrite = refuse_existing([dest], overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))

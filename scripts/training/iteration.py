@@ -1,5 +1,9 @@
 """One training iteration: the registration network and the task-mask subnet, each with its own optimiser.
 
+The network is called as ``network(image, train=True)``, which returns the training dict
+(:class:`scripts.networks.contract.TrainOutput`), so a stock ``DistributedDataParallel`` around it (and
+around the task-mask subnet, :class:`scripts.networks.task_mask.TaskMaskNet`) synchronises both.
+
 Why two objectives. The paper weights the per-chunk losses with the subnet's mask M (N, T, 2):
 L = M0 * L_reg + M1 * L_smooth. Minimised over M as well, this is linear in M on the simplex, so the
 subnet's best answer is a one-hot on whichever term is smaller: the mask collapses (the "joint"
@@ -75,14 +79,18 @@ class RegistrationIteration:
     """``iteration_update`` for ``monai.engines.SupervisedTrainer`` (registration + task mask).
 
     Batch keys: "image" (N, 2, H, W, D) = [moving, fixed] in [0, 1], "moving_label", "fixed_label"
-    (N, C, H, W, D), channel 0 = gland. The trainer's ``optimizer`` steps the registration network
-    (``net.registration_parameters()``) on :func:`composite_loss`; ``mask_optimizer`` (over
-    ``net.task_mask_parameters()``) steps the subnet on :func:`mask_objective`. A network built with
-    ``task_mask=False`` uses the plain composite loss and needs no ``mask_optimizer``.
+    (N, C, H, W, D), channel 0 = gland. The trainer's network (a
+    :class:`scripts.networks.contract.RegistrationNetwork`, or a ``DistributedDataParallel`` of one) is run in
+    training mode, ``network(image, train=True)`` -> ``{"ddf", "velocity", "features"}``; the trainer's ``optimizer`` steps
+    it on :func:`composite_loss`. ``task_mask`` (N, C, H, W, D) features -> (N, T, 2) mask reads the detached
+    ``features``; ``mask_optimizer`` (over ``task_mask``'s parameters) steps it on :func:`mask_objective`.
+    Without ``task_mask`` (None: the no-task-mask ablation, the baselines): the plain composite loss.
 
     Args:
         loss_function: a :class:`scripts.training.losses.RegistrationLoss`.
-        mask_optimizer: optimiser of the task-mask subnet (required when the network has one).
+        task_mask: the task-mask subnet (:class:`scripts.networks.task_mask.TaskMaskNet`, or a
+            ``DistributedDataParallel`` of it), or None.
+        mask_optimizer: optimiser of ``task_mask``'s parameters (required with ``task_mask``).
         mask_objective: "difficulty" (default) or "joint" (paper-literal, collapses).
         mask_floor, mask_temperature: of :func:`difficulty_targets`.
         amp: False, or "bfloat16" / "float16" (True = "bfloat16"): autocast of the network forward;
@@ -92,12 +100,13 @@ class RegistrationIteration:
 
     Returns (as ``engine.state.output``): "image", "label" (= fixed_label), "pred" (ddf, voxels),
     "loss" (detached scalar), "mask_loss", "dice", "mi", "grad", "warped_image", "warped_label",
-    "moving_label", "fixed_label", and "task_mask" (N, T, 2) when the network has the subnet.
+    "moving_label", "fixed_label", and "task_mask" (N, T, 2) with the subnet.
     """
 
     def __init__(
         self,
         loss_function,
+        task_mask: torch.nn.Module | None = None,
         mask_optimizer: torch.optim.Optimizer | None = None,
         mask_objective: str = "difficulty",
         mask_floor: float = 0.1,
@@ -110,8 +119,10 @@ class RegistrationIteration:
         amp = "bfloat16" if amp is True else amp
         if amp and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be False, True, 'bfloat16' or 'float16', got {amp!r}")
+        if task_mask is not None and mask_optimizer is None:
+            raise ValueError("a task_mask needs its mask_optimizer (over the task mask's parameters)")
         self.loss_function = loss_function
-        self.mask_optimizer = mask_optimizer
+        self.task_mask, self.mask_optimizer = task_mask, mask_optimizer
         self.objective, self.floor, self.temperature = mask_objective, mask_floor, mask_temperature
         self.amp_dtype = AMP_DTYPES[amp] if amp else None
         self.scaler = None  # created on first use for float16
@@ -137,7 +148,13 @@ class RegistrationIteration:
 
         autocast_dtype = self.amp_dtype or torch.bfloat16  # the dtype is unused when autocast is disabled
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=self.amp_dtype is not None):
-            out = net.forward_train(image)
+            out = net(image, train=True)  # the TrainOutput dict (the network contract), through DDP's forward
+        mask = None
+        if self.task_mask is not None:  # its own graph: the features are detached; fp32 inside
+            if out["features"] is None:
+                raise ValueError("this network exposes no features for the task mask: set task_mask to null")
+            self.task_mask.train()
+            mask = self.task_mask(out["features"].detach())
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         true_ddf = batchdata.get("true_ddf")  # the phantom's field (scripts.data.transforms.TrueFieldToBoxd), if loaded
         terms = self.loss_function(
@@ -148,9 +165,6 @@ class RegistrationIteration:
             fixed_label,
             true_ddf=None if true_ddf is None else true_ddf.to(device, non_blocking=non_blocking),
         )
-        mask = out["task_mask"]
-        if mask is not None and self.mask_optimizer is None:
-            raise ValueError("the network has a task-mask subnet: pass mask_optimizer to RegistrationIteration")
         loss = composite_loss(terms, mask)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 

@@ -31,6 +31,7 @@ DICE_CHANNELS = ("gland", "all")
 EMPTY_LABEL_VOXELS = 0.5
 
 
+# hand-written: monai.losses.GlobalMutualInformationLoss has no mask (a masked voxel still fills the histograms)
 def masked_mutual_information(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -112,6 +112,7 @@ class BestMetric:
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
 
 
+# hand-written: MONAI's CheckpointSaver deletes the old file before writing the new one (a kill can leave none)
 class AtomicCheckpointSaver:
     """Write the state dicts of ``save_dict`` and of the trainer to ``save_dir/filename`` after trainer epochs.
 

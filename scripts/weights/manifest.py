@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -37,8 +38,10 @@ WEIGHT_SUFFIXES = (".pt", ".ts", ".pt2", ".onnx")
 
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (read in chunks)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if sys.version_info >= (3, 11):
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256()  # Python 3.10 has no hashlib.file_digest
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

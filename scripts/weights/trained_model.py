@@ -125,8 +125,9 @@ def check_finite_weights(path, weights: dict) -> None:
 
 def _run_weights(run_dir: Path, checkpoint: str, kind: dict) -> tuple[dict, dict]:
     """``(state_dict, settings)`` of a finished run: the weights of ``checkpoint`` and the run config's settings."""
-    record, weights = run_dir / "run_config.json", (
-        Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
+    record, weights = (
+        run_dir / "run_config.json",
+        (Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint),
     )
     for path in (record, weights):
         if not path.is_file():
