@@ -1,4 +1,4 @@
-"""register_pair end to end on a phantom case with an oblique fixed (TRUS) grid.
+"""The registrar end to end on a phantom case with an oblique fixed (TRUS) grid.
 
 The ground-truth field goes through the same post-stage as a network's output; ANTs and ITK, given
 the written files, must reproduce the bundle's own warped image and labels.

@@ -1,5 +1,5 @@
 """The ROI pre-stage: seg_train.json through the bundle runner, seg_inference.json masks on the input grids,
-and register_pair segmenting the pair itself for the mask-based rigid and the ROI images.
+and the registrar segmenting the pair itself for the mask-based rigid and the ROI images.
 
 One short seeded training (tiny U-Net, 32^3 grid) on phantom cases serves every test. The validation case
 (index 5) has the phantom's oblique TRUS grid, so writing masks back on "the input's own grid" is not a

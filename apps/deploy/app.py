@@ -3,7 +3,7 @@
     python apps/deploy/app.py -i INPUT_FOLDER -o OUTPUT_FOLDER [-m MODEL_PATH]
 
 INPUT_FOLDER holds moving.nii.gz and fixed.nii.gz (optional: moving_labels, moving_mask, fixed_mask);
-the output folder receives the files of ``scripts.inference.pipeline.register_pair``. See ``docs/deploy.md``.
+the output folder receives the files of ``scripts.inference.registrar.Registrar.register``. See ``docs/deploy.md``.
 The flags (and HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH) are the SDK's own.
 """
 

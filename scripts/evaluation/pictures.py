@@ -1,6 +1,6 @@
 """Pictures of one registered case (PNG) and the HTML index of a folder run.
 
-Per case folder (written by :func:`scripts.inference.pipeline.register_pair`):
+Per case folder (written by :meth:`scripts.inference.registrar.Registrar.register`):
 
 - ``qa_contours.png``: the fixed image on three planes (normal to its voxel axes, through the gland
   centre) with the moving gland contour before (rigid only) and after registration, and the fixed gland;

@@ -1,6 +1,6 @@
 """Quality verdict of one registration: ``qc.json`` with the numbers and a pass/warn/fail verdict.
 
-Reads what :func:`scripts.inference.pipeline.register_pair` wrote into a case folder (``result.json``, the composed
+Reads what :meth:`scripts.inference.registrar.Registrar.register` wrote into a case folder (``result.json``, the composed
 field, the warped labels, the gland masks it used) and checks (thresholds are arguments; ``docs/biopsy.md``
 explains them). A failed check of the first two makes the verdict "fail" (the registration made things
 worse, or moved the gland implausibly far); any other failed check makes it "warn":
@@ -150,7 +150,7 @@ def quality_check(
     """Compute the quality numbers of a registered case folder, decide pass/warn/fail, write ``qc.json``.
 
     Args:
-        case_dir: a folder written by :func:`scripts.inference.pipeline.register_pair`.
+        case_dir: a folder written by :meth:`scripts.inference.registrar.Registrar.register`.
         fixed_gland: gland mask on the fixed image's grid (3-D, or 4-D label -> channel 0); ``None``: no
             ``gland_dice``, and ``gland_dice_drop`` uses the fixed mask recorded in ``result.json`` if any.
         gland_source: where that mask came from (recorded: "predicted", "label", a path...).

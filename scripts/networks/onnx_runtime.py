@@ -1,7 +1,7 @@
 """The registration network run by ONNX Runtime from the bundle's ONNX export (``models/model.onnx``).
 
 ``OnnxRegistrationNet`` stands in for :class:`scripts.networks.registration.RegistrationNet` in
-:func:`scripts.inference.pipeline.register_pair`: same input (1, 2, H, W, D) [moving, fixed] on the box grid, same
+:meth:`scripts.inference.registrar.Registrar.register`: same input (1, 2, H, W, D) [moving, fixed] on the box grid, same
 output (the DDF in box voxels), and ``forward_train`` gives the velocity too when the file carries it
 (``scripts.tools.export`` writes a ``velocity`` output for networks that integrate one), so the pipeline
 integrates -velocity for the exact inverse as with the PyTorch network. The file is specialised to one

@@ -1,6 +1,6 @@
 """Map points (CSV, 3D Slicer markups) and label volumes between moving and fixed space through written transforms.
 
-The transforms are the files :func:`scripts.inference.pipeline.register_pair` writes into a case folder
+The transforms are the files :meth:`scripts.inference.registrar.Registrar.register` writes into a case folder
 (``docs/pipeline.md``), both displacement fields in LPS mm:
 
 - ``transform_moving_to_fixed.nii.gz`` on the MOVING grid: a moving point q lands at ``q + w(q)`` in fixed space;

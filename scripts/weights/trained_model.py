@@ -7,7 +7,7 @@ uint8 tensor, :func:`scripts.networks.registration.encode_settings`): the networ
 definition and the grid the weights were trained on, read from the run folder's ``run_config.json``
 (:class:`scripts.networks.registration.RegistrationNet` keeps them, and refuses them when built with another definition).
 ``models/seg_model.pt`` (MONAI's U-Net, which has no extra state) is ``{"model": state_dict, "settings": {...}}``;
-training checkpoints ``{"model": state_dict, ...}`` load too. Every loader (``scripts.inference.pipeline.load_weights``:
+training checkpoints ``{"model": state_dict, ...}`` load too. Every loader (``scripts.weights.trained_model.load_weights``:
 the bundle configs, the CLI, MONAI Label, Deploy) compares those settings with the config it runs and stops with the list of
 differences, so that a model is never silently run on a grid or architecture it was not trained for
 (the failure this prevents: a case falling from gland Dice 0.89 to 0.51 with a forgotten grid).
