@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def bundle_run(config_files, overrides: dict, env: dict | None = None, log=None) -> None:
