@@ -160,3 +160,17 @@ def test_the_shipped_torchscript_is_the_shipped_weights_of_this_version():
     with torch.no_grad():
         ddf = net(x)
         assert ddf.abs().max() > 0.1 and torch.equal(scripted(x), ddf)
+
+
+def test_modules_that_locate_the_bundle_root_find_it():
+    """The modules that find configs/, models/ and large_files.yml from their own path (they moved a level deeper
+    with the stage layout once, and the demo looked in scripts/models/)."""
+    from scripts.inference import registrar
+    from scripts.tools import demo
+    from scripts.weights import trained_model
+
+    for module in (registrar, demo, trained_model):
+        assert module.BUNDLE_ROOT == CONFIGS.parent, module.__name__
+        assert (module.BUNDLE_ROOT / "models" / "model.pt").is_file() and (
+            module.BUNDLE_ROOT / "large_files.yml"
+        ).is_file()
