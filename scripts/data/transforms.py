@@ -26,7 +26,7 @@ from scripts.data.nifti import InputError, load_array, read_nifti
 from scripts.evaluation.metrics import centroid
 from scripts.inference.pair import Volume
 from scripts.spatial.composed import ants_image
-from scripts.spatial.geometry import apply_affine, grid_points, network_box, sample
+from scripts.spatial.geometry import apply_affine, grid_points, sample
 
 __all__ = ["Warpd", "PairToBoxd", "LandmarkErrord", "TrueFieldToBoxd", "ThresholdKeepingStructures"]
 
@@ -154,7 +154,7 @@ class PairToBoxd(Transform):
 def _box_of(fixed_image, pair):
     """The network box of a case, rebuilt from its fixed image's header (no voxel data read)."""
     header = read_nifti(fixed_image, ndim=3, what="fixed image")
-    return network_box(header.affine, header.shape[:3], pair.spatial_size, pair.depth_crop, pair.axcodes)
+    return pair.box_on(header.affine, header.shape)
 
 
 class LandmarkErrord(MapTransform):

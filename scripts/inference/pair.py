@@ -100,11 +100,15 @@ class PairStage:
         rigid, info = rigid_prealign(fixed, moving, fixed_mask, moving_mask, **self.rigid_args)
         return np.asarray(rigid, np.float64), info
 
+    def box_on(self, fixed_affine, fixed_shape) -> NetworkBox:
+        """The network box on a fixed image of this affine and shape (:func:`scripts.spatial.geometry.network_box`)."""
+        return network_box(fixed_affine, fixed_shape[:3], self.spatial_size, self.depth_crop, self.axcodes)
+
     def box(
         self, moving: Volume, fixed: Volume, rigid, moving_path="moving image", fixed_path="fixed image"
     ) -> NetworkBox:
         """The network box on the fixed image, checked to see some of the moving image through ``rigid``."""
-        box = network_box(fixed.affine, fixed.data.shape, self.spatial_size, self.depth_crop, self.axcodes)
+        box = self.box_on(fixed.affine, fixed.data.shape)
         check_overlap(moving, rigid, box, moving_path, fixed_path)
         return box
 

@@ -159,17 +159,16 @@ class Registrar:
         with timer("writing"):
             hard = self._binarise(warped[..., 1:]) if labels is not None else None
             files = self._write(stage, moving, fixed, warped[..., 0], hard, forward, backward, u_box, w_box, box, rigid)
-        result = self._result(moving_image, fixed_image, direction, files, sources, masks, rigid, rigid_info, box)
-        result.update(
-            inverse=inverse,
-            label_channels_lost=[] if hard is None else lost_channels(labels, hard, self.label_threshold),
-            seconds=timer.seconds,
-        )
+        record = self._result(moving_image, fixed_image, direction, files, sources, masks, rigid, rigid_info, box)
+        lost = [] if hard is None else lost_channels(labels, hard, self.label_threshold)
+        result = {**record, "inverse": inverse, "label_channels_lost": lost, "seconds": timer.seconds}
         write_json(result, stage / OUTPUTS["result"])
         return result
 
     def _result(self, moving_image, fixed_image, direction, files, sources, masks, rigid, rigid_info, box) -> dict:
-        """``result.json``'s record of the inputs, files, rigid, masks, box and the ANTs transform lists."""
+        """``result.json``'s record of the inputs, files, rigid, masks, box and the ANTs transform lists (the caller
+        adds the inverse's method, ``label_channels_lost`` — moving label channels with no voxel left after
+        warping, which the QC warns about — and the seconds per stage)."""
         predicted = {f"{k}_mask": MASK_OUTPUTS[f"{k}_mask"] for k, s in sources.items() if s == "predicted"}
         return {
             "direction": direction,
@@ -179,15 +178,12 @@ class Registrar:
             "rigid": {"matrix_lps_fixed_to_moving": rigid.tolist(), **rigid_info},
             "deformable": "none (rigid only)" if self.network is None else "network",
             "masks": self._mask_record(masks, sources),
-            "inverse": None,  # set by the caller
             "network_box": box.to_dict(),
             "ants_forward": [OUTPUTS["ants_warp"], OUTPUTS["ants_rigid"]],
             # ANTs' convention (its invtransforms): the forward .mat inverted, then the inverse warp; antspyx's
             # apply_transforms inverts a leading .mat by default, antsApplyTransforms needs -t [ants_rigid.mat,1]
             "ants_inverse": [OUTPUTS["ants_rigid"], OUTPUTS["ants_inverse_warp"]],
             "ants_inverse_whichtoinvert": [True, False],
-            # moving label channels with voxels that have none after warping (QC warns; scripts.evaluation.qc)
-            "label_channels_lost": [],
         }
 
     def _read_labels(self, path, moving: Volume, moving_image):
