@@ -17,8 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _registrar import register_pair
-from conftest import ROOT
+from conftest import ROOT, register_pair
 from monai.bundle import ConfigParser
 
 from scripts.inference.registrar import OUTPUTS

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, "tests")
 from conftest import SMALL
 from scripts.networks.registration import RegistrationNet
-from _registrar import register_pair
+from conftest import register_pair
 d, out = Path(sys.argv[1]) / "holdout", Path(sys.argv[2])
 for name in ("first", "second"):
     torch.manual_seed(0)

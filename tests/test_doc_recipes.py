@@ -14,8 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _registrar import register_pair
-from conftest import CROP, SIZE, ContentNet
+from conftest import CROP, SIZE, ContentNet, register_pair
 
 from scripts.inference.registrar import OUTPUTS
 from scripts.spatial.points import transform_points

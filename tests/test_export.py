@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from _registrar import register_pair
+from conftest import register_pair
 from monai.networks.nets import UNet
 
 from scripts.data.nifti import InputError

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _oblique import dice
-from _registrar import register_pair
-from conftest import CASE, CROP, SIZE, ContentNet
+from conftest import CASE, CROP, SIZE, ContentNet, register_pair
 
 from scripts.inference.registrar import OUTPUTS
 from scripts.spatial.composed import FieldNetwork

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _registrar import register_pair
+from conftest import register_pair
 from monai.bundle import ConfigParser
 
 from scripts.data.nifti import InputError

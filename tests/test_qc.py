@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _registrar import register_pair
+from conftest import register_pair
 from conftest import write_case as write_small_case
 
 from scripts.evaluation.pictures import write_index

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from _registrar import register_pair
+from conftest import register_pair
 from monai.networks.nets import UNet
 
 from scripts.data.nifti import InputError
