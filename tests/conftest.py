@@ -1,7 +1,7 @@
 """Shared test fixtures and helpers, and the test tiers.
 
 Test files share code only through this file (fixtures, and ``from conftest import ...`` for constants and
-functions) and the helper modules ``_oblique.py`` and ``_registrar.py``; no test file imports another.
+functions) and the helper module ``_oblique.py``; no test file imports another.
 
 Tiers: tests marked ``full`` start processes (bundle runs, the CLI, trainings, torchrun, the MONAI Label server,
 the Deploy app) and are left out unless pytest gets ``--full`` (``bash run_tests.sh --full``, what ``.ci/run``
