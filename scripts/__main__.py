@@ -13,6 +13,7 @@ import fire
 # command name -> "module:function" inside this package
 COMMANDS = {
     "synth": "phantom.synth:synth",
+    "frames": "phantom.sequence:write_frames",
     "datalist": "data.datalist:write_datalist",
     "evaluate": "evaluation.evaluate:evaluate",
     "demo": "tools.demo:demo",

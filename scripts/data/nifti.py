@@ -365,14 +365,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], overwrite
 
 
 def write_nifti(
-    data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, overwrite: bool = False, intent: str | None = None
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    intent: str | None = None,
+    frame_interval: float | None = None,
 ) -> Path:
-    """Write ``data`` with the RAS voxel-to-world ``affine`` (mm) atomically; sets qform and sform to the affine."""
+    """Write ``data`` with the RAS voxel-to-world ``affine`` (mm) atomically; sets qform and sform to the affine.
+    ``frame_interval``: seconds between the frames of a sequence (4th axis), stored as pixdim[4], units mm and s."""
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     if intent is not None:
         img.header.set_intent(intent)
+    if frame_interval is not None:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = float(frame_interval)
+        img.header.set_zooms(zooms)
+        img.header.set_xyzt_units("mm", "sec")
     return atomic_write(path, lambda tmp: nib.save(img, tmp), overwrite)
 
 

@@ -14,6 +14,7 @@ pull the TRUS voxels back through phi^-1 and render the TRUS labels and image th
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -247,6 +248,42 @@ def draw_geometry(seed: int, index: int, size: str, anatomy: AnatomyParams, tran
     return rng, anat, phi, grids
 
 
+def render_trus(anat: Anatomy, phi: PhantomTransform, geom: Geometry, us_affine, probe_vox, rng, us: USParams):
+    """The TRUS image and analytic labels of ``anat`` seen through ``phi`` (MR world -> TRUS world).
+
+    Returns ``q`` (N, 3) TRUS voxel centres (RAS mm), ``p = phi^-1(q)`` (N, 3 MR world mm), the inverse's
+    fixed-point residual (mm), the anatomy samples at ``p``, labels (X, Y, Z, 6) uint8, image (X, Y, Z) float32,
+    the fan mask and the appearance record. Draws from ``rng`` (appearance and noise) only in ``render_us``.
+    """
+    q = voxel_to_world(us_affine, geom.us_shape)
+    p, residual = phi.inverse(q, return_residual=True)
+    s_us = anat.sample(p)
+    us_label = anat.labels(s_us).reshape(*geom.us_shape, -1)
+    inv_aff = np.linalg.inv(us_affine)
+    lm_vox = [
+        (
+            lm["kind"],
+            inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3],
+            float(np.mean(lm.get("radii", lm["radius"]))),
+        )
+        for lm in anat.landmarks
+    ]
+    us_image, fan, us_info = render_us(
+        anat.tissue(s_us),
+        s_us["texture"],
+        s_us["gland_mm"],
+        geom.us_shape,
+        geom.spacing,
+        probe_vox,
+        geom.probe_radius_mm,
+        lm_vox,
+        rng,
+        us,
+        capsule_site=_capsule_site(anat, p) if us.capsule_fade[1] > 0 else None,
+    )
+    return q, p, residual, s_us, us_label, us_image, fan, us_info
+
+
 def generate_case(
     seed: int,
     index: int,
@@ -292,32 +329,8 @@ def generate_case(
     ddf_us2mr = ddf_to_nifti_array(phi.forward(x_mr) - x_mr, geom.mr_shape)
 
     # TRUS: voxels pulled back into the MR world through phi^-1, anatomy evaluated there
-    q = voxel_to_world(us_affine, geom.us_shape)
-    p, residual = phi.inverse(q, return_residual=True)
-    s_us = anat.sample(p)
-    us_label = anat.labels(s_us).reshape(*geom.us_shape, -1)
-    inv_aff = np.linalg.inv(us_affine)
-    lm_vox = [
-        (
-            lm["kind"],
-            inv_aff[:3, :3] @ phi.forward(lm["centre"][None])[0] + inv_aff[:3, 3],
-            float(np.mean(lm.get("radii", lm["radius"]))),
-        )
-        for lm in anat.landmarks
-    ]
-    us_image, fan, us_info = render_us(
-        anat.tissue(s_us),
-        s_us["texture"],
-        s_us["gland_mm"],
-        geom.us_shape,
-        sp,
-        probe_vox,
-        geom.probe_radius_mm,
-        lm_vox,
-        rng,
-        us,
-        capsule_site=_capsule_site(anat, p) if us.capsule_fade[1] > 0 else None,
-    )
+    trus_rng_state = copy.deepcopy(rng.bit_generator.state)  # a sequence renders its later frames from here
+    q, p, residual, s_us, us_label, us_image, fan, us_info = render_trus(anat, phi, geom, us_affine, probe_vox, rng, us)
     ddf_mr2us = ddf_to_nifti_array(p - q, geom.us_shape)
 
     jac = {
@@ -383,6 +396,8 @@ def generate_case(
         "truth": truth,
         "anatomy": anat,
         "transform": phi,
+        "trus_rng_state": trus_rng_state,
+        "probe_voxel": probe_vox,
     }
     if preset != "basic":  # extras only here: the basic output stays byte-identical to the original phantom
         _add_realistic_truth(case, preset, pre.observer, anat, s_mr, x_mr, s_us, p, q, geom, seed, index)
@@ -513,9 +528,17 @@ def _share_cores(jobs: int) -> None:
 
 
 def _write_one(args) -> str:
-    seed, index, size, preset, root, split, overwrite, preview = args
-    write_case(generate_case(seed, index, size, preset=preset), root, split, f"case{index:06d}", overwrite, preview)
-    return f"{split}/case{index:06d} written"
+    seed, index, size, preset, root, split, overwrite, preview, sequence = args
+    name = f"case{index:06d}"
+    if sequence:
+        from scripts.phantom.sequence import generate_sequence, write_sequence
+
+        case = generate_sequence(seed, index, sequence, size, preset)
+        write_sequence(case, root, split, name, overwrite)
+    else:
+        case = generate_case(seed, index, size, preset=preset)
+    write_case(case, root, split, name, overwrite, preview)
+    return f"{split}/{name} written" + (f" ({sequence} frames)" if sequence else "")
 
 
 def synth(
@@ -528,6 +551,7 @@ def synth(
     preview: bool = True,
     preset: str = "basic",
     jobs: int = 1,
+    sequence: int = 0,
 ) -> str:
     """Generate ``cases`` synthetic MR–TRUS pairs with ground truth into ``out`` (μ-RegPro layout).
 
@@ -543,6 +567,8 @@ def synth(
         preset: "basic" (the original phantom, fast tests), "realistic" (the benchmark default: probe indentation,
             sliding, faint capsule, thick-slice MR, observer labels) or "shifted" (a harder held-out distribution).
         jobs: cases generated in parallel processes (the output does not depend on it).
+        sequence: when >= 2, also write each case's TRUS as a sequence of this many frames under breathing and
+            probe motion (scripts/phantom/sequence.py; frame 0 is the static case). 0: static pairs only.
     Returns:
         the output folder.
     """
@@ -553,6 +579,9 @@ def synth(
         raise InputError(f"size={size!r}: expected one of {sorted(SIZES)}")
     if preset not in PRESETS:
         raise InputError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    sequence = int(sequence)
+    if sequence == 1 or sequence < 0:
+        raise InputError(f"sequence={sequence}: a sequence needs at least 2 frames (0: no sequences)")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: output path exists and is not a folder")
@@ -562,7 +591,7 @@ def synth(
         )
     counts = split_counts(cases, splits)
     names = [s for s, n in zip(SPLITS, counts) for _ in range(n)]
-    work = [(seed, i, size, preset, root, split, overwrite, preview) for i, split in enumerate(names)]
+    work = [(seed, i, size, preset, root, split, overwrite, preview, sequence) for i, split in enumerate(names)]
     if int(jobs) > 1:
         with ProcessPoolExecutor(int(jobs), initializer=_share_cores, initargs=(int(jobs),)) as pool:
             for line in pool.map(_write_one, work):
@@ -577,6 +606,7 @@ def synth(
             "cases": cases,
             "size": size,
             **({"preset": preset} if preset != "basic" else {}),
+            **({"sequence_frames": sequence} if sequence else {}),
             "splits": dict(zip(SPLITS, counts)),
             "spacing_mm": SIZES[size].spacing,
             "mr_shape": list(SIZES[size].mr_shape),

@@ -23,6 +23,7 @@ from scripts.evaluation.pictures import case_pictures, write_index
 from scripts.evaluation.qc import quality_check
 from scripts.inference.registrar import Registrar, load_registrar, refuse_taken_case_folders
 from scripts.inference.segmentation import MissingSegmenter
+from scripts.inference.sequence import register_sequence
 from scripts.inference.timing import StageTimer, summary
 from scripts.spatial.points import check_point_files, map_files
 
@@ -148,6 +149,24 @@ def _report(name: str, qc: dict, seconds: dict, write=print) -> None:
         write(f"{level} {name}: QC {qc['verdict']}: {'; '.join(qc['reasons'])}; {summary(seconds)}", file=sys.stderr)
 
 
+def _is_sequence(fixed) -> bool:
+    """A list of frames, or a NIfTI file whose header says 4-D (nothing else is read)."""
+    if isinstance(fixed, (list, tuple)):
+        return True
+    return read_nifti(fixed, ndim=(3, 4), what="fixed image").ndim == 4
+
+
+def _sequence_configs(sequence_network: bool) -> list:
+    """The configs for a sequence: the sequence mode's when asked and its weights exist, else the static one's."""
+    root = Path(__file__).resolve().parents[2]
+    if sequence_network and not (root / "models" / "sequence_model.pt").is_file():
+        print("WARNING: no models/sequence_model.pt: each frame is registered on its own", file=sys.stderr)
+        sequence_network = False
+    return [
+        str(root / "configs" / name) for name in ("inference.json", "sequence_inference.json")[: 1 + sequence_network]
+    ]
+
+
 def _paths(*values) -> list:
     """Path arguments as text: fire turns ``--out 2024`` into an int and ``--out True`` into a bool."""
     return [str(v) if isinstance(v, (int, float, bool, Path)) else v for v in values]
@@ -182,11 +201,15 @@ def register(
     pictures: bool = True,
     qc: dict | None = None,
     overwrite: bool = False,
+    sequence_network: bool = True,
 ) -> None:
     """Register a moving image to a fixed image; write transforms, warped image/labels, qc.json, pictures.
 
     Args:
-        moving, fixed: NIfTI images (mr2us: moving = MR, fixed = TRUS).
+        moving, fixed: NIfTI images (mr2us: moving = MR, fixed = TRUS). A 4-D ``fixed`` (X, Y, Z, T), or a list of
+            3-D frames, is a live sequence: every frame is registered into ``out/frameNNN/`` (with its QC, pictures
+            and mapped points), and ``out`` gets the 4-D warped labels and fields and ``sequence.json``
+            (:mod:`scripts.inference.sequence`); ``fixed_mask`` is then a 4-D mask sequence.
         out: output folder.
         moving_labels: labels on the moving grid (3-D, or 4-D channel-last with the gland in channel 0).
         points: points on the moving image to map into fixed space: a CSV (label,x,y,z) or 3D Slicer ``.mrk.json``.
@@ -203,7 +226,11 @@ def register(
             step alone, for comparison). pictures: write the PNGs.
         qc: QC thresholds overriding :func:`scripts.evaluation.qc.quality_check`'s defaults, e.g. ``{"min_gland_dice": 0.8}``.
         overwrite: replace existing outputs.
+        sequence_network: for a sequence, the sequence mode (``configs/sequence_inference.json``: state kept from
+            frame to frame) when ``config_file`` is not given; false: the static network on each frame alone.
     """
+    if _is_sequence(fixed):
+        config_file = config_file or _sequence_configs(flag(sequence_network, "sequence_network"))
     timer = StageTimer()
     use_rigid, use_network, pictures, overwrite = _flags(
         use_rigid=use_rigid, use_network=use_network, pictures=pictures, overwrite=overwrite
@@ -225,6 +252,23 @@ def register(
         "moving_mask": moving_mask,
         "fixed_mask": fixed_mask,
     }
+    if _is_sequence(fixed):
+        settings = _settings_files(config_file, checkpoint)
+
+        def one_frame(registrar, frame_pair, frame_out):
+            gland, how = (frame_pair["fixed_mask"], "given") if frame_pair["fixed_mask"] else (fixed_gland, source)
+            args = (direction, gland, how, points, frame, pictures, qc, False, None, settings)
+            case = _register_case(registrar, frame_pair, frame_out, *args)
+            _report(Path(frame_out).name, case["qc"], case["seconds"])
+            return {"qc": case["qc"]["verdict"], "seconds": case["seconds"]}
+
+        record = register_sequence(
+            registrar, moving, fixed, out, moving_labels, moving_mask, fixed_mask, overwrite, one_frame
+        )
+        print(f"wrote {record['frames']} frames into {out} ({record['network']})")
+        if any(r["qc"] == "fail" for r in record["per_frame"]):
+            raise SystemExit(QC_FAIL_STATUS)
+        return
     case = _register_case(
         registrar,
         pair,
