@@ -147,13 +147,13 @@ def run(
 
     data, work = Path(data), Path(work)
     root = Path(__file__).resolve().parents[1]
+    configs = {"static": [root / "configs/inference.json"]}
+    configs["sequence"] = configs["static"] + [root / "configs/sequence_inference.json"]
+    overrides = {"sequence_checkpoint": str(Path(sequence_checkpoint).absolute())} if sequence_checkpoint else None
+    needed = {"sequence"} & set(methods) | ({"static"} if set(methods) - {"sequence"} else set())
     registrars = {
-        "static": load_registrar([root / "configs/inference.json"], rigid_without_weights=False),
-        "sequence": load_registrar(
-            [root / "configs/inference.json", root / "configs/sequence_inference.json"],
-            {"sequence_checkpoint": str(Path(sequence_checkpoint).absolute())} if sequence_checkpoint else None,
-            rigid_without_weights=False,
-        ),
+        name: load_registrar(configs[name], overrides if name == "sequence" else None, rigid_without_weights=False)
+        for name in needed
     }
     cases = sorted(p.name[: -len(".nii.gz")] for p in (data / split / "us_sequences").glob("*.nii.gz"))
     for index, case in enumerate(cases):
@@ -208,7 +208,7 @@ def run(
                         work / "static" / case / "inputs" / f"frame{t:03d}.nii.gz",
                         files["mr_image"],
                         folder / "fixed_gland.nii.gz",
-                        folder / "moving_gland.nii.gz",
+                        work / "static" / case / "frame000" / "moving_gland.nii.gz",  # predicted once, at frame 0
                         seed,
                     )
                 )

@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "tools.export:export",
     "package": "tools.package:package",
     "make-model": "weights.trained_model:make_model",
+    "make-sequence-model": "weights.sequence_model:make_sequence_model",
     "register": "tools.cli:register",
     "register-folder": "tools.cli:register_folder",
     "map-points": "tools.cli:map_points",
