@@ -210,6 +210,8 @@ def test_cli_and_bundle_register_a_4d_sequence(small, tmp_path):
     configs = "[" + ",".join(f"'{c}'" for c in _configs(small)) + "]"
     cli = [sys.executable, "-m", "scripts", "register", "--moving", str(case["mr_image"]), "--fixed", str(fixed)]
     cli += ["--moving-labels", str(case["mr_label"]), "--out", str(tmp_path / "cli"), "--config-file", configs]
+    (tmp_path / "targets.csv").write_text("# frame: RAS\nlabel,x,y,z\ntarget,10,12,8\n")
+    cli += ["--points", str(tmp_path / "targets.csv")]
     proc = subprocess.run(cli + ["--pictures", "false"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "state kept between frames" in proc.stdout
@@ -220,8 +222,9 @@ def test_cli_and_bundle_register_a_4d_sequence(small, tmp_path):
     a = np.asarray(nib.load(tmp_path / "cli" / "warped_label_sequence.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "b" / "warped_label_sequence.nii.gz").dataobj)
     assert a.shape == (10, 12, 9, FRAMES, 6) and np.array_equal(a, b)
-    for t in range(FRAMES):
+    for t in range(FRAMES):  # each frame with its QC and its own mapping of the points
         assert (tmp_path / "cli" / f"frame{t:03d}" / "qc.json").is_file()
+        assert "target" in (tmp_path / "cli" / f"frame{t:03d}" / "targets_to_fixed.csv").read_text()
 
 
 @pytest.mark.full
