@@ -165,6 +165,17 @@ def test_a_bad_frame_publishes_nothing(small, tmp_path):
         )
     assert not (tmp_path / "o").exists()
     masks = tmp_path / "masks.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 12, 9, FRAMES), np.uint8), US_AFFINE), str(masks))
+    record = register_sequence(
+        load_registrar(_configs(small)),
+        case["mr_image"],
+        _sequence(tmp_path / "u.nii.gz"),
+        tmp_path / "q",
+        None,
+        None,
+        masks,
+    )
+    assert [r["masks"]["source"]["fixed_mask"] for r in record["per_frame"]] == ["given"] * FRAMES
     nib.save(nib.Nifti1Image(np.ones((10, 12, 9, 2), np.uint8), US_AFFINE), str(masks))
     with pytest.raises(InputError, match="one mask per frame"):
         register_sequence(

@@ -128,7 +128,9 @@ def register_sequence(
             records = []
             for t, (frame, mask) in enumerate(zip(frames, masks)):
                 frame_path = write_nifti(frame.data.astype(np.float32), frame.affine, stage / "inputs" / _name(t))
-                mask_path = mask and write_nifti(mask, frame.affine, stage / "inputs" / f"gland_{_name(t)}")
+                mask_path = (
+                    None if mask is None else write_nifti(mask, frame.affine, stage / "inputs" / f"gland_{_name(t)}")
+                )
                 pair = {
                     "moving_image": moving_image,
                     "fixed_image": frame_path,
