@@ -52,20 +52,6 @@ def _case_files(data: Path, split: str, case: str) -> dict:
     }
 
 
-def _centroids_mm(labels: np.ndarray, affine: np.ndarray, channels=(2, 3, 4, 5)) -> np.ndarray:
-    """(X, Y, Z, C) labels -> (N, 3) RAS mm centroids of ``> 0.5`` channels (NaN rows where empty)."""
-    out = []
-    for c in channels:
-        mask = labels[..., c] > 0.5 if c < labels.shape[-1] else np.zeros(labels.shape[:3], bool)
-        vox = np.asarray(ndimage.center_of_mass(mask)) if mask.any() else np.full(3, np.nan)
-        out.append(affine[:3, :3] @ vox + affine[:3, 3])
-    return np.asarray(out)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-
-
 def _warp_labels(labels, mr_affine, field, us_affine) -> np.ndarray:
     from scripts.spatial.composed import warp
 
@@ -104,23 +90,11 @@ def _syn_field(fixed_path, moving_path, fixed_mask, moving_mask, seed: int = 0) 
 
 
 def _score(method: str, fields: np.ndarray, warped: np.ndarray, truth: dict, seconds) -> dict:
-    """fields (T, X, Y, Z, 3) LPS mm, warped (T, X, Y, Z, C) -> the sequence metrics and per-frame Dice."""
-    from scripts.evaluation.sequence_metrics import sequence_metrics
+    """fields (T, X, Y, Z, 3) LPS mm, warped (T, X, Y, Z, C) -> the sequence metrics, with the method's seconds."""
+    from scripts.evaluation.evaluate_sequences import score_sequence
 
-    frames = fields.shape[0]
-    aff = truth["affine"]
-    pred_pts = np.stack([_centroids_mm(warped[t], aff) for t in range(frames)])
-    true_pts = np.stack([_centroids_mm(truth["labels"][t], aff) for t in range(frames)])
-    gland = truth["labels"][..., 0] > 0
-    m = sequence_metrics(fields, truth["fields"], gland, pred_pts, true_pts, truth["motion"])
-    m["dice"] = [_dice(warped[t, ..., 0] > 0, gland[t]) for t in range(frames)]
-    m["dice_mean"] = float(np.mean(m["dice"]))
-    m["motion_mm"] = list(truth["motion"])
-    m["pred_points_ras_mm"] = np.round(pred_pts, 3).tolist()
-    m["true_points_ras_mm"] = np.round(true_pts, 3).tolist()
-    m["seconds_per_frame"] = seconds
-    m["method"] = method
-    return m
+    m = score_sequence(fields, warped, truth["fields"], truth["labels"], truth["affine"], truth["motion"])
+    return {**m, "motion_mm": list(truth["motion"]), "seconds_per_frame": seconds, "method": method}
 
 
 def _frames_of(folder: Path, frames: int, key: str) -> np.ndarray:

@@ -21,6 +21,7 @@ COMMANDS = {
     "package": "tools.package:package",
     "make-model": "weights.trained_model:make_model",
     "make-sequence-model": "weights.sequence_model:make_sequence_model",
+    "evaluate-sequences": "evaluation.evaluate_sequences:evaluate_sequences",
     "register": "tools.cli:register",
     "register-folder": "tools.cli:register_folder",
     "map-points": "tools.cli:map_points",

@@ -1,6 +1,8 @@
 """Tests of the phantom's TRUS sequences (scripts/phantom/sequence.py): frame 0 is the static case, every frame's
 stored truth is the inverse of that frame's transform, landmarks follow the fields, the files carry time."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -73,3 +75,30 @@ def test_synth_writes_sequences_with_their_frame_interval(tmp_path):
     assert shapes["ddf_mr2us_sequences"] == (*us, 3, 3)
     with pytest.raises(InputError, match="at least 2 frames"):
         synth(str(tmp_path / "e"), cases=1, size="small", sequence=1)
+
+
+def test_evaluate_sequences_scores_the_truth_perfectly_and_a_blip_by_hand(tmp_path):
+    """Registered outputs equal to the truth score Dice 1, TRE 0, consistency 1, jitter 0; the truth with frame 1's
+    field moved by 1 mm scores inter-frame errors (1, 1) mm and jitter 2 mm."""
+    from scripts.evaluation.evaluate_sequences import evaluate_sequences
+
+    synth(str(tmp_path / "d"), cases=1, size="small", preset="realistic", splits="0,0,1", sequence=3, preview=False)
+    d = tmp_path / "d" / "holdout"
+    labels = nib.load(d / "us_sequence_labels" / "case000000.nii.gz")
+    field = nib.load(d / "ddf_mr2us_sequences" / "case000000.nii.gz")
+    for name, shift in (("perfect", 0.0), ("blip", 1.0)):
+        case = tmp_path / name / "case000000"
+        case.mkdir(parents=True)
+        moved = np.asarray(field.dataobj).copy()
+        moved[:, :, :, 1, 0] += shift
+        nib.save(nib.Nifti1Image(moved, field.affine), str(case / "transform_fixed_to_moving_sequence.nii.gz"))
+        nib.save(labels, str(case / "warped_label_sequence.nii.gz"))
+    perfect = evaluate_sequences(tmp_path / "d", tmp_path / "perfect", out=str(tmp_path / "e1"))
+    assert perfect["dice_mean"] == 1.0 and perfect["tre_mean_mm"] == 0.0 and perfect["cases"] == 1
+    assert perfect["consistency"] == 1.0 and perfect["jitter_mm"] == 0.0
+    evaluate_sequences(tmp_path / "d", tmp_path / "blip", out=str(tmp_path / "e2"))
+    blip = json.loads((tmp_path / "e2" / "per_case.json").read_text())["case000000"]
+    assert blip["interframe_error_mm"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert blip["jitter_mm"] == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(FileExistsError):
+        evaluate_sequences(tmp_path / "d", tmp_path / "blip", out=str(tmp_path / "e2"))
